@@ -1,0 +1,217 @@
+"""Capture everything written to fds 1 and 2 (Python, C/C++/CUDA, child processes).
+
+Each fd is pointed at a pipe (or a pty when it was a terminal, so line buffering, ``isatty`` and
+progress bars behave as before); a reader thread per fd passes the bytes through to the original
+destination (headless) and keeps a bounded tail plus ``output.log``. The training thread only
+ever writes into the pipe, which the reader keeps drained.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import ctypes
+import fcntl
+import os
+import pty
+import sys
+import termios
+import threading
+import tty
+from typing import Callable
+
+OutputListener = Callable[[str, str], None]  # (stream, text)
+MAX_PARTIAL = 8192
+
+
+class OutputTail:
+    """The last N lines per run, tagged with their stream; carriage returns keep the final state."""
+
+    def __init__(self, max_lines: int) -> None:
+        self.lines: collections.deque[tuple[str, str]] = collections.deque(maxlen=max_lines)
+        self._partial: dict[str, str] = {"stdout": "", "stderr": ""}
+        self._lock = threading.Lock()
+        self.total_bytes = 0
+
+    def feed(self, stream: str, text: str) -> None:
+        with self._lock:
+            self.total_bytes += len(text)
+            buf = self._partial.get(stream, "") + text
+            *complete, rest = buf.split("\n")
+            for line in complete:
+                self.lines.append((stream, _cr(line)))
+            self._partial[stream] = rest[-MAX_PARTIAL:]
+
+    def tail(self, n: int | None = None) -> list[tuple[str, str]]:
+        with self._lock:
+            out = list(self.lines)
+            for stream, rest in self._partial.items():
+                if rest:
+                    out.append((stream, _cr(rest)))
+        return out[-n:] if n else out
+
+
+def _cr(line: str) -> str:
+    line = line.rstrip("\r")
+    return line.rsplit("\r", 1)[-1] if "\r" in line else line
+
+
+class _Stream:
+    def __init__(self, fd: int, name: str) -> None:
+        self.fd = fd
+        self.name = name
+        self.saved = os.dup(fd)
+        if os.isatty(fd):
+            master, slave = pty.openpty()
+            tty.setraw(slave)  # no \n -> \r\n translation, no echo
+            try:
+                size = fcntl.ioctl(self.saved, termios.TIOCGWINSZ, b"\0" * 8)
+                fcntl.ioctl(slave, termios.TIOCSWINSZ, size)
+            except OSError:
+                pass
+            self.read_fd, write_fd = master, slave
+        else:
+            self.read_fd, write_fd = os.pipe()
+        os.dup2(write_fd, fd)
+        os.close(write_fd)
+        self.thread: threading.Thread | None = None
+
+
+class OutputCapture:
+    """Redirect fds 1/2 into reader threads; ``stop`` restores them exactly."""
+
+    def __init__(self, tail_lines: int = 2000, log_path: str | None = None, passthrough: bool = True,
+                 max_log_bytes: int = 100 * 1024 * 1024) -> None:
+        self.tail = OutputTail(tail_lines)
+        self.passthrough = passthrough
+        self.log_path = log_path
+        self.max_log_bytes = max_log_bytes
+        self._log = None
+        self._log_size = 0
+        self._log_lock = threading.Lock()
+        self._streams: list[_Stream] = []
+        self.listeners: list[OutputListener] = []
+        self.active = False
+
+    def start(self) -> None:
+        if self.log_path:
+            self._log = open(self.log_path, "ab")
+        _flush_all()
+        for fd, name in ((1, "stdout"), (2, "stderr")):
+            try:
+                st = _Stream(fd, name)
+            except OSError:
+                continue
+            st.thread = threading.Thread(target=self._reader, args=(st,), name=f"tui_debug-{name}", daemon=True)
+            st.thread.start()
+            self._streams.append(st)
+        self.active = True
+
+    @property
+    def terminal_fd(self) -> int:
+        """The original stderr (where the monitor's own lines go)."""
+        for st in self._streams:
+            if st.fd == 2:
+                return st.saved
+        return 2
+
+    def original_fd(self, fd: int) -> int:
+        for st in self._streams:
+            if st.fd == fd:
+                return st.saved
+        return fd
+
+    def _reader(self, st: _Stream) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        while True:
+            try:
+                data = os.read(st.read_fd, 65536)
+            except InterruptedError:
+                continue
+            except OSError:  # pty: EIO once every writer is gone
+                data = b""
+            if not data:
+                break
+            if self.passthrough:
+                _write_all(st.saved, data)
+            self._write_log(data)
+            text = decoder.decode(data)
+            if text:
+                self.tail.feed(st.name, text)
+                for listener in list(self.listeners):
+                    try:
+                        listener(st.name, text)
+                    except Exception:
+                        pass
+        try:
+            os.close(st.read_fd)
+        except OSError:
+            pass
+
+    def _write_log(self, data: bytes) -> None:
+        if self._log is None:
+            return
+        with self._log_lock:
+            if self._log is None:
+                return
+            if self._log_size + len(data) > self.max_log_bytes and self.log_path:
+                self._log.close()
+                os.replace(self.log_path, self.log_path + ".1")
+                self._log = open(self.log_path, "ab")
+                self._log_size = 0
+            self._log.write(data)
+            self._log_size += len(data)
+
+    def write_monitor(self, text: str) -> None:
+        """A line of the monitor's own, straight to the real stderr (not into the captured output)."""
+        data = text.encode("utf-8", "replace")
+        try:
+            _write_all(self.terminal_fd if self.active else 2, data)
+        except OSError:
+            pass
+
+    def stop(self, timeout: float = 2.0) -> None:
+        if not self.active:
+            return
+        self.active = False
+        _flush_all()
+        for st in self._streams:
+            os.dup2(st.saved, st.fd)  # closes our write end held by fd 1/2
+        for st in self._streams:
+            if st.thread is not None:
+                st.thread.join(timeout)  # a child that still holds the pipe must not hang us
+        for st in self._streams:
+            os.close(st.saved)
+        self._streams.clear()
+        with self._log_lock:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except InterruptedError:
+            continue
+        except BlockingIOError:
+            import select
+
+            select.select([], [fd], [], 1.0)
+            continue
+        view = view[n:]
+
+
+def _flush_all() -> None:
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            pass
+    try:
+        ctypes.CDLL(None).fflush(None)  # C stdio buffers (printf from extensions)
+    except Exception:
+        pass

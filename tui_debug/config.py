@@ -1,0 +1,167 @@
+"""Run configuration: the design document's ``DebugConfig`` plus the monitor's own knobs.
+
+Loaded from (lowest to highest precedence) defaults, ``[tool.tui_debug]`` in the nearest
+``pyproject.toml``, a ``--config`` TOML file, and command-line options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+from pathlib import Path
+from typing import Any
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+
+class ConfigError(ValueError):
+    """A configuration value or file the user must fix; reported as one line, exit 2."""
+
+
+class DebugLevel(enum.Enum):
+    """How much is computed and logged. NONE computes nothing; PROFILING adds cProfile."""
+
+    NONE = "none"
+    BASIC = "basic"
+    DETAILED = "detailed"
+    VERBOSE = "verbose"
+    PROFILING = "profiling"
+
+    @property
+    def rank(self) -> int:
+        return list(DebugLevel).index(self)
+
+
+RECOVER_MODES = ("off", "safe", "auto")
+
+
+@dataclasses.dataclass
+class DebugConfig:
+    """Every setting of a run. Field names follow the design document where it has one."""
+
+    debug_level: DebugLevel = DebugLevel.DETAILED
+    enable_profiling: bool = False
+    enable_memory_tracking: bool = True
+    enable_gradient_tracking: bool = True
+    enable_loss_tracking: bool = True
+    enable_performance_tracking: bool = True
+    enable_activation_tracking: bool = True
+    log_file: str = "debug.log"
+    error_file: str = "errors.log"
+    max_log_size: int = 100 * 1024 * 1024
+    backup_count: int = 5
+    enable_console_output: bool = True
+    enable_file_output: bool = True
+    # Monitor knobs (not in the design document).
+    recover: str = "safe"
+    max_errors: int = 10_000
+    output_tail_lines: int = 2_000
+    history_points: int = 1_000
+    progress_interval_s: float = 5.0
+    max_sentinels_per_step: int = 4_096
+
+    def __post_init__(self) -> None:
+        if isinstance(self.debug_level, str):
+            try:
+                self.debug_level = DebugLevel(self.debug_level.lower())
+            except ValueError:
+                raise ConfigError(
+                    f"debug_level must be one of {', '.join(l.value for l in DebugLevel)}, "
+                    f"not {self.debug_level!r}"
+                ) from None
+        if self.recover not in RECOVER_MODES:
+            raise ConfigError(f"recover must be one of {', '.join(RECOVER_MODES)}, not {self.recover!r}")
+        for name in ("max_log_size", "max_errors", "output_tail_lines", "history_points"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"{name} must be a positive integer, not {getattr(self, name)!r}")
+        if int(self.backup_count) < 0:
+            raise ConfigError(f"backup_count must be >= 0, not {self.backup_count!r}")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def updated(self, values: dict[str, Any], source: str) -> "DebugConfig":
+        """A copy with ``values`` applied; unknown keys and wrong types are a ConfigError."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        current = dataclasses.asdict(self)
+        current["debug_level"] = self.debug_level
+        for key, value in values.items():
+            key = key.replace("-", "_")
+            if key not in fields:
+                raise ConfigError(f"{source}: unknown setting {key!r}")
+            current[key] = _coerce(key, value, getattr(self, key), source)
+        return DebugConfig(**current)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["debug_level"] = self.debug_level.value
+        return d
+
+
+def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
+    if isinstance(default, DebugLevel):
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key} must be a string")
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key} must be true or false, not {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key} must be an integer, not {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key} must be a number, not {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key} must be a string, not {value!r}")
+        return value
+    return value
+
+
+def find_pyproject(start: Path) -> Path | None:
+    """The nearest ``pyproject.toml`` at or above ``start``."""
+    for folder in [start, *start.parents]:
+        candidate = folder / "pyproject.toml"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def load_config(config_file: str | None, start_dir: str | os.PathLike[str],
+                overrides: dict[str, Any] | None = None) -> DebugConfig:
+    """Defaults <- nearest pyproject ``[tool.tui_debug]`` <- ``config_file`` <- ``overrides``."""
+    config = DebugConfig()
+    pyproject = find_pyproject(Path(start_dir).resolve())
+    if pyproject is not None:
+        table = _read_toml(pyproject).get("tool", {}).get("tui_debug")
+        if table is not None:
+            if not isinstance(table, dict):
+                raise ConfigError(f"{pyproject}: [tool.tui_debug] must be a table")
+            config = config.updated(table, str(pyproject))
+    if config_file is not None:
+        data = _read_toml(Path(config_file))
+        if isinstance(data.get("tool"), dict) and "tui_debug" in data["tool"]:
+            data = data["tool"]["tui_debug"]
+        config = config.updated(data, config_file)
+    if overrides:
+        config = config.updated(overrides, "command line")
+    return config

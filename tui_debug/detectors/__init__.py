@@ -1,0 +1,1 @@
+"""Detectors: turn per-step observations into findings. Each is a small unit with its own tests."""

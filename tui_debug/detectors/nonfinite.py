@@ -1,0 +1,99 @@
+"""Non-finite loss, gradients and activations, named by loss, parameter and first producing module.
+
+Runs in the training thread on the values the step already read (no device access of its own),
+and only when the step's values are not all finite, so healthy steps pay one ``sum``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+from ..events import FindingEvent
+
+
+@dataclasses.dataclass(slots=True)
+class ActivationCall:
+    """A module call in completion (post-)order, with sentinel indices of its input and output."""
+
+    module: Any
+    in_idx: int  # -1 when the input was not a tensor we measured
+    out_idx: int
+
+
+@dataclasses.dataclass
+class StepObservation:
+    step: int
+    losses: list[tuple[str, float]]
+    grad_names: list[str]
+    grad_norms: list[float]
+    sentinels: list[float]
+    calls: list[ActivationCall]
+    module_label: Callable[[Any], str]
+    root_inputs: list[tuple[Any, int]]
+
+
+def _kind(value: float) -> str:
+    return "nan" if value != value else ("inf" if value > 0 else "-inf")
+
+
+class NonFiniteDetector:
+    """NaN/Inf in the loss (loss_error), gradients (gradient_error) or activations (model_error)."""
+
+    def check(self, obs: StepObservation) -> list[FindingEvent]:
+        findings: list[FindingEvent] = []
+        for name, value in obs.losses:
+            if not math.isfinite(value):
+                findings.append(FindingEvent(
+                    severity="error", category="loss_error", step=obs.step, key=f"nonfinite-loss|{name}",
+                    message=f"loss '{name}' is {_kind(value)}",
+                    context={"loss": name, "value": _kind(value)},
+                    recommendation="Find where the loss first went non-finite (the model_error finding names "
+                                   "the module); lower the learning rate, add gradient clipping, or guard "
+                                   "log/div/sqrt against zero and negative inputs."))
+        bad = [(n, v) for n, v in zip(obs.grad_names, obs.grad_norms) if not math.isfinite(v)]
+        if bad:
+            names = [n for n, _ in bad]
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            findings.append(FindingEvent(
+                severity="error", category="gradient_error", step=obs.step, key=f"nonfinite-grad|{names[0]}",
+                message=f"non-finite gradient ({_kind(bad[0][1])}) in {names[0]}{more}",
+                context={"parameters": names[:50], "count": len(bad), "of": len(obs.grad_names)},
+                recommendation="Skip steps with non-finite gradients (--recover safe does), clip gradients "
+                               "(torch.nn.utils.clip_grad_norm_), or use a GradScaler with mixed precision."))
+        finding = self._activation(obs)
+        if finding is not None:
+            findings.append(finding)
+        return findings
+
+    def _activation(self, obs: StepObservation) -> FindingEvent | None:
+        sent = obs.sentinels
+        if all(math.isfinite(v) for v in sent):
+            return None
+        for module, idx in obs.root_inputs:
+            if not math.isfinite(sent[idx]):
+                label = obs.module_label(module)
+                return FindingEvent(
+                    severity="error", category="input_validation", step=obs.step,
+                    key=f"nonfinite-input|{label}",
+                    message=f"the input to {label} contains {_kind(sent[idx])} values",
+                    context={"module": label},
+                    recommendation="Check the data pipeline: NaN/Inf in the dataset or produced by a "
+                                   "transform (normalisation by a zero std, log of zero).")
+        for call in obs.calls:
+            out = sent[call.out_idx]
+            if math.isfinite(out):
+                continue
+            if call.in_idx >= 0 and not math.isfinite(sent[call.in_idx]):
+                continue  # passed on, not produced here
+            label = obs.module_label(call.module)
+            where = "from a finite input" if call.in_idx >= 0 else "(its input was not a measured tensor)"
+            return FindingEvent(
+                severity="error", category="model_error", step=obs.step, key=f"nonfinite-activation|{label}",
+                message=f"{label} produced a non-finite output ({_kind(out)}) {where}",
+                context={"module": label, "value": _kind(out)},
+                recommendation=f"Inspect {label}: its weights may have blown up (lower the learning rate, "
+                               "clip gradients) or its forward divides, exponentiates or takes a log "
+                               "without a guard.")
+        return None

@@ -1,0 +1,137 @@
+"""What flows from the training thread to the sinks, and the bus that carries it.
+
+The training thread never blocks here: ``EventBus.emit`` hands a batch to the consumer's event
+loop with ``call_soon_threadsafe``; before a loop exists (or after it closed) events wait in a
+bounded backlog whose overflow is counted, never silently lost for findings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import threading
+from typing import Any
+
+
+@dataclasses.dataclass(slots=True)
+class StepRecord:
+    """One optimizer step as the instrumentation saw it (plain Python values only)."""
+
+    step: int
+    time: float  # perf_counter at the step's end
+    duration: float  # seconds since the previous step's end (0.0 for the first)
+    optimizer: int  # index of the optimizer that stepped
+    losses: list[tuple[int, float]]  # (loss site index, value)
+    grad_names: list[str] | None  # parallel to grad_norms; the same list object while names are unchanged
+    grad_norms: list[float] | None
+
+
+@dataclasses.dataclass(slots=True)
+class FindingEvent:
+    """A finding produced in the training thread (already classified)."""
+
+    severity: str
+    category: str
+    message: str
+    step: int | None
+    key: str
+    context: dict[str, Any]
+    traceback: str | None = None
+    recommendation: str | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class LossSiteEvent:
+    """A new loss call site was seen (``d_loss`` at ``train.py:42``)."""
+
+    index: int
+    name: str
+    source: str
+
+
+@dataclasses.dataclass(slots=True)
+class ModelEvent:
+    """A root model was found, or the set of models changed."""
+
+    name: str
+    cls: str
+    parameters: int
+    trainable: int
+    devices: list[str]
+
+
+@dataclasses.dataclass(slots=True)
+class OptimizerEvent:
+    index: int
+    cls: str
+    param_groups: int
+    lr: list[float]
+
+
+@dataclasses.dataclass(slots=True)
+class ScriptEnded:
+    """The script returned, exited or raised; ``exception`` is kept for classification."""
+
+    status: str  # finished | crashed | exited | interrupted
+    exit_code: int
+    exception: BaseException | None = None
+    failing_modules: list[str] | None = None
+    step: int = 0
+
+
+class EventBus:
+    """Batches from any thread into an asyncio.Queue owned by the consumer loop."""
+
+    def __init__(self, backlog: int = 10_000) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[list[Any]] | None = None
+        self._lock = threading.Lock()
+        self._backlog: collections.deque[list[Any]] = collections.deque()
+        self._backlog_max = backlog
+        self.dropped_events = 0
+
+    def attach(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[list[Any]]) -> None:
+        """Called by the consumer in its loop; replays what arrived before it existed."""
+        with self._lock:
+            self._loop, self._queue = loop, queue
+            while self._backlog:
+                queue.put_nowait(self._backlog.popleft())
+
+    def detach(self) -> list[list[Any]]:
+        """Stop delivering to the loop; returns nothing pending (later emits go to the backlog)."""
+        with self._lock:
+            self._loop = self._queue = None
+            out = list(self._backlog)
+            self._backlog.clear()
+            return out
+
+    def emit(self, batch: list[Any]) -> None:
+        loop, q = self._loop, self._queue
+        if loop is not None and q is not None:
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, batch)
+                return
+            except RuntimeError:  # loop closed between the check and the call
+                pass
+        with self._lock:
+            if self._loop is not None and self._queue is not None:
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, batch)
+                return
+            if len(self._backlog) >= self._backlog_max:
+                # Keep findings: drop the oldest batch's step records only.
+                old = self._backlog.popleft()
+                kept = [e for e in old if not isinstance(e, StepRecord)]
+                self.dropped_events += len(old) - len(kept)
+                if kept:
+                    self._backlog.appendleft(kept)
+                    if len(self._backlog) > self._backlog_max * 2:
+                        self._backlog.popleft()
+                        self.dropped_events += len(kept)
+            self._backlog.append(batch)
+
+    def drain_backlog(self) -> list[list[Any]]:
+        with self._lock:
+            out = list(self._backlog)
+            self._backlog.clear()
+            return out

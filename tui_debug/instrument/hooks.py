@@ -1,0 +1,555 @@
+"""Zero-code instrumentation of a PyTorch training loop, with one device read per optimizer step.
+
+Installed by the runner right after the script imports torch. Runs in the training thread and
+never blocks it: metrics leave as batched events through ``emit`` (the EventBus).
+
+- Global forward pre/post hooks: a stack of running modules (the innermost module when an
+  exception escapes), root-model discovery, and cheap finiteness sentinels (a float32 sum of each
+  module's output and, when it is not the previous output, its input).
+- Patched ``torch.autograd.backward``: every loss, told apart by call site.
+- Global optimizer step hooks: the step boundary; per-parameter gradient norms with
+  ``torch._foreach_norm`` grouped by (device, dtype); then everything the step needs is stacked
+  into one tensor and read once (on CUDA asynchronously through pinned memory and an event).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import threading
+import time
+import weakref
+from types import ModuleType
+from typing import Any, Callable
+
+from ..config import DebugConfig
+from ..detectors.nonfinite import ActivationCall, NonFiniteDetector, StepObservation
+from ..events import FindingEvent, LossSiteEvent, ModelEvent, OptimizerEvent, StepRecord
+from . import naming
+
+FLUSH_INTERVAL_S = 0.05
+
+
+@dataclasses.dataclass
+class _OptState:
+    index: int
+    ref: Any  # weakref to the optimizer (None for the no-optimizer pseudo state)
+    params: list[Any]
+    n_params: int = -1
+    generation: int = -1
+    present: list[int] = dataclasses.field(default_factory=list)
+    groups: list[list[int]] = dataclasses.field(default_factory=list)
+    names: list[str] = dataclasses.field(default_factory=list)
+    count: int = 0
+
+
+@dataclasses.dataclass
+class _Read:
+    """What a stacked tensor holds, so its values can be interpreted once read."""
+
+    step: int
+    time: float
+    duration: float
+    optimizer: int
+    loss_sites: list[int]
+    calls: list[ActivationCall]
+    root_inputs: list[tuple[Any, int]]
+    n_sent: int
+    grad_names: list[str] | None
+    n_grads: int
+    host: Any = None
+    event: Any = None
+
+
+class Instrumentation:
+    """Observes the script's training through torch's global hooks."""
+
+    def __init__(self, config: DebugConfig, emit: Callable[[list[Any]], None]) -> None:
+        self.config = config
+        self._emit = emit
+        self._tid = threading.get_ident()
+        self.torch: ModuleType | None = None
+        self._handles: list[Any] = []
+        self._orig_backward: Callable[..., Any] | None = None
+        self._orig_scale: Callable[..., Any] | None = None
+        self._installed = False
+        self.detector = NonFiniteDetector()
+        # forward state
+        self._stack: list[Any] = []
+        self._sent: list[Any] = []  # sentinel tensors of this step
+        self._sent_ids: dict[int, int] = {}  # id(tensor) -> index in _sent
+        self._calls: list[ActivationCall] = []
+        self._root_inputs: list[tuple[Any, int]] = []
+        self._sent_overflow = 0
+        self._failing: tuple[int, list[str]] | None = None
+        # models
+        self._roots: dict[int, tuple[str, Any]] = {}  # id -> (name, weakref)
+        self._known_modules: set[int] = set()
+        self._module_names: dict[int, str] = {}
+        self._param_names: dict[int, str] = {}
+        self._generation = 0
+        # losses
+        self._loss_sites: dict[tuple[Any, int], int] = {}
+        self._loss_site_names: list[str] = []
+        self._losses: list[tuple[int, Any]] = []
+        self._scaled: dict[int, Any] = {}
+        # steps
+        self._opts: dict[int, _OptState] = {}
+        self._pseudo: _OptState | None = None
+        self._backwards_without_optimizer = 0
+        self.step = 0
+        self._last_step_time: float | None = None
+        self._pending: list[Any] = []
+        self._last_flush = time.perf_counter()
+        self._reads: list[_Read] = []
+        self._foreach_dtype = True
+        self.broken: str | None = None
+        self.actions: Any = None  # a queue.SimpleQueue of callables, applied at step boundaries
+
+    # -- install / uninstall --------------------------------------------------------------
+    def install(self, torch: ModuleType) -> None:
+        """Register hooks; called in the thread that imported torch (the training thread)."""
+        if self._installed:
+            return
+        self.torch = torch
+        self._tid = threading.get_ident()
+        from torch.nn.modules import module as nn_module
+        from torch.optim import optimizer as optim_module
+
+        self._Tensor = torch.Tensor
+        self._is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+        try:
+            from torch._dynamo.eval_frame import OptimizedModule  # noqa: F401
+            self._OptimizedModule: type | tuple[type, ...] = OptimizedModule
+        except Exception:
+            self._OptimizedModule = ()
+        self._is_grad_enabled = torch.is_grad_enabled
+        self._float32 = torch.float32
+        self._handles.append(nn_module.register_module_forward_pre_hook(self._pre_hook))
+        self._handles.append(nn_module.register_module_forward_hook(self._post_hook, always_call=True))
+        self._handles.append(optim_module.register_optimizer_step_pre_hook(self._pre_step))
+        self._handles.append(optim_module.register_optimizer_step_post_hook(self._post_step))
+        self._orig_backward = torch.autograd.backward
+        orig_backward = self._orig_backward
+        me = self
+
+        def backward(*args: Any, **kwargs: Any) -> Any:
+            if threading.get_ident() == me._tid and not me.broken:
+                me._on_backward(args[0] if args else kwargs.get("tensors"))
+            result = orig_backward(*args, **kwargs)
+            if not me._opts and threading.get_ident() == me._tid and not me.broken:
+                me._backwards_without_optimizer += 1
+                if me._backwards_without_optimizer >= 2:  # the first backward precedes any optimizer.step
+                    me._guarded(me._step_without_optimizer)
+            return result
+
+        backward.__wrapped__ = orig_backward  # type: ignore[attr-defined]
+        backward.__doc__ = orig_backward.__doc__
+        torch.autograd.backward = backward
+        try:
+            from torch.amp import grad_scaler
+
+            self._orig_scale = grad_scaler.GradScaler.scale
+            orig_scale = self._orig_scale
+
+            def scale(scaler: Any, outputs: Any) -> Any:
+                out = orig_scale(scaler, outputs)
+                if isinstance(outputs, me._Tensor) and isinstance(out, me._Tensor):
+                    if len(me._scaled) > 64:
+                        me._scaled.clear()
+                    me._scaled[id(out)] = outputs
+                return out
+
+            grad_scaler.GradScaler.scale = scale  # type: ignore[method-assign]
+        except Exception:
+            self._orig_scale = None
+        os.register_at_fork(after_in_child=self.uninstall)
+        self._installed = True
+
+    def uninstall(self) -> None:
+        """Remove every hook and patch (also run in forked DataLoader workers)."""
+        if not self._installed:
+            return
+        self._installed = False
+        for h in self._handles:
+            try:
+                h.remove()
+            except Exception:
+                pass
+        self._handles.clear()
+        torch = self.torch
+        if torch is not None and self._orig_backward is not None:
+            torch.autograd.backward = self._orig_backward
+        if self._orig_scale is not None:
+            from torch.amp import grad_scaler
+
+            grad_scaler.GradScaler.scale = self._orig_scale  # type: ignore[method-assign]
+
+    def _guarded(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """A bug in the monitor disables it; it never reaches the training run."""
+        try:
+            return fn(*args)
+        except Exception as exc:  # pragma: no cover - exercised by fault-injection test
+            self._disable(exc)
+            return None
+
+    def _disable(self, exc: BaseException) -> None:
+        import traceback
+
+        self.broken = f"{type(exc).__name__}: {exc}"
+        self._pending.append(FindingEvent(
+            severity="warning", category="system_error", step=self.step, key="monitor-disabled",
+            message=f"tui_debug's instrumentation failed and was switched off; training goes on ({self.broken})",
+            context={}, traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__))))
+        self.flush()
+        self.uninstall()
+
+    # -- forward hooks ------------------------------------------------------------------------
+    def _pre_hook(self, module: Any, args: tuple[Any, ...]) -> None:
+        if threading.get_ident() != self._tid or self._is_compiling() or self.broken:
+            return None
+        if isinstance(module, self._OptimizedModule):
+            return None
+        stack = self._stack
+        is_root = not stack
+        if is_root and id(module) not in self._known_modules:
+            self._guarded(self._register_root, module)
+        stack.append(module)
+        if args and self.config.enable_activation_tracking and self._is_grad_enabled():
+            x = args[0]
+            if isinstance(x, self._Tensor) and x.is_floating_point():
+                idx = self._sent_ids.get(id(x))
+                if idx is None:
+                    idx = self._sentinel(x)
+                if is_root and idx >= 0:
+                    self._root_inputs.append((module, idx))
+        return None
+
+    def _sentinel(self, t: Any) -> int:
+        if len(self._sent) >= self.config.max_sentinels_per_step:
+            self._sent_overflow += 1
+            return -1
+        idx = len(self._sent)
+        self._sent.append(t.detach().sum(dtype=self._float32))
+        self._sent_ids[id(t)] = idx
+        return idx
+
+    def _post_hook(self, module: Any, args: tuple[Any, ...], output: Any) -> None:
+        if threading.get_ident() != self._tid or self._is_compiling() or self.broken:
+            return None
+        if isinstance(module, self._OptimizedModule):
+            return None
+        stack = self._stack
+        if output is None:
+            exc = sys.exc_info()[1]
+            if exc is not None:
+                self._on_forward_exception(exc)
+        if stack and stack[-1] is module:
+            stack.pop()
+        elif module in stack:
+            del stack[len(stack) - 1 - stack[::-1].index(module):]
+        if output is None or not self.config.enable_activation_tracking or not self._is_grad_enabled():
+            return None
+        out = output
+        if not isinstance(out, self._Tensor):
+            out = _first_tensor(out, self._Tensor)
+            if out is None:
+                return None
+        if not out.is_floating_point():
+            return None
+        in_idx = -1
+        if args:
+            x = args[0]
+            if isinstance(x, self._Tensor):
+                in_idx = self._sent_ids.get(id(x), -1)
+        out_idx = self._sent_ids.get(id(out))
+        if out_idx is None:
+            out_idx = self._sentinel(out)
+            if out_idx < 0:
+                return None
+        elif out_idx == in_idx:  # identity modules (Dropout in eval, Identity) add nothing
+            return None
+        self._calls.append(ActivationCall(module, in_idx, out_idx))
+        return None
+
+    def _on_forward_exception(self, exc: BaseException) -> None:
+        if self._failing is not None and self._failing[0] == id(exc):
+            return
+        names = [self.module_label(m) for m in reversed(self._stack)]
+        self._failing = (id(exc), names)
+
+    def failing_modules(self, exc: BaseException) -> list[str] | None:
+        """Innermost-first modules that were running when ``exc`` was raised, if it came from a forward."""
+        if self._failing is not None and self._failing[0] == id(exc):
+            return self._failing[1]
+        return None
+
+    # -- models and names ----------------------------------------------------------------------
+    def _register_root(self, module: Any) -> None:
+        self._known_modules.add(id(module))
+        if id(module) in self._module_names:  # a submodule of a known model, called directly
+            return
+        name = naming.variable_name(module, sys._getframe(1)) or type(module).__name__
+        taken = {n for n, _ in self._roots.values()}
+        base, i = name, 2
+        while name in taken:
+            name, i = f"{base}#{i}", i + 1
+        # A new root that contains earlier roots replaces them.
+        contained = {id(m) for m in module.modules()}
+        for rid in [rid for rid in self._roots if rid in contained]:
+            del self._roots[rid]
+        self._roots[id(module)] = (name, weakref.ref(module))
+        self._rebuild_index()
+        params = list(module.parameters())
+        devices = sorted({str(p.device) for p in params})
+        self._pending.append(ModelEvent(
+            name=name, cls=type(module).__name__, parameters=sum(p.numel() for p in params),
+            trainable=sum(p.numel() for p in params if p.requires_grad), devices=devices))
+
+    def _rebuild_index(self) -> None:
+        self._module_names.clear()
+        self._param_names.clear()
+        for name, ref in list(self._roots.values()):
+            root = ref()
+            if root is None:
+                continue
+            for qual, m in root.named_modules():
+                self._module_names.setdefault(id(m), f"{name}.{qual}" if qual else name)
+            for qual, p in root.named_parameters(remove_duplicate=False):
+                self._param_names.setdefault(id(p), f"{name}.{qual}")
+        self._known_modules.update(self._module_names)
+        self._generation += 1
+
+    def module_label(self, module: Any) -> str:
+        name = self._module_names.get(id(module))
+        cls = type(module).__name__
+        return f"{name} ({cls})" if name else cls
+
+    # -- losses -----------------------------------------------------------------------------------
+    def _on_backward(self, tensors: Any) -> None:
+        if not self.config.enable_loss_tracking or self._is_compiling():
+            return
+        loss = tensors
+        if not isinstance(loss, self._Tensor) or loss.numel() != 1:
+            return
+        unscaled = self._scaled.pop(id(loss), None)
+        if unscaled is not None:
+            loss = unscaled
+        frame = sys._getframe(2)
+        frame = naming.user_frame(frame)
+        if frame is None:
+            key: tuple[Any, int] = (None, 0)
+        else:
+            key = (frame.f_code, frame.f_lasti)
+        site = self._loss_sites.get(key)
+        if site is None:
+            site = self._guarded(self._new_loss_site, key, frame)
+            if site is None:
+                return
+        value = loss.detach()
+        if value.dtype != self._float32:
+            value = value.float()
+        self._losses.append((site, value.reshape(())))
+        if len(self._losses) > 4096:  # backward without any step: keep the latest only
+            del self._losses[:2048]
+
+    def _new_loss_site(self, key: tuple[Any, int], frame: Any) -> int:
+        if frame is None:
+            name, source = "loss", "?"
+        else:
+            name, source = naming.loss_name(frame)
+        if name in self._loss_site_names:
+            name = f"{name}@{source.rsplit(':', 1)[-1]}"
+        index = len(self._loss_site_names)
+        self._loss_site_names.append(name)
+        self._loss_sites[key] = index
+        self._pending.append(LossSiteEvent(index=index, name=name, source=source))
+        return index
+
+    # -- steps ----------------------------------------------------------------------------------
+    def _opt_state(self, opt: Any) -> _OptState:
+        st = self._opts.get(id(opt))
+        if st is None or st.ref() is not opt:
+            st = _OptState(index=len(self._opts), ref=weakref.ref(opt), params=[])
+            self._opts[id(opt)] = st
+            self._pending.append(OptimizerEvent(
+                index=st.index, cls=type(opt).__name__, param_groups=len(opt.param_groups),
+                lr=[float(g.get("lr", float("nan"))) if not isinstance(g.get("lr"), self._Tensor)
+                    else float(g["lr"]) for g in opt.param_groups]))
+        n = sum(len(g["params"]) for g in opt.param_groups)
+        if n != st.n_params:
+            st.params = [p for g in opt.param_groups for p in g["params"]]
+            st.n_params = n
+            st.generation = -1
+        return st
+
+    def _pre_step(self, opt: Any, args: Any, kwargs: Any) -> None:
+        if threading.get_ident() != self._tid or self.broken or self._is_compiling():
+            return
+        self._guarded(self._close_step, self._opt_state(opt))
+
+    def _post_step(self, opt: Any, args: Any, kwargs: Any) -> None:
+        if threading.get_ident() != self._tid or self.broken:
+            return
+        actions = self.actions
+        if actions is not None and not actions.empty():
+            while not actions.empty():
+                action = actions.get_nowait()
+                self._guarded(action)
+
+    def _step_without_optimizer(self) -> None:
+        """Scripts that update parameters by hand: each backward is a step."""
+        if self._pseudo is None:
+            self._pseudo = _OptState(index=-1, ref=None, params=[])
+        st = self._pseudo
+        if st.generation != self._generation:
+            params = []
+            for _, ref in self._roots.values():
+                root = ref()
+                if root is not None:
+                    params.extend(p for p in root.parameters() if p.requires_grad)
+            st.params, st.n_params = params, len(params)
+            st.generation = -1
+        self._close_step(st)
+
+    def _grad_layout(self, st: _OptState) -> list[list[Any]]:
+        params = st.params
+        present = [i for i, p in enumerate(params) if p.grad is not None]
+        if present != st.present or st.generation != self._generation:
+            groups: dict[tuple[Any, Any], list[int]] = {}
+            for i in present:
+                g = params[i].grad
+                if g.is_sparse:
+                    continue
+                groups.setdefault((g.device, g.dtype), []).append(i)
+            st.present = present
+            st.groups = list(groups.values())
+            names = []
+            for idxs in st.groups:
+                for i in idxs:
+                    names.append(self._param_names.get(id(params[i])) or f"optimizer{st.index}.param{i}")
+            st.names = names
+            st.generation = self._generation
+        return [[params[i].grad for i in idxs] for idxs in st.groups]
+
+    def _close_step(self, st: _OptState) -> None:
+        torch = self.torch
+        assert torch is not None
+        self._stack.clear()
+        st.count += 1
+        if st.count > self.step:
+            self.step = st.count
+        now = time.perf_counter()
+        duration = 0.0 if self._last_step_time is None else now - self._last_step_time
+        self._last_step_time = now
+        flat: list[Any] = [v for _, v in self._losses]
+        loss_sites = [s for s, _ in self._losses]
+        n_sent = len(self._sent)
+        flat.extend(self._sent)
+        calls = self._calls
+        root_inputs = self._root_inputs
+        grad_names: list[str] | None = None
+        n_grads = 0
+        if self.config.enable_gradient_tracking:
+            grad_groups = self._grad_layout(st)
+            for grads in grad_groups:
+                if self._foreach_dtype:
+                    try:
+                        norms = torch._foreach_norm(grads, 2, dtype=self._float32)
+                    except TypeError:
+                        self._foreach_dtype = False
+                        norms = [n.float() for n in torch._foreach_norm(grads, 2)]
+                else:
+                    norms = [n.float() for n in torch._foreach_norm(grads, 2)]
+                flat.extend(norms)
+                n_grads += len(norms)
+            grad_names = st.names
+        self._losses = []
+        self._sent = []
+        self._sent_ids = {}
+        self._calls = []
+        self._root_inputs = []
+        read = _Read(step=self.step, time=now, duration=duration, optimizer=st.index, loss_sites=loss_sites,
+                     calls=calls, root_inputs=root_inputs, n_sent=n_sent, grad_names=grad_names, n_grads=n_grads)
+        if not flat:
+            self._process(read, [])
+        else:
+            try:
+                stacked = torch.stack(flat)
+            except RuntimeError:  # tensors on several devices: one read per device, in order
+                stacked = torch.cat([t.reshape(1).to("cpu") for t in flat])
+            if stacked.device.type == "cuda":
+                host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+                host.copy_(stacked, non_blocking=True)
+                read.host = host
+                read.event = torch.cuda.Event()
+                read.event.record()
+                self._reads.append(read)
+            else:
+                self._process(read, stacked.tolist())
+        self._drain_reads(block=False)
+        if self._pending and (now - self._last_flush >= FLUSH_INTERVAL_S):
+            self.flush()
+
+    def _drain_reads(self, block: bool) -> None:
+        while self._reads:
+            read = self._reads[0]
+            if not block and not read.event.query():
+                return
+            read.event.synchronize()
+            self._reads.pop(0)
+            self._process(read, read.host.tolist())
+
+    def _process(self, read: _Read, values: list[float]) -> None:
+        nl = len(read.loss_sites)
+        losses = list(zip(read.loss_sites, values[:nl]))
+        grad_norms = values[nl + read.n_sent:] if read.grad_names is not None else None
+        record = StepRecord(step=read.step, time=read.time, duration=read.duration, optimizer=read.optimizer,
+                            losses=losses, grad_names=read.grad_names, grad_norms=grad_norms)
+        self._pending.append(record)
+        if values and not math.isfinite(sum(values)):
+            obs = StepObservation(
+                step=read.step,
+                losses=[(self._loss_site_names[s], v) for s, v in losses],
+                grad_names=read.grad_names or [], grad_norms=grad_norms or [],
+                sentinels=values[nl:nl + read.n_sent], calls=read.calls, module_label=self.module_label,
+                root_inputs=read.root_inputs,
+            )
+            findings = self.detector.check(obs)
+            if findings:
+                self._pending.extend(findings)
+                self.flush()
+
+    def flush(self) -> None:
+        """Hand what is pending to the bus (one batch)."""
+        if self._pending:
+            batch, self._pending = self._pending, []
+            self._last_flush = time.perf_counter()
+            self._emit(batch)
+
+    def finish(self) -> None:
+        """At the script's end: read what is outstanding and flush."""
+        try:
+            self._drain_reads(block=True)
+        except Exception:
+            pass
+        self.flush()
+
+
+def _first_tensor(value: Any, tensor_type: type) -> Any:
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            if isinstance(v, tensor_type):
+                return v
+            if isinstance(v, (tuple, list)):
+                found = _first_tensor(v, tensor_type)
+                if found is not None:
+                    return found
+        return None
+    if isinstance(value, dict):
+        for v in value.values():
+            if isinstance(v, tensor_type):
+                return v
+    return None

@@ -1,0 +1,120 @@
+"""Human names for what the instrumentation sees: losses by their expression, models by variable."""
+
+from __future__ import annotations
+
+import ast
+import linecache
+import os
+import sys
+from types import CodeType, FrameType
+from typing import Any
+
+_TORCH_DIR: str | None = None
+_OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def torch_dir() -> str:
+    global _TORCH_DIR
+    if _TORCH_DIR is None:
+        torch = sys.modules.get("torch")
+        _TORCH_DIR = (os.path.dirname(torch.__file__) + os.sep) if torch is not None and torch.__file__ else "\0"
+    return _TORCH_DIR
+
+
+def is_library_frame(code: CodeType) -> bool:
+    """Frames of torch itself or of tui_debug: skipped when looking for the user's call site."""
+    fn = code.co_filename
+    return fn.startswith(torch_dir()) or fn.startswith(_OWN_DIR)
+
+
+def user_frame(frame: FrameType | None) -> FrameType | None:
+    while frame is not None and is_library_frame(frame.f_code):
+        frame = frame.f_back
+    return frame
+
+
+def _instruction_source(code: CodeType, lasti: int) -> tuple[str, int] | None:
+    """The source text of the expression containing instruction ``lasti`` (3.11+ positions)."""
+    positions = getattr(code, "co_positions", None)
+    if positions is None:
+        return None
+    try:
+        pos = list(positions())[lasti // 2]
+    except (IndexError, ValueError):
+        return None
+    lineno, end_lineno, col, end_col = pos
+    if lineno is None or col is None or end_col is None:
+        return None
+    lines = [linecache.getline(code.co_filename, n) for n in range(lineno, (end_lineno or lineno) + 1)]
+    if not any(lines):
+        return None
+    if len(lines) == 1:
+        return lines[0][col:end_col], lineno
+    lines[0] = lines[0][col:]
+    lines[-1] = lines[-1][:end_col]
+    return "".join(lines), lineno
+
+
+def _backward_target(node: ast.AST) -> ast.AST | None:
+    """In ``X.backward(...)`` or ``torch.autograd.backward(X)`` the X; unwraps ``scaler.scale(X)``."""
+    target = None
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Call):
+            func = sub.func
+            if isinstance(func, ast.Attribute) and func.attr == "backward":
+                if isinstance(func.value, ast.Name) and func.value.id in ("autograd",) or (
+                    isinstance(func.value, ast.Attribute) and func.value.attr == "autograd"
+                ):
+                    target = sub.args[0] if sub.args else None
+                else:
+                    target = func.value
+                break
+            if isinstance(func, ast.Name) and func.id == "backward" and sub.args:
+                target = sub.args[0]
+                break
+    # scaler.scale(loss) / accelerator-style wrappers with one argument
+    while (isinstance(target, ast.Call) and isinstance(target.func, ast.Attribute)
+           and target.func.attr in ("scale",) and len(target.args) == 1):
+        target = target.args[0]
+    return target
+
+
+def loss_name(frame: FrameType) -> tuple[str, str]:
+    """(name, "file:line") for the loss backpropagated at ``frame``'s current instruction."""
+    code = frame.f_code
+    source = f"{os.path.basename(code.co_filename)}:{frame.f_lineno}"
+    found = _instruction_source(code, frame.f_lasti)
+    text = None
+    if found is not None:
+        text, _ = found
+        try:
+            tree = ast.parse(text.strip(), mode="eval")
+        except SyntaxError:
+            tree = None
+        if tree is not None:
+            target = _backward_target(tree)
+            if target is not None:
+                text = ast.unparse(target)
+            elif isinstance(tree.body, ast.Attribute) and tree.body.attr == "backward":
+                text = ast.unparse(tree.body.value)
+    if not text:
+        return f"loss@{source}", source
+    text = " ".join(text.split())
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return text, source
+
+
+def variable_name(obj: Any, frame: FrameType | None, max_frames: int = 6) -> str | None:
+    """The name a user frame binds ``obj`` to (locals first, then globals), if any."""
+    frame = user_frame(frame)
+    seen = 0
+    while frame is not None and seen < max_frames:
+        if not is_library_frame(frame.f_code):
+            seen += 1
+            for scope in (frame.f_locals, frame.f_globals):
+                for name, value in list(scope.items()):
+                    if value is obj and not name.startswith("_") and name != "self":
+                        return name
+        frame = frame.f_back
+    return None

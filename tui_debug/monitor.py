@@ -1,0 +1,182 @@
+"""Wires one monitored run: runner -> instrumentation -> bus -> session -> sinks (and report).
+
+The main thread owns the event loop (headless here; the Textual app's loop for the UI). The
+training thread only emits batches and applies queued actions at step boundaries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import signal
+import sys
+import time
+from types import ModuleType
+from typing import Any, Callable
+
+from .capture import OutputCapture
+from .config import DebugConfig
+from .errors import ErrorCategory, ErrorSeverity, ErrorTracker
+from .events import EventBus, FindingEvent, ScriptEnded
+from .instrument.hooks import Instrumentation
+from .instrument.importhook import TorchImportWatcher
+from .report import build_report, write_report
+from .runner import ScriptRunner, Target
+from .session import Session
+from .signals import SignalForwarder
+from .sinks.headless import HeadlessPrinter
+
+MEMORY_SAMPLE_S = 1.0
+
+
+class Monitor:
+    def __init__(self, target: Target, config: DebugConfig, run_dir: str, report_path: str,
+                 passthrough: bool = True) -> None:
+        self.target = target
+        self.config = config
+        self.run_dir = run_dir
+        self.report_path = report_path
+        os.makedirs(run_dir, exist_ok=True)
+        self.capture = OutputCapture(config.output_tail_lines, os.path.join(run_dir, "output.log"),
+                                     passthrough=passthrough, max_log_bytes=config.max_log_size)
+        self.tracker = ErrorTracker(config, log_dir=run_dir, logger_name=f"tui_debug.run.{id(self):x}")
+        self.tracker.set_console_output(False)
+        self.session = Session(config, self.tracker, script=target.path or target.name, argv=target.argv,
+                               run_dir=run_dir, report_path=report_path)
+        self.session.output_tail = self.capture.tail.tail
+        self.bus = EventBus()
+        self.session.dropped_events = lambda: self.bus.dropped_events
+        self.actions: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.instr = Instrumentation(config, self.bus.emit)
+        self.instr.actions = self.actions
+        self.watcher = TorchImportWatcher(self._on_torch_import)
+        self.runner = ScriptRunner(target, on_end=self._on_script_end, before_exit=self.instr.finish,
+                                   failing_modules=self.instr.failing_modules, step=lambda: self.instr.step)
+        self.printer = HeadlessPrinter(self.capture.write_monitor)
+        self.tracker.subscribe(self.printer.on_finding)
+        self.forwarder = SignalForwarder(self._schedule, self._on_default_signal, self._on_handler_exception)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._terminate: int | None = None
+        self._sigints = 0
+        self._finished = False
+
+    # -- training-thread callbacks ------------------------------------------------------------
+    def _on_torch_import(self, torch: ModuleType) -> None:
+        try:
+            self.instr.install(torch)
+        except Exception as exc:  # the run goes on uninstrumented
+            self.bus.emit([FindingEvent(
+                severity="warning", category="system_error", step=None, key="install-failed",
+                message=f"could not instrument torch {getattr(torch, '__version__', '?')}: {exc}; "
+                        "the script runs unmonitored", context={})])
+
+    def _on_script_end(self, ended: ScriptEnded) -> None:
+        self.bus.emit([ended])
+
+    # -- main-thread plumbing -----------------------------------------------------------------
+    def _schedule(self, fn: Callable[[], None]) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(fn)
+        else:
+            fn()
+
+    def _on_default_signal(self, signum: int) -> None:
+        if self.session.ended is not None:
+            return
+        if signum == signal.SIGINT:
+            self._sigints += 1
+            if self._sigints >= 3 or not self.runner.inject(KeyboardInterrupt):
+                self.printer.line("interrupted again: stopping now")
+                self._terminate = signum
+            else:
+                self.runner.interrupted = True
+                if self._sigints == 2:
+                    self.printer.line("interrupt sent again; press Ctrl+C once more to stop at once")
+            return
+        self._terminate = signum
+
+    def _on_handler_exception(self, exc: BaseException) -> None:
+        self.runner.interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
+        if not self.runner.inject(exc):
+            self._terminate = signal.SIGTERM
+
+    # -- running ----------------------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop, q: asyncio.Queue[list[Any]]) -> None:
+        self._loop = loop
+        self.bus.attach(loop, q)
+        self.forwarder.install()
+        self.capture.start()
+        self.watcher.install()
+        self.runner.start()
+
+    def run_headless(self) -> int:
+        return asyncio.run(self._headless())
+
+    async def _headless(self) -> int:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[list[Any]] = asyncio.Queue()
+        self.printer.line(f"monitoring {self.target.display}; report: {self.report_path}")
+        self.start(loop, q)
+        next_progress = time.monotonic() + self.config.progress_interval_s
+        next_memory = 0.0
+        last_progress_step = -1
+        while True:
+            try:
+                batch = await asyncio.wait_for(q.get(), timeout=0.25)
+            except (asyncio.TimeoutError, TimeoutError):
+                batch = None
+            while batch is not None:
+                self.session.handle(batch)
+                batch = q.get_nowait() if not q.empty() else None
+            now = time.monotonic()
+            if now >= next_memory and self.config.enable_memory_tracking:
+                self.session.sample_memory()
+                next_memory = now + MEMORY_SAMPLE_S
+            if now >= next_progress:
+                next_progress = now + self.config.progress_interval_s
+                if self.session.steps != last_progress_step:
+                    last_progress_step = self.session.steps
+                    self.printer.line(self.session.progress_line())
+            if self.session.ended is not None or self._terminate is not None:
+                break
+        return self.finish()
+
+    def dump_report(self) -> str:
+        write_report(self.report_path, build_report(self.session))
+        return self.report_path
+
+    def finish(self) -> int:
+        """Restore the process, write the report, say where it is; returns the exit status."""
+        if self._finished:
+            return self.session.exit_code or 0
+        self._finished = True
+        self.watcher.uninstall()
+        self.forwarder.uninstall()
+        if self._terminate is not None:
+            self.session.mark_interrupted(self._terminate)
+            self.instr.flush()
+        for batch in self.bus.detach() + self.bus.drain_backlog():
+            self.session.handle(batch)
+        self.capture.stop()
+        try:
+            self.dump_report()
+            where = f"report written to {self.report_path}"
+        except Exception as exc:
+            where = f"could not write the report to {self.report_path}: {exc}"
+        summary = self.tracker.get_error_summary()
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(summary["severity_counts"].items())) or "no findings"
+        self.printer.line(f"{self.session.status} after {self.session.steps} steps "
+                          f"(exit {self.session.exit_code}); {counts}; {where}")
+        self.tracker.stop()
+        if self._terminate is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            if self._terminate == signal.SIGINT:
+                os._exit(130)
+            signal.signal(self._terminate, signal.SIG_DFL)
+            os.kill(os.getpid(), self._terminate)
+            time.sleep(1)
+            os._exit(128 + self._terminate)
+        return self.session.exit_code if self.session.exit_code is not None else 0

@@ -1,0 +1,139 @@
+"""The JSON debug report: built from the session, written atomically on every way out."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+from .errors import ErrorInfo, _jsonable
+from .session import Session
+
+SCHEMA_VERSION = 1
+SCHEMA_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "report.schema.json")
+
+
+def _num(v: float | None) -> float | str | None:
+    if v is None:
+        return None
+    if isinstance(v, float) and not math.isfinite(v):
+        return repr(v)
+    return v
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts)) + f".{int(ts % 1 * 1000):03d}"
+
+
+def recommendations(session: Session, errors: list[ErrorInfo]) -> list[str]:
+    """Concrete advice derived from what was found (the design document's _generate_recommendations)."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for info in sorted(errors, key=lambda e: (-e.severity.rank, e.first_step or 0)):
+        if info.recommendation and info.recommendation not in seen:
+            seen.add(info.recommendation)
+            where = f" (step {info.first_step})" if info.first_step is not None else ""
+            out.append(f"[{info.category.value}] {info.message}{where}: {info.recommendation}")
+    for stats in session.losses.values():
+        if stats.count >= 20 and stats.nonfinite == 0 and stats.first is not None and stats.last is not None:
+            if stats.last > stats.first * 1.5 and stats.last - stats.first > 1e-6:
+                out.append(f"[loss] '{stats.name}' ended higher than it started ({stats.first:.4g} -> "
+                           f"{stats.last:.4g}): the learning rate may be too high.")
+    if session.steps == 0 and session.status in ("finished", "exited") and session.models:
+        out.append("[training] no optimizer step was seen: the model ran but never trained "
+                   "(optimizer.step() missing, or every step skipped by a GradScaler).")
+    if not out and session.status == "finished":
+        out.append("No problems found.")
+    return out
+
+
+def build_report(session: Session) -> dict[str, Any]:
+    errors = session.tracker.snapshot()
+    summary = session.tracker.get_error_summary()
+    env = session.environment()
+    ended = session.ended_at
+    step_times = session.step_times
+    mean = step_times.total / step_times.count if step_times.count else None
+    grads = {}
+    for name in session.grad_order:
+        g = session.grads[name]
+        grads[name] = {"last": _num(g.last), "last_step": g.last_step, "min": _num(g.min if g.count > g.nonfinite else None),
+                       "max": _num(g.max if g.count > g.nonfinite else None), "nonfinite": g.nonfinite,
+                       "count": g.count}
+    losses = {}
+    for stats in session.losses.values():
+        losses[stats.name] = {
+            "source": stats.source, "count": stats.count, "first": _num(stats.first), "last": _num(stats.last),
+            "min": _num(stats.min), "max": _num(stats.max), "nonfinite": stats.nonfinite,
+            "history": [[s, _num(v)] for s, v in stats.history.points()],
+        }
+    memory: dict[str, Any] = {"rss_peak_bytes": session.rss_peak, "rss_last_bytes": session.rss_last,
+                              "rss_history": [[s, v] for s, v in session.rss.points()]}
+    if session.cuda:
+        memory["cuda"] = dict(session.cuda)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run": {
+            "script": session.script,
+            "argv": session.argv,
+            "started_at": _iso(session.started_at),
+            "ended_at": _iso(ended),
+            "duration_s": round((ended or time.time()) - session.started_at, 3),
+            "status": session.status,
+            "exit_code": session.exit_code,
+            "versions": env["versions"],
+            "devices": env["devices"],
+            "run_dir": session.run_dir,
+        },
+        "summary": {
+            "steps": session.steps,
+            "total_errors": summary["total_errors"],
+            "unique_errors": summary["unique_errors"],
+            "error_counts": summary["error_counts"],
+            "severity_counts": summary["severity_counts"],
+            "dropped_events": session.dropped_events(),
+            "dropped_errors": summary["dropped_errors"],
+        },
+        "errors": [e.to_dict() for e in errors],
+        "losses": losses,
+        "gradients": grads,
+        "optimizers": [{"index": o.index, "class": o.cls, "param_groups": o.param_groups,
+                        "lr": [_num(x) for x in o.lr]} for o in session.optimizers.values()],
+        "models": [{"name": m.name, "class": m.cls, "parameters": m.parameters, "trainable": m.trainable,
+                    "devices": m.devices} for m in session.models.values()],
+        "memory": memory,
+        "performance": {
+            "step_time_mean_s": mean,
+            "step_time_p50_s": step_times.percentile(50),
+            "step_time_p95_s": step_times.percentile(95),
+            "steps_per_second": session.steps_per_second(),
+            "measured_steps": step_times.count,
+        },
+        "actions": _jsonable(session.actions),
+        "config": session.config.to_dict(),
+        "output_tail": [{"stream": s, "text": t} for s, t in session.output_tail()[-200:]],
+        "recommendations": recommendations(session, errors),
+    }
+
+
+def write_report(path: str, report: dict[str, Any]) -> None:
+    """Temp file in the same folder + rename: a reader never sees half a report."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".json.tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(report, fh, indent=2, allow_nan=False, default=repr)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

@@ -1,0 +1,228 @@
+"""Run ``python SCRIPT ARGS`` (or ``python -m MODULE ARGS``) in a worker thread, faithfully.
+
+The script gets a fresh ``__main__`` module in ``sys.modules`` (absolute ``__file__``, a
+``SourceFileLoader``, classes picklable for spawn workers), ``sys.argv`` as typed and
+``sys.path[0]`` = its real directory. ``SystemExit`` and uncaught exceptions are turned into the
+exit status CPython would give, and the traceback is printed through ``sys.excepthook``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import importlib.machinery
+import os
+import sys
+import threading
+import types
+from typing import Any, Callable
+
+from .events import ScriptEnded
+
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+class UsageError(Exception):
+    """Bad command line or unusable script: one line, exit status 2."""
+
+
+@dataclasses.dataclass
+class Target:
+    kind: str  # "script" | "module"
+    name: str  # what the user typed
+    argv: list[str]
+    code: types.CodeType
+    path: str | None  # absolute path of the file to run
+    spec: Any = None
+    sys_path0: str = ""
+
+    @property
+    def display(self) -> str:
+        return os.path.basename(self.name) if self.kind == "script" else self.name
+
+
+def prepare_script(script: str, args: list[str]) -> Target:
+    """Check and compile; raises UsageError (exit 2) or SyntaxError (exit 1, Python's message)."""
+    path = os.path.abspath(script)
+    if os.path.isdir(path):
+        main = os.path.join(path, "__main__.py")
+        if not os.path.isfile(main):
+            raise UsageError(f"can't find '__main__' module in {script!r}")
+        sys_path0, path = path, main
+    else:
+        sys_path0 = os.path.dirname(os.path.realpath(path))
+    try:
+        with open(path, "rb") as fh:
+            source = fh.read()
+    except FileNotFoundError:
+        raise UsageError(f"can't open file {script!r}: no such file") from None
+    except PermissionError:
+        raise UsageError(f"can't open file {script!r}: permission denied") from None
+    except OSError as exc:
+        raise UsageError(f"can't open file {script!r}: {exc.strerror or exc}") from None
+    code = compile(source, path, "exec", dont_inherit=True)
+    return Target(kind="script", name=script, argv=[script, *args], code=code, path=path, sys_path0=sys_path0)
+
+
+def prepare_module(module: str, args: list[str]) -> Target:
+    import runpy
+
+    sys.path.insert(0, os.getcwd())
+    try:
+        mod_name, spec, code = runpy._get_module_details(module)  # type: ignore[attr-defined]
+    except ImportError as exc:
+        raise UsageError(str(exc).replace("Error while finding module specification for", "can't find module")) from None
+    except SyntaxError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"can't run module {module!r}: {type(exc).__name__}: {exc}") from None
+    finally:
+        sys.path.pop(0)
+    return Target(kind="module", name=module, argv=[spec.origin or module, *args], code=code,
+                  path=spec.origin, spec=spec, sys_path0=os.getcwd())
+
+
+def _trim_traceback(tb: types.TracebackType | None) -> types.TracebackType | None:
+    """Drop tui_debug's own frames (the runner, the backward patch) so the script sees Python's traceback."""
+    kept: list[types.TracebackType] = []
+    while tb is not None:
+        if not tb.tb_frame.f_code.co_filename.startswith(_OWN_DIR):
+            kept.append(tb)
+        tb = tb.tb_next
+    for a, b in zip(kept, kept[1:]):
+        a.tb_next = b
+    if kept:
+        kept[-1].tb_next = None
+        return kept[0]
+    return None
+
+
+def trim_exception(exc: BaseException) -> None:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = _trim_traceback(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+
+
+def exit_code_of(exc: SystemExit) -> tuple[int, str | None]:
+    """CPython's mapping: None -> 0, int -> n, anything else -> 1 with it printed."""
+    code = exc.code
+    if code is None:
+        return 0, None
+    if isinstance(code, bool):
+        return int(code), None
+    if isinstance(code, int):
+        return code & 0xFF if code >= 0 else code & 0xFF, None
+    return 1, str(code)
+
+
+def async_exception(exc: BaseException) -> type[BaseException]:
+    """A class that, raised with no arguments, reproduces ``exc`` (async exceptions take a type)."""
+    cls = type(exc)
+    args = exc.args
+
+    def __init__(self: BaseException) -> None:
+        cls.__init__(self, *args)
+
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__})
+
+
+class ScriptRunner:
+    """Owns the worker thread that executes the target."""
+
+    def __init__(self, target: Target, on_end: Callable[[ScriptEnded], None],
+                 before_exit: Callable[[], None] | None = None,
+                 failing_modules: Callable[[BaseException], list[str] | None] | None = None,
+                 step: Callable[[], int] | None = None) -> None:
+        self.target = target
+        self._on_end = on_end
+        self._before_exit = before_exit
+        self._failing_modules = failing_modules
+        self._step = step
+        self.thread: threading.Thread | None = None
+        self.result: ScriptEnded | None = None
+        self.interrupted = False
+
+    def start(self) -> None:
+        t = self.target
+        main = types.ModuleType("__main__")
+        main.__dict__["__builtins__"] = __builtins__
+        if t.kind == "script":
+            main.__file__ = t.path
+            main.__loader__ = importlib.machinery.SourceFileLoader("__main__", t.path or "")
+            main.__spec__ = None
+            main.__package__ = None
+            main.__cached__ = None
+        else:
+            spec = t.spec
+            main.__file__ = spec.origin
+            main.__loader__ = spec.loader
+            main.__spec__ = spec
+            main.__package__ = spec.parent
+            main.__cached__ = spec.cached
+        self.main_module = main
+        sys.modules["__main__"] = main
+        sys.argv[:] = t.argv
+        if sys.path:
+            sys.path[0] = t.sys_path0
+        else:
+            sys.path.insert(0, t.sys_path0)
+        self.thread = threading.Thread(target=self._run, name="tui_debug-training", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        status, code, exc_kept = "finished", 0, None
+        try:
+            exec(self.target.code, self.main_module.__dict__)
+        except SystemExit as exc:
+            code, message = exit_code_of(exc)
+            if message is not None:
+                try:
+                    print(message, file=sys.stderr, flush=True)
+                except Exception:
+                    pass
+            status = "finished" if code == 0 else "exited"
+            if self.interrupted:
+                status = "interrupted"
+        except BaseException as exc:  # noqa: BLE001 - we are the top of the thread
+            trim_exception(exc)
+            try:
+                sys.excepthook(type(exc), exc, exc.__traceback__)
+            except Exception:
+                pass
+            if isinstance(exc, KeyboardInterrupt):
+                status, code = "interrupted", 130
+            else:
+                status, code = "crashed", 1
+            exc_kept = exc
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            except Exception:
+                pass
+        if self._before_exit is not None:
+            try:
+                self._before_exit()
+            except Exception:
+                pass
+        failing = None
+        if exc_kept is not None and self._failing_modules is not None:
+            failing = self._failing_modules(exc_kept)
+        self.result = ScriptEnded(status=status, exit_code=code, exception=exc_kept, failing_modules=failing,
+                                  step=self._step() if self._step else 0)
+        self._on_end(self.result)
+
+    def inject(self, exc: BaseException | type[BaseException]) -> bool:
+        """Raise ``exc`` in the training thread at its next bytecode."""
+        thread = self.thread
+        if thread is None or not thread.is_alive() or thread.ident is None:
+            return False
+        exc_type = exc if isinstance(exc, type) else async_exception(exc)
+        n = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(exc_type))
+        return n == 1
+
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()

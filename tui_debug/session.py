@@ -1,0 +1,239 @@
+"""The consumer side of a run: folds the event stream into run state every sink reads.
+
+Lives in the main thread (the UI or the headless loop). Findings go through the ErrorTracker
+(so the API and the CLI share one store); sinks subscribe to the tracker and to progress.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable
+
+from .classify import classify_exception, memory_context
+from .config import DebugConfig
+from .errors import ErrorCategory, ErrorSeverity, ErrorTracker, format_exception
+from .events import (FindingEvent, LossSiteEvent, ModelEvent, OptimizerEvent, ScriptEnded, StepRecord)
+from .history import DownsampledHistory, Reservoir
+
+
+@dataclasses.dataclass
+class LossStats:
+    name: str
+    source: str
+    count: int = 0
+    first: float | None = None
+    last: float | None = None
+    min: float | None = None
+    max: float | None = None
+    nonfinite: int = 0
+    history: DownsampledHistory = dataclasses.field(default_factory=DownsampledHistory)
+
+    def add(self, step: int, value: float) -> None:
+        self.count += 1
+        if self.first is None:
+            self.first = value
+        self.last = value
+        self.history.add(step, value)
+        if not math.isfinite(value):
+            self.nonfinite += 1
+            return
+        self.min = value if self.min is None or value < self.min else self.min
+        self.max = value if self.max is None or value > self.max else self.max
+
+
+@dataclasses.dataclass
+class GradStats:
+    last: float = 0.0
+    last_step: int = 0
+    min: float = math.inf
+    max: float = 0.0
+    nonfinite: int = 0
+    count: int = 0
+
+
+class Session:
+    """Run state: steps, losses, gradients, models, optimizers, memory, performance, findings."""
+
+    def __init__(self, config: DebugConfig, tracker: ErrorTracker, script: str = "", argv: list[str] | None = None,
+                 run_dir: str | None = None, report_path: str | None = None) -> None:
+        self.config = config
+        self.tracker = tracker
+        self.script = script
+        self.argv = list(argv or [])
+        self.run_dir = run_dir
+        self.report_path = report_path
+        self.started_at = time.time()
+        self._t0 = time.perf_counter()
+        self.ended_at: float | None = None
+        self.status = "running"
+        self.exit_code: int | None = None
+        self.steps = 0
+        self.losses: dict[int, LossStats] = {}
+        self.grads: dict[str, GradStats] = {}
+        self.grad_order: list[str] = []
+        self.models: dict[str, ModelEvent] = {}
+        self.optimizers: dict[int, OptimizerEvent] = {}
+        self.step_times = Reservoir(10_000)
+        self._first_step_time: float | None = None
+        self._last_step_time: float | None = None
+        self._steps_at_first = 0
+        self.rss = DownsampledHistory(config.history_points)
+        self.rss_peak = 0
+        self.rss_last = 0
+        self.cuda: dict[str, Any] = {}
+        self.output_tail: Callable[[], list[tuple[str, str]]] = lambda: []
+        self.dropped_events: Callable[[], int] = lambda: 0
+        self.actions: list[dict[str, Any]] = []
+        self.ended: ScriptEnded | None = None
+        self._last_grad_names: list[str] | None = None
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._t0
+
+    def steps_per_second(self) -> float | None:
+        if self._first_step_time is None or self._last_step_time is None:
+            return None
+        span = self._last_step_time - self._first_step_time
+        n = self.steps - self._steps_at_first
+        return n / span if span > 0 and n > 0 else None
+
+    # -- events -------------------------------------------------------------------------------
+    def handle(self, batch: list[Any]) -> None:
+        for ev in batch:
+            try:
+                if isinstance(ev, StepRecord):
+                    self._on_step(ev)
+                elif isinstance(ev, FindingEvent):
+                    self._on_finding(ev)
+                elif isinstance(ev, LossSiteEvent):
+                    self.losses[ev.index] = LossStats(ev.name, ev.source,
+                                                      history=DownsampledHistory(self.config.history_points))
+                elif isinstance(ev, ModelEvent):
+                    self.models[ev.name] = ev
+                elif isinstance(ev, OptimizerEvent):
+                    self.optimizers[ev.index] = ev
+                elif isinstance(ev, ScriptEnded):
+                    self._on_end(ev)
+            except Exception as exc:  # a bad event must not stop the consumer
+                self.tracker.track_error(exc, ErrorSeverity.WARNING, ErrorCategory.SYSTEM_ERROR,
+                                         context={"event": type(ev).__name__}, key=f"consumer|{type(exc).__name__}")
+
+    def _on_step(self, rec: StepRecord) -> None:
+        if rec.step > self.steps:
+            self.steps = rec.step
+        if self._first_step_time is None:
+            self._first_step_time = rec.time
+            self._steps_at_first = rec.step
+        self._last_step_time = rec.time
+        if rec.duration > 0:
+            self.step_times.add(rec.duration)
+        for site, value in rec.losses:
+            stats = self.losses.get(site)
+            if stats is not None:
+                stats.add(rec.step, value)
+        if rec.grad_norms is not None and rec.grad_names is not None:
+            names = rec.grad_names
+            if names is not self._last_grad_names:
+                for n in names:
+                    if n not in self.grads:
+                        self.grads[n] = GradStats()
+                        self.grad_order.append(n)
+                self._last_grad_names = names
+            grads = self.grads
+            step = rec.step
+            for n, v in zip(names, rec.grad_norms):
+                g = grads[n]
+                g.last = v
+                g.last_step = step
+                g.count += 1
+                if v != v or v == math.inf:
+                    g.nonfinite += 1
+                else:
+                    if v > g.max:
+                        g.max = v
+                    if v < g.min:
+                        g.min = v
+
+    def _on_finding(self, ev: FindingEvent) -> None:
+        self.tracker.track_error(ev.message, ErrorSeverity(ev.severity), ErrorCategory(ev.category),
+                                 context=ev.context, step=ev.step, key=ev.key, traceback=ev.traceback,
+                                 recommendation=ev.recommendation)
+
+    def _on_end(self, ev: ScriptEnded) -> None:
+        self.ended = ev
+        self.status = ev.status
+        self.exit_code = ev.exit_code
+        self.ended_at = time.time()
+        self.steps = max(self.steps, ev.step)
+        exc = ev.exception
+        if exc is not None and not isinstance(exc, KeyboardInterrupt):
+            c = classify_exception(exc, ev.failing_modules)
+            self.tracker.track_error(c.message, ErrorSeverity(c.severity), ErrorCategory(c.category),
+                                     context=c.context, step=self.steps or None,
+                                     key=f"exception|{c.category}|{c.message}", traceback=format_exception(exc),
+                                     recommendation=c.recommendation)
+        self.sample_memory()
+
+    def mark_interrupted(self, signum: int) -> None:
+        self.status = "interrupted"
+        self.exit_code = 128 + signum
+        self.ended_at = time.time()
+
+    def record_action(self, action: str, detail: dict[str, Any]) -> None:
+        self.actions.append({"time": time.time(), "step": self.steps, "action": action, **detail})
+
+    # -- sampling -------------------------------------------------------------------------------
+    def sample_memory(self) -> None:
+        ctx = memory_context()
+        rss = ctx.get("rss_bytes")
+        if rss:
+            self.rss_last = rss
+            self.rss_peak = max(self.rss_peak, rss)
+            self.rss.add(self.steps, float(rss))
+        cuda = {k: v for k, v in ctx.items() if k.startswith("cuda_")}
+        if cuda:
+            self.cuda = cuda
+
+    # -- views ----------------------------------------------------------------------------------
+    def loss_by_name(self) -> dict[str, LossStats]:
+        return {s.name: s for s in self.losses.values()}
+
+    def progress_line(self) -> str:
+        parts = [f"step {self.steps}"]
+        sps = self.steps_per_second()
+        if sps:
+            parts.append(f"{sps:.1f} steps/s")
+        for s in list(self.losses.values())[:3]:
+            if s.last is not None:
+                parts.append(f"{s.name}={s.last:.4g}")
+        summary = self.tracker.get_error_summary()
+        parts.append(f"{summary['total_errors']} findings")
+        if self.rss_last:
+            parts.append(f"rss {self.rss_last / 2**20:.0f} MiB")
+        return " | ".join(parts)
+
+    def environment(self) -> dict[str, Any]:
+        torch = sys.modules.get("torch")
+        devices: list[dict[str, Any]] = [{"type": "cpu", "name": platform.processor() or platform.machine(),
+                                          "count": os.cpu_count()}]
+        versions = {"python": platform.python_version(), "torch": getattr(torch, "__version__", None)}
+        try:
+            from . import __version__
+
+            versions["tui_debug"] = __version__
+        except Exception:
+            pass
+        try:
+            if torch is not None and torch.cuda.is_initialized():
+                for i in range(torch.cuda.device_count()):
+                    p = torch.cuda.get_device_properties(i)
+                    devices.append({"type": "cuda", "index": i, "name": p.name, "total_memory": p.total_memory})
+        except Exception:
+            pass
+        return {"versions": versions, "devices": devices}

@@ -1,0 +1,96 @@
+"""Signals for a script that runs in a worker thread.
+
+Python delivers signals to the main thread only, and ``signal.signal`` raises there when called
+from any other thread. The forwarder owns the real handlers in the main thread, lets the script
+register its own from the training thread (``signal.signal``/``getsignal`` keep their contract),
+and hands every delivery to the consumer's loop, where the script's handler runs, or, with none
+registered, the monitor's default (interrupt the script, or write the report and die as Python would).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any, Callable
+
+FORWARDED = tuple(s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2))
+
+
+class SignalForwarder:
+    def __init__(self, schedule: Callable[[Callable[[], None]], None],
+                 on_default: Callable[[int], None], on_handler_exception: Callable[[BaseException], None]) -> None:
+        self._schedule = schedule
+        self._on_default = on_default
+        self._on_handler_exception = on_handler_exception
+        self._script: dict[int, Any] = {}
+        self._saved: dict[int, Any] = {}
+        self._orig_signal = signal.signal
+        self._orig_getsignal = signal.getsignal
+        self._installed = False
+
+    def install(self) -> None:
+        """In the main thread, before the script starts."""
+        for sig in FORWARDED:
+            self._saved[sig] = self._orig_signal(sig, self._deliver)
+            self._script[sig] = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+        signal.signal = self._signal  # type: ignore[assignment]
+        signal.getsignal = self._getsignal  # type: ignore[assignment]
+        self._installed = True
+
+    def uninstall(self) -> None:
+        if not self._installed:
+            return
+        self._installed = False
+        signal.signal = self._orig_signal  # type: ignore[assignment]
+        signal.getsignal = self._orig_getsignal  # type: ignore[assignment]
+        for sig, old in self._saved.items():
+            try:
+                self._orig_signal(sig, old if old is not None else signal.SIG_DFL)
+            except (ValueError, OSError):
+                pass
+
+    # -- the script's view ------------------------------------------------------------------------
+    def _signal(self, signalnum: int, handler: Any) -> Any:
+        sig = int(signalnum)
+        if sig in self._script:
+            if not (callable(handler) or handler in (signal.SIG_DFL, signal.SIG_IGN)):
+                raise TypeError("signal handler must be signal.SIG_IGN, signal.SIG_DFL, or a callable object")
+            previous = self._script[sig]
+            self._script[sig] = handler
+            return previous
+        if threading.current_thread() is threading.main_thread():
+            return self._orig_signal(signalnum, handler)
+        # A signal we do not pre-own: record it and have the main thread install our relay.
+        previous = self._orig_getsignal(signalnum)
+        self._script[sig] = handler
+        self._schedule(lambda: self._own(sig))
+        return previous
+
+    def _own(self, sig: int) -> None:
+        try:
+            self._saved.setdefault(sig, self._orig_signal(sig, self._deliver))
+        except (ValueError, OSError):
+            pass
+
+    def _getsignal(self, signalnum: int) -> Any:
+        sig = int(signalnum)
+        if sig in self._script:
+            return self._script[sig]
+        return self._orig_getsignal(signalnum)
+
+    # -- delivery ---------------------------------------------------------------------------------
+    def _deliver(self, signum: int, frame: Any) -> None:
+        """The real handler: only schedules work, so it never interrupts the monitor mid-update."""
+        self._schedule(lambda: self._dispatch(signum))
+
+    def _dispatch(self, signum: int) -> None:
+        handler = self._script.get(signum, signal.SIG_DFL)
+        if handler is signal.SIG_IGN:
+            return
+        if handler is signal.SIG_DFL or handler is signal.default_int_handler or handler is None:
+            self._on_default(signum)
+            return
+        try:
+            handler(signum, None)
+        except BaseException as exc:  # e.g. a handler that raises KeyboardInterrupt or calls sys.exit
+            self._on_handler_exception(exc)

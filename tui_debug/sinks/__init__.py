@@ -1,0 +1,1 @@
+"""Sinks consume the run's stream: the headless printer, the report writer, the terminal UI."""
