@@ -165,8 +165,12 @@ class Monitor:
             where = f"report written to {self.report_path}"
         except Exception as exc:
             where = f"could not write the report to {self.report_path}: {exc}"
-        summary = self.tracker.get_error_summary()
-        counts = ", ".join(f"{n} {k}" for k, n in sorted(summary["severity_counts"].items())) or "no findings"
+        findings = self.tracker.snapshot()
+        by_sev: dict[str, int] = {}
+        for info in findings:
+            by_sev[info.severity.value] = by_sev.get(info.severity.value, 0) + 1
+        counts = (f"{len(findings)} finding{'s' if len(findings) != 1 else ''} ("
+                  + ", ".join(f"{n} {k}" for k, n in sorted(by_sev.items())) + ")") if findings else "no findings"
         self.printer.line(f"{self.session.status} after {self.session.steps} steps "
                           f"(exit {self.session.exit_code}); {counts}; {where}")
         self.tracker.stop()

@@ -71,16 +71,6 @@ class NonFiniteDetector:
         sent = obs.sentinels
         if all(math.isfinite(v) for v in sent):
             return None
-        for module, idx in obs.root_inputs:
-            if not math.isfinite(sent[idx]):
-                label = obs.module_label(module)
-                return FindingEvent(
-                    severity="error", category="input_validation", step=obs.step,
-                    key=f"nonfinite-input|{label}",
-                    message=f"the input to {label} contains {_kind(sent[idx])} values",
-                    context={"module": label},
-                    recommendation="Check the data pipeline: NaN/Inf in the dataset or produced by a "
-                                   "transform (normalisation by a zero std, log of zero).")
         for call in obs.calls:
             out = sent[call.out_idx]
             if math.isfinite(out):
@@ -96,4 +86,14 @@ class NonFiniteDetector:
                 recommendation=f"Inspect {label}: its weights may have blown up (lower the learning rate, "
                                "clip gradients) or its forward divides, exponentiates or takes a log "
                                "without a guard.")
+        for module, idx in obs.root_inputs:
+            if not math.isfinite(sent[idx]):
+                label = obs.module_label(module)
+                return FindingEvent(
+                    severity="error", category="input_validation", step=obs.step,
+                    key=f"nonfinite-input|{label}",
+                    message=f"the input to {label} contains {_kind(sent[idx])} values",
+                    context={"module": label},
+                    recommendation="Check the data pipeline: NaN/Inf in the dataset or produced by a "
+                                   "transform (normalisation by a zero std, log of zero).")
         return None

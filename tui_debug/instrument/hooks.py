@@ -119,6 +119,7 @@ class Instrumentation:
         from torch.optim import optimizer as optim_module
 
         self._Tensor = torch.Tensor
+        self._Loss = torch.nn.modules.loss._Loss
         self._is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
         try:
             from torch._dynamo.eval_frame import OptimizedModule  # noqa: F401
@@ -223,8 +224,8 @@ class Instrumentation:
                 idx = self._sent_ids.get(id(x))
                 if idx is None:
                     idx = self._sentinel(x)
-                if is_root and idx >= 0:
-                    self._root_inputs.append((module, idx))
+                    if is_root and idx >= 0:  # data entering a model (not another module's output)
+                        self._root_inputs.append((module, idx))
         return None
 
     def _sentinel(self, t: Any) -> int:
@@ -302,6 +303,8 @@ class Instrumentation:
             del self._roots[rid]
         self._roots[id(module)] = (name, weakref.ref(module))
         self._rebuild_index()
+        if isinstance(module, self._Loss):
+            return  # loss functions are named, not listed as models
         params = list(module.parameters())
         devices = sorted({str(p.device) for p in params})
         self._pending.append(ModelEvent(
