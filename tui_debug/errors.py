@@ -111,9 +111,9 @@ class ErrorInfo:
         }
 
     def one_line(self) -> str:
-        step = f"step {self.step}" if self.step is not None else "before the first step"
+        step = f"at step {self.step}" if self.step is not None else "before the first step"
         repeat = f" (x{self.count}, steps {self.first_step}-{self.last_step})" if self.count > 1 else ""
-        return f"{self.severity.value.upper()} {self.category.value} at {step}: {self.message}{repeat}"
+        return f"{self.severity.value.upper()} {self.category.value} {step}: {self.message}{repeat}"
 
 
 def _jsonable(value: Any) -> Any:

@@ -57,6 +57,7 @@ class Monitor:
         self.tracker.subscribe(self.printer.on_finding)
         self.forwarder = SignalForwarder(self._schedule, self._on_default_signal, self._on_handler_exception)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[list[Any]] | None = None
         self._terminate: int | None = None
         self._sigints = 0
         self._finished = False
@@ -105,6 +106,7 @@ class Monitor:
     # -- running ----------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop, q: asyncio.Queue[list[Any]]) -> None:
         self._loop = loop
+        self._queue = q
         self.bus.attach(loop, q)
         self.forwarder.install()
         self.capture.start()
@@ -141,6 +143,7 @@ class Monitor:
                     self.printer.line(self.session.progress_line())
             if self.session.ended is not None or self._terminate is not None:
                 break
+        await asyncio.sleep(0)  # let batches already handed to the loop reach the queue
         return self.finish()
 
     def dump_report(self) -> str:
@@ -154,10 +157,14 @@ class Monitor:
         self._finished = True
         self.watcher.uninstall()
         self.forwarder.uninstall()
+        backlog = self.bus.detach()  # from now on emits wait in the backlog
         if self._terminate is not None:
             self.session.mark_interrupted(self._terminate)
-            self.instr.flush()
-        for batch in self.bus.detach() + self.bus.drain_backlog():
+            self.instr.flush()  # steps the (idle or busy) training thread has not handed over yet
+        q = self._queue
+        while q is not None and not q.empty():
+            self.session.handle(q.get_nowait())
+        for batch in backlog + self.bus.drain_backlog():
             self.session.handle(batch)
         self.capture.stop()
         try:

@@ -8,6 +8,7 @@ exit status CPython would give, and the traceback is printed through ``sys.excep
 
 from __future__ import annotations
 
+import builtins
 import ctypes
 import dataclasses
 import importlib.machinery
@@ -148,7 +149,7 @@ class ScriptRunner:
     def start(self) -> None:
         t = self.target
         main = types.ModuleType("__main__")
-        main.__dict__["__builtins__"] = __builtins__
+        main.__dict__["__builtins__"] = builtins  # the module, as in a real __main__
         if t.kind == "script":
             main.__file__ = t.path
             main.__loader__ = importlib.machinery.SourceFileLoader("__main__", t.path or "")

@@ -28,7 +28,7 @@ class StepObservation:
     losses: list[tuple[str, float]]
     grad_names: list[str]
     grad_norms: list[float]
-    sentinels: list[float]
+    sentinels: list[float | None]  # None: modified in place after it was measured (unknown)
     calls: list[ActivationCall]
     module_label: Callable[[Any], str]
     root_inputs: list[tuple[Any, int]]
@@ -69,16 +69,17 @@ class NonFiniteDetector:
 
     def _activation(self, obs: StepObservation) -> FindingEvent | None:
         sent = obs.sentinels
-        if all(math.isfinite(v) for v in sent):
+        if all(v is None or math.isfinite(v) for v in sent):
             return None
         for call in obs.calls:
             out = sent[call.out_idx]
-            if math.isfinite(out):
+            if out is None or math.isfinite(out):
                 continue
-            if call.in_idx >= 0 and not math.isfinite(sent[call.in_idx]):
+            inp = sent[call.in_idx] if call.in_idx >= 0 else None
+            if inp is not None and not math.isfinite(inp):
                 continue  # passed on, not produced here
             label = obs.module_label(call.module)
-            where = "from a finite input" if call.in_idx >= 0 else "(its input was not a measured tensor)"
+            where = "from a finite input" if inp is not None else "(its input was not measured)"
             return FindingEvent(
                 severity="error", category="model_error", step=obs.step, key=f"nonfinite-activation|{label}",
                 message=f"{label} produced a non-finite output ({_kind(out)}) {where}",
@@ -87,7 +88,7 @@ class NonFiniteDetector:
                                "clip gradients) or its forward divides, exponentiates or takes a log "
                                "without a guard.")
         for module, idx in obs.root_inputs:
-            if not math.isfinite(sent[idx]):
+            if sent[idx] is not None and not math.isfinite(sent[idx]):
                 label = obs.module_label(module)
                 return FindingEvent(
                     severity="error", category="input_validation", step=obs.step,

@@ -30,6 +30,8 @@ from ..events import FindingEvent, LossSiteEvent, ModelEvent, OptimizerEvent, St
 from . import naming
 
 FLUSH_INTERVAL_S = 0.05
+SENTINEL_CHUNK = 8
+_INF = float("inf")
 
 
 @dataclasses.dataclass
@@ -41,6 +43,7 @@ class _OptState:
     generation: int = -1
     present: list[int] = dataclasses.field(default_factory=list)
     groups: list[list[int]] = dataclasses.field(default_factory=list)
+    dtypes: list[Any] = dataclasses.field(default_factory=list)
     names: list[str] = dataclasses.field(default_factory=list)
     count: int = 0
 
@@ -57,6 +60,7 @@ class _Read:
     calls: list[ActivationCall]
     root_inputs: list[tuple[Any, int]]
     n_sent: int
+    stale: set[int]
     grad_names: list[str] | None
     n_grads: int
     host: Any = None
@@ -78,7 +82,16 @@ class Instrumentation:
         self.detector = NonFiniteDetector()
         # forward state
         self._stack: list[Any] = []
-        self._sent: list[Any] = []  # sentinel tensors of this step
+        self._sent: list[Any] = []  # reduced sentinels (0-d float32 tensors) of this step
+        self._acts: list[Any] = []  # activations waiting for the next chunked reduction
+        self._n_sent = 0
+        self._ver: list[int] = []  # version counter of each sentinel's tensor when it was queued
+        self._refs: list[Any] = []  # weak references to those tensors
+        self._weakref = weakref.ref
+        self._stale: set[int] = set()
+        self._max_sent = config.max_sentinels_per_step
+        self._track_acts = config.enable_activation_tracking
+        self._get_ident = threading.get_ident
         self._sent_ids: dict[int, int] = {}  # id(tensor) -> index in _sent
         self._calls: list[ActivationCall] = []
         self._root_inputs: list[tuple[Any, int]] = []
@@ -92,6 +105,7 @@ class Instrumentation:
         self._generation = 0
         # losses
         self._loss_sites: dict[tuple[Any, int], int] = {}
+        self._library_codes: dict[Any, bool] = {}
         self._loss_site_names: list[str] = []
         self._losses: list[tuple[int, Any]] = []
         self._scaled: dict[int, Any] = {}
@@ -209,7 +223,7 @@ class Instrumentation:
 
     # -- forward hooks ------------------------------------------------------------------------
     def _pre_hook(self, module: Any, args: tuple[Any, ...]) -> None:
-        if threading.get_ident() != self._tid or self._is_compiling() or self.broken:
+        if self._get_ident() != self._tid or self.broken or self._is_compiling():
             return None
         if isinstance(module, self._OptimizedModule):
             return None
@@ -218,27 +232,61 @@ class Instrumentation:
         if is_root and id(module) not in self._known_modules:
             self._guarded(self._register_root, module)
         stack.append(module)
-        if args and self.config.enable_activation_tracking and self._is_grad_enabled():
+        if args and self._track_acts and self._is_grad_enabled():
             x = args[0]
-            if isinstance(x, self._Tensor) and x.is_floating_point():
-                idx = self._sent_ids.get(id(x))
-                if idx is None:
-                    idx = self._sentinel(x)
-                    if is_root and idx >= 0:  # data entering a model (not another module's output)
-                        self._root_inputs.append((module, idx))
+            if isinstance(x, self._Tensor) and x.is_floating_point() and self._measured(x) < 0:
+                idx = self._sentinel(x)
+                if is_root and idx >= 0:  # data entering a model (not another module's output)
+                    self._root_inputs.append((module, idx))
         return None
 
-    def _sentinel(self, t: Any) -> int:
-        if len(self._sent) >= self.config.max_sentinels_per_step:
-            self._sent_overflow += 1
+    def _measured(self, t: Any) -> int:
+        """The sentinel index already holding ``t``'s current value, else -1.
+
+        Checked by weak reference (a freed tensor's id is soon reused) and version counter (an
+        in-place change makes the earlier measurement stale).
+        """
+        idx = self._sent_ids.get(id(t))
+        if idx is None or self._refs[idx]() is not t or t._version != self._ver[idx]:
             return -1
-        idx = len(self._sent)
-        self._sent.append(t.detach().sum(dtype=self._float32))
-        self._sent_ids[id(t)] = idx
         return idx
 
+    def _sentinel(self, t: Any) -> int:
+        """Queue ``t`` for a finiteness check; returns its sentinel index (-1 when not measured).
+
+        Tensors are reduced in chunks with one ``_foreach_norm(ord=inf)`` (the max |x|: NaN/Inf
+        propagate and, unlike a sum, it cannot overflow), so at most ``SENTINEL_CHUNK`` activations
+        are kept alive longer than autograd would.
+        """
+        n = self._n_sent
+        if n >= self._max_sent or t.numel() == 0:
+            self._sent_overflow += 1
+            return -1
+        self._n_sent = n + 1
+        acts = self._acts
+        acts.append(t.detach())  # shares t's version counter
+        self._ver.append(t._version)
+        self._refs.append(self._weakref(t))
+        self._sent_ids[id(t)] = n
+        if len(acts) >= SENTINEL_CHUNK:
+            self._reduce_acts()
+        return n
+
+    def _reduce_acts(self) -> None:
+        acts = self._acts
+        if acts:
+            # A tensor modified in place after it was queued (ReLU(inplace=True), x.log_()) no longer
+            # shows the value the module produced: its sentinel is unknown, not evidence.
+            first = len(self._sent)
+            ver = self._ver
+            for i, t in enumerate(acts):
+                if t._version != ver[first + i]:
+                    self._stale.add(first + i)
+            self._sent.extend(self.torch._foreach_norm(acts, _INF))  # type: ignore[union-attr]
+            self._acts = []
+
     def _post_hook(self, module: Any, args: tuple[Any, ...], output: Any) -> None:
-        if threading.get_ident() != self._tid or self._is_compiling() or self.broken:
+        if self._get_ident() != self._tid or self.broken or self._is_compiling():
             return None
         if isinstance(module, self._OptimizedModule):
             return None
@@ -251,8 +299,8 @@ class Instrumentation:
             stack.pop()
         elif module in stack:
             del stack[len(stack) - 1 - stack[::-1].index(module):]
-        if output is None or not self.config.enable_activation_tracking or not self._is_grad_enabled():
-            return None
+        if output is None or not self._track_acts or not self._is_grad_enabled() or isinstance(module, self._Loss):
+            return None  # a loss module's output is the loss, checked at backward
         out = output
         if not isinstance(out, self._Tensor):
             out = _first_tensor(out, self._Tensor)
@@ -264,9 +312,11 @@ class Instrumentation:
         if args:
             x = args[0]
             if isinstance(x, self._Tensor):
-                in_idx = self._sent_ids.get(id(x), -1)
-        out_idx = self._sent_ids.get(id(out))
-        if out_idx is None:
+                idx = self._sent_ids.get(id(x))
+                if idx is not None and self._refs[idx]() is x:
+                    in_idx = idx  # (possibly stale if this module changed it in place: see _reduce_acts)
+        out_idx = self._measured(out)
+        if out_idx < 0:  # new, or modified in place by this module: measure what it produced
             out_idx = self._sentinel(out)
             if out_idx < 0:
                 return None
@@ -341,11 +391,16 @@ class Instrumentation:
         if unscaled is not None:
             loss = unscaled
         frame = sys._getframe(2)
-        frame = naming.user_frame(frame)
-        if frame is None:
-            key: tuple[Any, int] = (None, 0)
-        else:
-            key = (frame.f_code, frame.f_lasti)
+        lib = self._library_codes
+        while frame is not None:
+            code = frame.f_code
+            is_lib = lib.get(code)
+            if is_lib is None:
+                is_lib = lib[code] = naming.is_library_frame(code)
+            if not is_lib:
+                break
+            frame = frame.f_back
+        key: tuple[Any, int] = (None, 0) if frame is None else (frame.f_code, frame.f_lasti)
         site = self._loss_sites.get(key)
         if site is None:
             site = self._guarded(self._new_loss_site, key, frame)
@@ -354,7 +409,9 @@ class Instrumentation:
         value = loss.detach()
         if value.dtype != self._float32:
             value = value.float()
-        self._losses.append((site, value.reshape(())))
+        if value.dim():
+            value = value.reshape(())
+        self._losses.append((site, value))
         if len(self._losses) > 4096:  # backward without any step: keep the latest only
             del self._losses[:2048]
 
@@ -429,6 +486,7 @@ class Instrumentation:
                 groups.setdefault((g.device, g.dtype), []).append(i)
             st.present = present
             st.groups = list(groups.values())
+            st.dtypes = [dtype for _, dtype in groups]
             names = []
             for idxs in st.groups:
                 for i in idxs:
@@ -447,8 +505,10 @@ class Instrumentation:
         now = time.perf_counter()
         duration = 0.0 if self._last_step_time is None else now - self._last_step_time
         self._last_step_time = now
-        flat: list[Any] = [v for _, v in self._losses]
-        loss_sites = [s for s, _ in self._losses]
+        losses = self._losses
+        flat: list[Any] = [v for _, v in losses]
+        loss_sites = [s for s, _ in losses]
+        self._reduce_acts()
         n_sent = len(self._sent)
         flat.extend(self._sent)
         calls = self._calls
@@ -456,26 +516,25 @@ class Instrumentation:
         grad_names: list[str] | None = None
         n_grads = 0
         if self.config.enable_gradient_tracking:
-            grad_groups = self._grad_layout(st)
-            for grads in grad_groups:
-                if self._foreach_dtype:
-                    try:
-                        norms = torch._foreach_norm(grads, 2, dtype=self._float32)
-                    except TypeError:
-                        self._foreach_dtype = False
-                        norms = [n.float() for n in torch._foreach_norm(grads, 2)]
-                else:
-                    norms = [n.float() for n in torch._foreach_norm(grads, 2)]
+            for grads, dtype in zip(self._grad_layout(st), st.dtypes):
+                # float32 needs no dtype argument (the fast path); half types accumulate in float32
+                norms = torch._foreach_norm(grads, 2) if dtype is self._float32 else \
+                    torch._foreach_norm(grads, 2, dtype=self._float32)
                 flat.extend(norms)
                 n_grads += len(norms)
             grad_names = st.names
         self._losses = []
+        stale = self._stale
         self._sent = []
+        self._n_sent = 0
+        self._ver = []
+        self._refs = []
+        self._stale = set()
         self._sent_ids = {}
         self._calls = []
         self._root_inputs = []
         read = _Read(step=self.step, time=now, duration=duration, optimizer=st.index, loss_sites=loss_sites,
-                     calls=calls, root_inputs=root_inputs, n_sent=n_sent, grad_names=grad_names, n_grads=n_grads)
+                     calls=calls, root_inputs=root_inputs, n_sent=n_sent, stale=stale, grad_names=grad_names, n_grads=n_grads)
         if not flat:
             self._process(read, [])
         else:
@@ -517,7 +576,8 @@ class Instrumentation:
                 step=read.step,
                 losses=[(self._loss_site_names[s], v) for s, v in losses],
                 grad_names=read.grad_names or [], grad_norms=grad_norms or [],
-                sentinels=values[nl:nl + read.n_sent], calls=read.calls, module_label=self.module_label,
+                sentinels=[None if i in read.stale else v
+                           for i, v in enumerate(values[nl:nl + read.n_sent])], calls=read.calls, module_label=self.module_label,
                 root_inputs=read.root_inputs,
             )
             findings = self.detector.check(obs)

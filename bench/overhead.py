@@ -1,0 +1,69 @@
+"""Per-step overhead of tui_debug (and of torch.autograd.detect_anomaly) on three workloads.
+
+Runs each workload plain and under the monitor, interleaved, ROUNDS times, and prints the median
+of the per-round ratios of the step time the workload measured itself (steady state).
+
+    python bench/overhead.py [--rounds 5] [--memory]
+
+--memory also runs 1,000,000 toy steps under the monitor and compares peak RSS after 10,000 steps
+with peak RSS at the end (target: within 32 MB).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKLOADS = os.path.join(HERE, "workloads.py")
+TARGETS = {"cnn": 1.03, "transformer": 1.03, "toy": 1.15}
+
+
+def run(mode, workload, extra=()):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if mode == "monitor":
+        out = tempfile.mkdtemp(prefix="tui_debug_bench_")
+        cmd = [sys.executable, "-m", "tui_debug", "--headless", "--out", out, WORKLOADS, workload, *extra]
+    else:
+        cmd = [sys.executable, WORKLOADS, workload, *extra]
+        if mode == "anomaly":
+            cmd.append("--anomaly")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH "):
+            return json.loads(line[6:])
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--workloads", default="cnn,transformer,toy")
+    p.add_argument("--no-anomaly", action="store_true")
+    p.add_argument("--memory", action="store_true")
+    args = p.parse_args()
+    print(f"{'workload':<12} {'plain step':>11} {'tui_debug':>10} {'target':>7} {'detect_anomaly':>15}")
+    for w in args.workloads.split(","):
+        ratios, anomaly, plain = [], [], []
+        for _ in range(args.rounds):
+            a = run("plain", w)
+            b = run("monitor", w)
+            plain.append(a["step_s"])
+            ratios.append(b["step_s"] / a["step_s"])
+            if not args.no_anomaly:
+                anomaly.append(run("anomaly", w)["step_s"] / a["step_s"])
+        an = f"{statistics.median(anomaly):.2f}x" if anomaly else "-"
+        print(f"{w:<12} {statistics.median(plain) * 1e3:>9.3f}ms {statistics.median(ratios):>9.3f}x "
+              f"{TARGETS[w]:>6.2f}x {an:>15}   (ratios: {', '.join(f'{r:.3f}' for r in ratios)})", flush=True)
+    if args.memory:
+        r = run("monitor", "toy", ["--steps", "1000000", "--warmup", "0", "--rss-at", "10000"])
+        growth = (r["rss_peak"] - r["rss_early"]) / 2**20
+        print(f"memory: peak RSS after 10,000 toy steps {r['rss_early'] / 2**20:.1f} MiB, after 1,000,000 "
+              f"{r['rss_peak'] / 2**20:.1f} MiB: growth {growth:.1f} MiB (target <= 32 MB)")
+
+
+if __name__ == "__main__":
+    main()

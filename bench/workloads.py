@@ -1,0 +1,87 @@
+"""Training workloads that time their own steps (steady state, after warm-up) and print JSON.
+
+    python bench/workloads.py cnn|transformer|toy [--steps N] [--warmup N] [--anomaly] [--rss-at N]
+"""
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+
+def cnn():
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Dropout(0.2), nn.Linear(64 * 8 * 8, 10))
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), nn.CrossEntropyLoss(), x, y
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab=1000, d=128, layers=2):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, idx):
+        return self.head(self.encoder(self.emb(idx)))
+
+
+def transformer():
+    model = TinyLM()
+    x = torch.randint(0, 1000, (8, 64))
+    y = torch.randint(0, 1000, (8, 64))
+    loss_fn = nn.CrossEntropyLoss()
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4), (lambda out, t: loss_fn(out.reshape(-1, 1000), t.reshape(-1))), x, y
+
+
+def toy():
+    model = nn.Linear(4, 1)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    return model, torch.optim.SGD(model.parameters(), lr=0.01), nn.MSELoss(), x, y
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("workload", choices=["cnn", "transformer", "toy"])
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--anomaly", action="store_true")
+    p.add_argument("--rss-at", type=int, default=0)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model, opt, loss_fn, x, y = {"cnn": cnn, "transformer": transformer, "toy": toy}[args.workload]()
+    steps = args.steps or {"cnn": 60, "transformer": 60, "toy": 20000}[args.workload]
+    warmup = args.warmup if args.warmup is not None else {"cnn": 10, "transformer": 10, "toy": 2000}[args.workload]
+    ctx = torch.autograd.detect_anomaly(check_nan=True) if args.anomaly else None
+    if ctx is not None:
+        ctx.__enter__()
+    rss_early = None
+    t0 = None
+    for i in range(warmup + steps):
+        if i == warmup:
+            t0 = time.perf_counter()
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        if args.rss_at and i + 1 == args.rss_at:
+            rss_early = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    elapsed = time.perf_counter() - t0
+    if ctx is not None:
+        ctx.__exit__(None, None, None)
+    out = {"workload": args.workload, "steps": steps, "step_s": elapsed / steps,
+           "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_early": rss_early}
+    sys.stdout.write("BENCH " + json.dumps(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Classifying what the script raised: out of memory (CPU, CUDA) and DataLoader worker errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from tui_debug.classify import classify_exception, human_bytes
+
+from helpers import SCRIPTS, describe, findings, load_report, run_td
+
+
+def test_cpu_out_of_memory_end_to_end(tmp_path: Path) -> None:
+    proc = run_td("--out", tmp_path / "run", SCRIPTS / "cpu_oom.py", cwd=tmp_path)
+    assert proc.returncode == 1, describe(proc)
+    assert "DefaultCPUAllocator" in proc.stderr, "the script's own traceback is printed"
+    report = load_report(tmp_path / "run")
+    assert report["run"]["status"] == "crashed"
+    memory = findings(report, "memory_error")
+    assert len(memory) == 1, report["errors"]
+    message = memory[0]["message"]
+    assert re.search(r"\d+(\.\d+)? (TiB|GiB)", message), message
+    assert "36.38 TiB" in message, message  # 4e13 bytes
+    assert memory[0]["context"]["requested_bytes"] == 4 * 10**13
+    assert memory[0]["recommendation"]
+    assert not findings(report, "training_error")
+
+
+def test_dataloader_worker_error_end_to_end(tmp_path: Path) -> None:
+    proc = run_td("--out", tmp_path / "run", SCRIPTS / "worker_error.py", cwd=tmp_path)
+    assert proc.returncode == 1, describe(proc)
+    report = load_report(tmp_path / "run")
+    assert report["run"]["status"] == "crashed"
+    data = findings(report, "data_error")
+    assert len(data) == 1, report["errors"]
+    finding = data[0]
+    assert "bad sample 7" in finding["message"] or "bad sample 7" in finding["context"].get("original_traceback", "")
+    assert finding["context"]["original_exception"] == "ValueError"
+    assert "worker_error.py" in finding["context"]["original_traceback"]
+    assert not findings(report, "training_error")
+
+
+def _cuda_oom(message: str) -> BaseException:
+    # torch.OutOfMemoryError is a RuntimeError subclass with this name; no GPU needed to build one.
+    OutOfMemoryError = type("OutOfMemoryError", (RuntimeError,), {})
+    return OutOfMemoryError(message)
+
+
+CUDA_MESSAGE = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB "
+                "of which 1.06 GiB is free. Of the allocated memory 75.00 GiB is allocated by PyTorch, and "
+                "1.20 GiB is reserved by PyTorch but unallocated.")
+
+
+def test_cuda_out_of_memory_message() -> None:
+    c = classify_exception(_cuda_oom(CUDA_MESSAGE))
+    assert c.category == "memory_error"
+    assert c.severity == "error"
+    assert "2.00 GiB" in c.message
+    assert c.context["requested"] == "2.00 GiB"
+    assert c.recommendation
+
+
+def test_cuda_out_of_memory_names_the_module() -> None:
+    c = classify_exception(_cuda_oom(CUDA_MESSAGE), ["model.3 (Linear)", "model (Sequential)"])
+    assert c.category == "memory_error"
+    assert "model.3 (Linear)" in c.message
+    assert c.context["module"] == "model.3 (Linear)"
+
+
+def test_cuda_oom_text_in_a_plain_runtime_error() -> None:
+    c = classify_exception(RuntimeError(CUDA_MESSAGE))
+    assert c.category == "memory_error"
+    assert "2.00 GiB" in c.message
+
+
+def test_cpu_oom_message_unit() -> None:
+    exc = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                       "memory: you tried to allocate 3221225472 bytes. Error code 12 (Cannot allocate memory)")
+    c = classify_exception(exc)
+    assert c.category == "memory_error"
+    assert "3.00 GiB" in c.message
+    assert c.context["requested_bytes"] == 3 * 2**30
+
+
+def test_plain_exception_is_a_training_error() -> None:
+    c = classify_exception(ValueError("shapes (3,4) and (5,6) not aligned"), ["model.1 (Bad)"])
+    assert c.category == "training_error"
+    assert c.context["module"] == "model.1 (Bad)"
+    assert "model.1 (Bad)" in c.message and "not aligned" in c.message
+
+
+def test_human_bytes() -> None:
+    assert human_bytes(512) == "512 B"
+    assert human_bytes(2 * 2**30) == "2.00 GiB"
+    assert human_bytes(4 * 10**13) == "36.38 TiB"

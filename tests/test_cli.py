@@ -1,0 +1,370 @@
+"""End to end: ``python -m tui_debug [OPTIONS] SCRIPT ARGS`` behaves like ``python SCRIPT ARGS``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from helpers import (PACKAGE_DIR, RUN_TIMEOUT, SCRIPTS, describe, load_report, nonempty_lines, run_td,
+                     script_stderr, td_cmd, td_env)
+
+
+def write(path: Path, source: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(source), encoding="utf-8")
+    return path
+
+
+def assert_one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    """Bad input: exit 2, exactly one line on stderr, ``tui_debug: error: ...``, no traceback."""
+    assert proc.returncode == 2, describe(proc)
+    lines = nonempty_lines(proc.stderr)
+    assert len(lines) == 1, describe(proc)
+    assert lines[0].startswith("tui_debug: error:"), describe(proc)
+    assert "Traceback" not in proc.stderr, describe(proc)
+    return lines[0]
+
+
+# -- exit status ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("source, code, status", [
+    ("print('done')\n", 0, "finished"),
+    ("import sys\nsys.exit()\n", 0, "finished"),
+    ("import sys\nsys.exit(0)\n", 0, "finished"),
+    ("import sys\nsys.exit(3)\n", 3, "exited"),
+])
+def test_exit_status_is_the_scripts(tmp_path: Path, source: str, code: int, status: str) -> None:
+    script = write(tmp_path / "script.py", source)
+    proc = run_td("--out", tmp_path / "run", script, cwd=tmp_path)
+    assert proc.returncode == code, describe(proc)
+    report = load_report(tmp_path / "run")
+    assert report["run"]["exit_code"] == code
+    assert report["run"]["status"] == status
+
+
+def test_sys_exit_with_a_message_exits_1_and_prints_it(tmp_path: Path) -> None:
+    script = write(tmp_path / "script.py", "import sys\nsys.exit('bye')\n")
+    proc = run_td("--out", tmp_path / "run", script, cwd=tmp_path)
+    assert proc.returncode == 1, describe(proc)
+    assert "bye" in script_stderr(proc.stderr), describe(proc)
+    assert proc.stdout == ""
+    assert load_report(tmp_path / "run")["run"]["exit_code"] == 1
+
+
+def _traceback_block(stderr: str) -> list[str]:
+    lines = script_stderr(stderr)
+    assert lines, stderr
+    assert lines[0] == "Traceback (most recent call last):", stderr
+    return lines
+
+
+def test_uncaught_exception_prints_pythons_traceback_without_our_frames(tmp_path: Path) -> None:
+    script = write(tmp_path / "script.py", """\
+        def inner():
+            raise ValueError("boom")
+
+
+        def outer():
+            inner()
+
+
+        outer()
+    """)
+    proc = run_td("--out", tmp_path / "run", script, cwd=tmp_path)
+    assert proc.returncode == 1, describe(proc)
+    lines = _traceback_block(proc.stderr)
+    assert lines[-1] == "ValueError: boom", describe(proc)
+    assert f'File "{script}", line 9, in <module>' in proc.stderr
+    assert f'File "{script}", line 2, in inner' in proc.stderr
+    assert str(PACKAGE_DIR) not in "\n".join(lines), describe(proc)
+    report = load_report(tmp_path / "run")
+    assert report["run"]["status"] == "crashed"
+    assert report["run"]["exit_code"] == 1
+    tracebacks = [e["traceback"] for e in report["errors"] if e["traceback"]]
+    assert tracebacks, report["errors"]
+    assert all(str(PACKAGE_DIR) not in tb for tb in tracebacks), tracebacks
+
+
+def test_traceback_through_backward_has_no_frame_of_ours(tmp_path: Path) -> None:
+    """loss.backward() goes through the instrumentation's patch; the traceback must not show it."""
+    script = SCRIPTS / "backward_error.py"
+    proc = run_td("--out", tmp_path / "run", script, cwd=tmp_path)
+    assert proc.returncode == 1, describe(proc)
+    lines = _traceback_block(proc.stderr)
+    assert lines[-1].startswith("RuntimeError: Trying to backward through the graph a second time"), describe(proc)
+    assert f'File "{script}", line 10, in train_step' in proc.stderr
+    assert str(PACKAGE_DIR) not in "\n".join(lines), describe(proc)
+    report = load_report(tmp_path / "run")
+    assert report["run"]["status"] == "crashed"
+    assert all(str(PACKAGE_DIR) not in (e["traceback"] or "") for e in report["errors"])
+
+
+# -- bad input ----------------------------------------------------------------------------------------
+
+def test_missing_script_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    proc = run_td("--out", tmp_path / "run", "no_such_script.py", cwd=tmp_path)
+    line = assert_one_error_line(proc)
+    assert "no_such_script.py" in line
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("options", [
+    ["--recover", "bogus"],
+    ["--debug-level", "loud"],
+    ["--no-such-option"],
+])
+def test_bad_option_is_one_line_and_exit_2(tmp_path: Path, options: list[str]) -> None:
+    script = write(tmp_path / "script.py", "print('the script ran')\n")
+    proc = run_td("--out", tmp_path / "run", *options, script, cwd=tmp_path)
+    assert_one_error_line(proc)
+    assert proc.stdout == "", "the script must not run when the command line is bad"
+
+
+@pytest.mark.parametrize("argv", [[], ["--headless"], ["--out"], ["-m"]], ids=["nothing", "no-script", "no-value", "no-module"])
+def test_missing_script_or_value_is_one_line_and_exit_2(tmp_path: Path, argv: list[str]) -> None:
+    proc = run_td(*argv, cwd=tmp_path)
+    assert_one_error_line(proc)
+    assert proc.stdout == ""
+
+
+def test_missing_module_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    proc = run_td("--out", tmp_path / "run", "-m", "no_such_module_xyz", cwd=tmp_path)
+    line = assert_one_error_line(proc)
+    assert "no_such_module_xyz" in line
+
+
+def test_syntax_error_in_script_exits_1(tmp_path: Path) -> None:
+    script = write(tmp_path / "broken.py", "print('fine')\ndef f(:\n    pass\n")
+    proc = run_td("--out", tmp_path / "run", script, cwd=tmp_path)
+    assert proc.returncode == 1, describe(proc)
+    assert "SyntaxError" in proc.stderr, describe(proc)
+    assert "broken.py" in proc.stderr
+    assert "fine" not in proc.stdout
+    assert str(PACKAGE_DIR) not in proc.stderr, describe(proc)
+
+
+# -- what the script sees ---------------------------------------------------------------------------
+
+SEMANTICS = """\
+    import json
+    import os
+    import sys
+
+    import sibling_helper
+
+    print("SEM" + json.dumps({
+        "name": __name__,
+        "file": __file__,
+        "argv": sys.argv,
+        "path0": sys.path[0],
+        "sibling": sibling_helper.VALUE,
+    }), flush=True)
+"""
+
+
+def _semantics(stdout: str) -> dict:
+    lines = [l for l in stdout.splitlines() if l.startswith("SEM")]
+    assert len(lines) == 1, stdout
+    return json.loads(lines[0][3:])
+
+
+def test_script_semantics_match_python(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    write(real / "train.py", SEMANTICS)
+    write(real / "sibling_helper.py", "VALUE = 42\n")
+    (tmp_path / "link").mkdir()
+    os.symlink(real / "train.py", tmp_path / "link" / "train.py")
+    args = ["--out", "x", "--headless", "--recover", "bogus", "-m", "mod", "-v"]
+    proc = run_td("--out", tmp_path / "run", "link/train.py", *args, cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    sem = _semantics(proc.stdout)
+    assert sem["name"] == "__main__"
+    assert os.path.isabs(sem["file"])
+    assert sem["file"] == os.path.join(os.path.realpath(tmp_path), "link", "train.py")
+    assert sem["argv"] == ["link/train.py", *args]
+    assert sem["path0"] == os.path.realpath(real)
+    assert sem["sibling"] == 42
+    assert not (tmp_path / "x").exists(), "the script's --out must not be taken as ours"
+
+
+def test_main_builtins_is_the_builtins_module(tmp_path: Path) -> None:
+    """In ``python script.py``, ``__main__.__builtins__`` is the builtins module, not its dict."""
+    script = write(tmp_path / "script.py", """\
+        import builtins
+        print("builtins is module:", __builtins__ is builtins, flush=True)
+        print(__builtins__.len("abc"), flush=True)
+    """)
+    proc = run_td("--out", tmp_path / "run", script, cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    assert proc.stdout == "builtins is module: True\n3\n", describe(proc)
+
+
+MODULE_SOURCE = """\
+    import json
+    import sys
+
+    print("MOD" + json.dumps({"name": __name__, "spec": __spec__.name, "argv": sys.argv}), flush=True)
+
+    if __name__ == "__main__":
+        sys.exit(int(sys.argv[1]) if sys.argv[1:] and sys.argv[1].isdigit() else 0)
+"""
+
+
+@pytest.mark.parametrize("where", ["cwd", "pythonpath"])
+def test_module_mode_runs_the_module_with_its_args(tmp_path: Path, where: str) -> None:
+    moddir = tmp_path / "mods"
+    mod = write(moddir / "mytrainer.py", MODULE_SOURCE)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    cwd, extra = (moddir, ()) if where == "cwd" else (workdir, (moddir,))
+    proc = run_td("--out", tmp_path / "run", "-m", "mytrainer", "7", "--out", "y", "--headless",
+                  cwd=cwd, extra_path=extra)
+    assert proc.returncode == 7, describe(proc)
+    line = [l for l in proc.stdout.splitlines() if l.startswith("MOD")]
+    assert len(line) == 1, describe(proc)
+    seen = json.loads(line[0][3:])
+    assert seen["name"] == "__main__"
+    assert seen["spec"] == "mytrainer"
+    assert seen["argv"] == [str(mod), "7", "--out", "y", "--headless"]
+    assert load_report(tmp_path / "run")["run"]["exit_code"] == 7
+
+
+def test_pickle_and_spawn_dataloader_over_classes_defined_in_the_script(tmp_path: Path) -> None:
+    proc = run_td("--out", tmp_path / "run", SCRIPTS / "spawn_pickle.py", cwd=tmp_path, timeout=180)
+    assert proc.returncode == 0, describe(proc)
+    assert "pickled __main__.Point x=5" in proc.stdout, describe(proc)
+    assert "total 140" in proc.stdout, describe(proc)
+    assert load_report(tmp_path / "run")["run"]["status"] == "finished"
+
+
+# -- output -------------------------------------------------------------------------------------------
+
+def test_output_passes_through_unchanged_and_is_captured(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    raw = subprocess.run(td_cmd("--out", run_dir, SCRIPTS / "passthrough.py"), cwd=tmp_path, env=td_env(),
+                         capture_output=True, stdin=subprocess.DEVNULL, timeout=RUN_TIMEOUT)
+    # Bytes, decoded without newline translation (a text-mode pipe would turn "\r" into "\n").
+    proc = subprocess.CompletedProcess(raw.args, raw.returncode, raw.stdout.decode("utf-8"),
+                                       raw.stderr.decode("utf-8"))
+    assert proc.returncode == 0, describe(proc)
+    expected_stdout = "".join(f"bulk {i}\n" for i in range(3000)) + (
+        "line one\n"
+        "unicode: h\u00e9llo \u2713 \u65e5\u672c\n"
+        "progress 10%\rprogress 100%\n"
+        "raw fd1 line\n"
+        "no newline at end"
+    )
+    assert proc.stdout == expected_stdout, "stdout must pass through byte for byte"
+    assert script_stderr(proc.stderr) == ["to stderr", "raw fd2 line"], describe(proc)
+    assert "tui_debug:" not in proc.stdout, "the monitor's lines go to stderr only"
+
+    # output.log merges the two streams as their chunks arrive: it must be an interleaving of
+    # exactly the script's stdout and stderr bytes (nothing lost, nothing added, each in order).
+    log = (run_dir / "output.log").read_bytes()
+    assert b"tui_debug:" not in log
+    assert is_interleaving(log, raw.stdout, b"to stderr\nraw fd2 line\n"), log[-400:]
+
+    tail = load_report(run_dir)["output_tail"]
+    assert {"stream": "stdout", "text": "line one"} in tail
+    assert {"stream": "stdout", "text": "unicode: h\u00e9llo \u2713 \u65e5\u672c"} in tail
+    assert {"stream": "stdout", "text": "progress 100%"} in tail
+    assert {"stream": "stdout", "text": "raw fd1 line"} in tail
+    assert {"stream": "stderr", "text": "to stderr"} in tail
+    assert {"stream": "stderr", "text": "raw fd2 line"} in tail
+    assert {"stream": "stdout", "text": "no newline at end"} in tail
+    assert {"stream": "stdout", "text": "bulk 2999"} in tail
+
+
+def is_interleaving(merged: bytes, a: bytes, b: bytes) -> bool:
+    """Whether ``merged`` is ``a`` and ``b`` shuffled together, each keeping its order (``b`` short)."""
+    if len(merged) != len(a) + len(b):
+        return False
+    # reachable[j]: merged[:i + j] can be a[:i] interleaved with b[:j], for the current i.
+    reachable = [True] * (len(b) + 1)
+    for j in range(1, len(b) + 1):
+        reachable[j] = reachable[j - 1] and merged[j - 1] == b[j - 1]
+    for i in range(1, len(a) + 1):
+        reachable[0] = reachable[0] and merged[i - 1] == a[i - 1]
+        for j in range(1, len(b) + 1):
+            k = i + j - 1
+            reachable[j] = (reachable[j] and merged[k] == a[i - 1]) or (reachable[j - 1] and merged[k] == b[j - 1])
+        if not any(reachable):
+            return False
+    return reachable[len(b)]
+
+
+# -- signals ------------------------------------------------------------------------------------------
+
+def test_script_can_install_a_signal_handler(tmp_path: Path) -> None:
+    proc = run_td("--out", tmp_path / "run", SCRIPTS / "signal_usr1.py", cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    assert proc.stdout == (
+        "previous handler is SIG_DFL: True\n"
+        "getsignal returns the handler: True\n"
+        f"handler ran for signal {int(signal.SIGUSR1)}\n"
+        "after handler\n"
+    ), describe(proc)
+
+
+def _start_until_ready(tmp_path: Path, *script_args: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(td_cmd("--out", tmp_path / "run", SCRIPTS / "loop_forever.py", *script_args),
+                            cwd=tmp_path,
+                            env=td_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, encoding="utf-8", errors="replace")
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.strip() == "READY":
+            return proc
+    out, err = proc.communicate(timeout=RUN_TIMEOUT)
+    pytest.fail(f"the script ended before READY (exit {proc.returncode}):\n{out}\n{err}")
+
+
+def _finish(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"the run did not end after the signal:\n{out}\n{err}")
+
+
+def test_sigint_interrupts_the_script_exit_130(tmp_path: Path) -> None:
+    proc = _start_until_ready(tmp_path)
+    proc.send_signal(signal.SIGINT)
+    _, err = _finish(proc)
+    assert proc.returncode == 130, err
+    assert str(PACKAGE_DIR) not in err, "the KeyboardInterrupt traceback must not show tui_debug's frames"
+    report = load_report(tmp_path / "run")
+    assert report["run"]["status"] == "interrupted"
+    assert report["run"]["exit_code"] == 130
+    assert report["summary"]["steps"] >= 3
+
+
+def test_sigterm_writes_the_report_and_dies_by_sigterm(tmp_path: Path) -> None:
+    proc = _start_until_ready(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    _, err = _finish(proc)
+    assert proc.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM), err
+    report = load_report(tmp_path / "run")
+    assert report["run"]["status"] == "interrupted"
+    assert report["run"]["exit_code"] == 128 + signal.SIGTERM
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_report_after_a_signal_has_every_step_done_before_it(tmp_path: Path, sig: int) -> None:
+    """The script does 3 steps, prints READY and idles: the report must count those 3 steps."""
+    proc = _start_until_ready(tmp_path, "--idle")
+    proc.send_signal(sig)
+    _, err = _finish(proc)
+    assert proc.returncode in (130, -sig, 128 + sig), err
+    report = load_report(tmp_path / "run")
+    assert report["run"]["status"] == "interrupted"
+    assert report["summary"]["steps"] == 3, err
+    assert report["losses"]["loss"]["count"] == 3
+    assert report["gradients"]["model.weight"]["count"] == 3

@@ -1,0 +1,317 @@
+"""The instrumentation in-process: loss and model naming, steps, NaN attribution, clean uninstall."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, Iterator
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.modules import module as nn_module
+from torch.optim import optimizer as optim_module
+
+from tui_debug.config import DebugConfig
+from tui_debug.events import FindingEvent, LossSiteEvent, ModelEvent, OptimizerEvent, StepRecord
+from tui_debug.instrument.hooks import Instrumentation
+
+
+@dataclasses.dataclass
+class Recorder:
+    inst: Instrumentation
+    batches: list[list[Any]]
+
+    def events(self, cls: type) -> list[Any]:
+        """Flush, then every emitted event of type ``cls`` in order."""
+        self.inst.finish()
+        return [e for batch in self.batches for e in batch if isinstance(e, cls)]
+
+    def findings(self, step: int | None = None) -> list[FindingEvent]:
+        return [f for f in self.events(FindingEvent) if step is None or f.step == step]
+
+
+def _hook_state() -> dict[str, int]:
+    return {
+        "forward_pre": len(nn_module._global_forward_pre_hooks),
+        "forward": len(nn_module._global_forward_hooks),
+        "forward_always": len(getattr(nn_module, "_global_forward_hooks_always_called", {})),
+        "optimizer_pre": len(optim_module._global_optimizer_pre_hooks),
+        "optimizer_post": len(optim_module._global_optimizer_post_hooks),
+    }
+
+
+@pytest.fixture
+def rec() -> Iterator[Recorder]:
+    batches: list[list[Any]] = []
+    inst = Instrumentation(DebugConfig(), batches.append)
+    inst.install(torch)
+    try:
+        yield Recorder(inst, batches)
+    finally:
+        inst.uninstall()
+
+
+class NaNMaker(nn.Module):
+    """Identity until switched on; then log() of a negative value: NaN produced right here."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(x - 1e3) if self.on else x
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.bad = NaNMaker()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bad(self.fc(x))
+
+
+# -- naming -------------------------------------------------------------------------------------------
+
+def test_gan_losses_and_models_are_named_by_their_variables(rec: Recorder) -> None:
+    torch.manual_seed(0)
+    G = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+    D = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt_g = torch.optim.Adam(G.parameters(), lr=1e-3)
+    opt_d = torch.optim.Adam(D.parameters(), lr=1e-3)
+    for _ in range(3):
+        z = torch.randn(5, 4)
+        real = torch.randn(5, 4)
+        opt_d.zero_grad()
+        d_loss = D(G(z).detach()).mean() - D(real).mean()
+        d_loss.backward()
+        opt_d.step()
+        opt_g.zero_grad()
+        g_loss = -D(G(z)).mean()
+        g_loss.backward()
+        opt_g.step()
+
+    sites = rec.events(LossSiteEvent)
+    assert [s.name for s in sites] == ["d_loss", "g_loss"]
+    assert all(s.source.startswith("test_instrument.py:") for s in sites)
+    assert {m.name for m in rec.events(ModelEvent)} == {"G", "D"}
+    assert len(rec.events(OptimizerEvent)) == 2
+    records = rec.events(StepRecord)
+    assert len(records) == 6
+    by_name = {s.index: s.name for s in sites}
+    assert [[by_name[i] for i, _ in r.losses] for r in records] == [["d_loss"], ["g_loss"]] * 3
+    assert rec.inst.step == 3
+    assert {n.split(".")[0] for r in records for n in r.grad_names} == {"G", "D"}
+
+
+def test_an_expression_loss_gets_a_name(rec: Recorder) -> None:
+    model = nn.Linear(3, 1)
+    x = torch.randn(4, 3)
+    a = model(x).pow(2).mean()
+    b = model(x).abs().mean()
+    (a + b).backward()
+    sites = rec.events(LossSiteEvent)
+    assert len(sites) == 1
+    assert sites[0].name == "a + b"
+
+
+def test_root_model_and_parameter_names(rec: Recorder) -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = nn.CrossEntropyLoss()
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss = loss_fn(model(torch.randn(6, 4)), torch.randint(0, 2, (6,)))
+        loss.backward()
+        optimizer.step()
+    models = rec.events(ModelEvent)
+    assert [m.name for m in models] == ["model"], "the loss function is not a model"
+    assert models[0].cls == "Sequential"
+    assert models[0].parameters == sum(p.numel() for p in model.parameters())
+    records = rec.events(StepRecord)
+    assert len(records) == 2
+    assert records[-1].grad_names == ["model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias"]
+    assert [s.name for s in rec.events(LossSiteEvent)] == ["loss"]
+
+
+# -- steps --------------------------------------------------------------------------------------------
+
+def test_two_optimizers_step_is_the_max_count(rec: Recorder) -> None:
+    encoder = nn.Linear(4, 4)
+    head = nn.Linear(4, 1)
+    opt_a = torch.optim.SGD(encoder.parameters(), lr=0.01)
+    opt_b = torch.optim.SGD(head.parameters(), lr=0.01)
+    x = torch.randn(8, 4)
+    for i in range(5):
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+        loss = head(encoder(x)).pow(2).mean()
+        loss.backward()
+        opt_b.step()
+        if i % 2 == 0:  # the encoder steps on 3 of 5 iterations
+            opt_a.step()
+    records = rec.events(StepRecord)
+    assert rec.inst.step == 5
+    assert max(r.step for r in records) == 5
+    # opt_b stepped first (index 0) and 5 times; opt_a (index 1) 3 times.
+    assert collections.Counter(r.optimizer for r in records) == {0: 5, 1: 3}
+    assert [r.step for r in records if r.optimizer == 0] == [1, 2, 3, 4, 5]
+
+
+def test_eval_forwards_under_no_grad_make_no_steps(rec: Recorder) -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(8, 4)
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            for _ in range(4):
+                model(torch.randn(8, 4))
+        model.train()
+    with torch.no_grad():
+        for _ in range(10):
+            model(x)
+    assert rec.inst.step == 3
+    records = rec.events(StepRecord)
+    assert [r.step for r in records] == [1, 2, 3]
+    assert rec.findings() == []
+
+
+# -- NaN attribution (sentinels) ------------------------------------------------------------------------
+
+def _train(model: nn.Module, steps: int, bad_step: int, poison_input: bool = False) -> None:
+    torch.manual_seed(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(1, steps + 1):
+        x = torch.randn(8, 4)
+        if poison_input and step == bad_step:
+            x[3, 1] = float("nan")
+        for m in model.modules():
+            if isinstance(m, NaNMaker):
+                m.on = not poison_input and step == bad_step
+        optimizer.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+
+
+def test_nan_is_blamed_on_the_module_that_produced_it(rec: Recorder) -> None:
+    model = nn.Sequential(nn.Linear(4, 8), NaNMaker(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    _train(model, steps=2, bad_step=2)
+    assert rec.findings(step=1) == []
+    at_2 = rec.findings(step=2)
+    blamed = [f for f in at_2 if f.category == "model_error"]
+    assert [f.context["module"] for f in blamed] == ["model.1 (NaNMaker)"], at_2
+    assert "model.1 (NaNMaker)" in blamed[0].message
+    assert {f.category for f in at_2} >= {"loss_error", "gradient_error", "model_error"}
+    assert not [f for f in at_2 if f.category == "input_validation"]
+
+
+def test_nan_in_a_nested_module_is_blamed_on_the_innermost(rec: Recorder) -> None:
+    model = nn.Sequential(nn.Linear(4, 8), Block(), nn.Linear(8, 1))
+    _train(model, steps=2, bad_step=2)
+    blamed = [f for f in rec.findings(step=2) if f.category == "model_error"]
+    assert [f.context["module"] for f in blamed] == ["model.1.bad (NaNMaker)"]
+
+
+def test_nan_in_the_input_data_is_an_input_validation_finding(rec: Recorder) -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    _train(model, steps=2, bad_step=2, poison_input=True)
+    assert rec.findings(step=1) == []
+    at_2 = rec.findings(step=2)
+    inputs = [f for f in at_2 if f.category == "input_validation"]
+    assert len(inputs) == 1, at_2
+    assert inputs[0].context["module"] == "model (Sequential)"
+    assert not [f for f in at_2 if f.category == "model_error"], "no module produced the NaN"
+
+
+def test_nan_input_in_a_reused_buffer_with_gradient_accumulation(rec: Recorder) -> None:
+    """Two micro-batches per step copied into one preallocated input tensor (a common pattern):
+    the second micro-batch carries a NaN, which is bad data, not a module's doing."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(4, 8), nn.ReLU()]
+    for _ in range(6):  # deep enough that one forward has more activations than any small batch of them
+        layers += [nn.Linear(8, 8), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x_buf = torch.empty(5, 4)
+    for step in range(1, 3):
+        optimizer.zero_grad()
+        for micro in range(2):
+            x_buf.copy_(torch.randn(5, 4))
+            if step == 2 and micro == 1:
+                x_buf[0, 0] = float("nan")
+            loss = model(x_buf).mean() / 2
+            loss.backward()
+        optimizer.step()
+    at_2 = rec.findings(step=2)
+    assert [f.category for f in at_2 if f.category in ("input_validation", "model_error")] == \
+        ["input_validation"], [(f.category, f.message) for f in at_2]
+
+
+# -- uninstall ----------------------------------------------------------------------------------------
+
+def test_uninstall_removes_every_hook_and_patch() -> None:
+    from torch.amp import grad_scaler
+
+    before = _hook_state()
+    assert before["forward"] == 0 and before["forward_pre"] == 0
+    orig_backward = torch.autograd.backward
+    orig_scale = grad_scaler.GradScaler.scale
+    batches: list[list[Any]] = []
+    inst = Instrumentation(DebugConfig(), batches.append)
+    inst.install(torch)
+    try:
+        during = _hook_state()
+        assert during["forward"] == 1 and during["forward_pre"] == 1
+        assert torch.autograd.backward is not orig_backward
+        assert grad_scaler.GradScaler.scale is not orig_scale
+    finally:
+        inst.uninstall()
+    assert _hook_state() == before
+    assert len(nn_module._global_forward_hooks) == 0
+    assert len(nn_module._global_forward_pre_hooks) == 0
+    assert torch.autograd.backward is orig_backward
+    assert grad_scaler.GradScaler.scale is orig_scale
+    inst.uninstall()  # twice is harmless
+
+    # Nothing is observed any more.
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    inst.finish()
+    assert not [e for b in batches for e in b]
+
+
+class InplaceLog(nn.Module):
+    """Takes the log of its input in place (like ``nn.ReLU(inplace=True)`` does its ReLU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sub_(1e3).log_() if self.on else x
+
+
+def test_nan_produced_in_place_is_blamed_on_that_module(rec: Recorder) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), InplaceLog(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(1, 3):
+        model[1].on = step == 2
+        optimizer.zero_grad()
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+    assert rec.findings(step=1) == []
+    at_2 = rec.findings(step=2)
+    blamed = [f.context.get("module") for f in at_2 if f.category in ("model_error", "input_validation")]
+    assert blamed == ["model.1 (InplaceLog)"], [(f.category, f.message) for f in at_2]

@@ -1,0 +1,121 @@
+"""The JSON report of real runs: a NaN mid-run, a healthy run, a crash inside a module."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import EXAMPLES, SCHEMA_FILE, SCRIPTS, describe, findings, load_report, run_td
+
+
+@pytest.fixture(scope="module")
+def nan_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("nan_midrun")
+    proc = run_td("--out", tmp / "run", EXAMPLES / "nan_midrun.py", "--steps", "40", "--break-at", "20", cwd=tmp)
+    assert proc.returncode == 0, describe(proc)
+    return load_report(tmp / "run")
+
+
+@pytest.fixture(scope="module")
+def crash_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("crash")
+    proc = run_td("--out", tmp / "run", SCRIPTS / "crash_in_forward.py", cwd=tmp)
+    assert proc.returncode == 1, describe(proc)
+    return load_report(tmp / "run")
+
+
+def validate(report: dict[str, Any]) -> None:
+    import jsonschema
+
+    assert SCHEMA_FILE.is_file(), f"the report's JSON Schema {SCHEMA_FILE} does not exist"
+    schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    cls.check_schema(schema)
+    errors = sorted(cls(schema).iter_errors(report), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errors[:20])
+
+
+def test_nan_report_matches_the_schema(nan_run: dict[str, Any]) -> None:
+    validate(nan_run)
+
+
+def test_crash_report_matches_the_schema(crash_run: dict[str, Any]) -> None:
+    validate(crash_run)
+
+
+def test_nan_report_run_section(nan_run: dict[str, Any]) -> None:
+    assert nan_run["schema_version"] == 1
+    assert nan_run["run"]["status"] == "finished"
+    assert nan_run["run"]["exit_code"] == 0
+    assert nan_run["run"]["argv"][1:] == ["--steps", "40", "--break-at", "20"]
+    assert nan_run["summary"]["steps"] == 40
+
+
+def test_nan_report_names_the_module_the_loss_and_the_gradients(nan_run: dict[str, Any]) -> None:
+    models = [e for e in findings(nan_run, "model_error") if "model.2 (LogScale)" in e["message"]]
+    assert models, nan_run["errors"]
+    assert models[0]["first_step"] == 20
+    assert models[0]["context"]["module"] == "model.2 (LogScale)"
+    # Nothing before step 20 is blamed.
+    assert all(e["first_step"] >= 20 for e in nan_run["errors"]), nan_run["errors"]
+
+    losses = [e for e in findings(nan_run, "loss_error") if "'loss'" in e["message"]]
+    assert len(losses) == 1, nan_run["errors"]
+    assert losses[0]["first_step"] == 20
+    assert losses[0]["step"] == 20
+    assert losses[0]["count"] == 21 and losses[0]["last_step"] == 40
+
+    grads = findings(nan_run, "gradient_error")
+    assert grads, nan_run["errors"]
+    assert grads[0]["first_step"] == 20
+    assert "model.0.weight" in grads[0]["context"]["parameters"]
+
+
+def test_nan_report_loss_history_and_gradients(nan_run: dict[str, Any]) -> None:
+    loss = nan_run["losses"]["loss"]
+    assert loss["count"] == 40
+    assert loss["nonfinite"] > 0
+    history = loss["history"]
+    assert isinstance(history, list) and history
+    for point in history:
+        assert isinstance(point, list) and len(point) == 2, point
+        step, value = point
+        assert isinstance(step, int)
+        assert isinstance(value, float) or value in ("nan", "inf", "-inf"), point
+    steps = [s for s, _ in history]
+    assert steps == sorted(steps) and steps[0] == 1 and steps[-1] == 40
+    assert all(math.isfinite(v) for s, v in history if s < 20)
+    assert all(v == "nan" for s, v in history if s >= 20)
+    assert "model.0.weight" in nan_run["gradients"]
+    assert nan_run["gradients"]["model.0.weight"]["count"] == 40
+    assert nan_run["recommendations"], "a run with findings must come with recommendations"
+    assert nan_run["models"] and nan_run["models"][0]["name"] == "model"
+
+
+def test_healthy_run_has_no_findings(tmp_path: Path) -> None:
+    proc = run_td("--out", tmp_path / "run", EXAMPLES / "digits.py", "--epochs", "1", cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    report = load_report(tmp_path / "run")
+    assert report["run"]["status"] == "finished"
+    assert report["run"]["exit_code"] == 0
+    assert report["errors"] == []
+    assert report["summary"]["total_errors"] == 0
+    assert report["summary"]["steps"] > 0
+    assert report["losses"]["loss"]["nonfinite"] == 0
+
+
+def test_crash_in_a_module_forward(crash_run: dict[str, Any]) -> None:
+    assert crash_run["run"]["status"] == "crashed"
+    assert crash_run["run"]["exit_code"] == 1
+    training = findings(crash_run, "training_error")
+    assert len(training) == 1, crash_run["errors"]
+    finding = training[0]
+    assert finding["context"]["module"] == "model.1 (Bad)"
+    assert "Bad.forward failed on call 3" in finding["message"]
+    assert "ValueError" in finding["message"]
+    assert finding["traceback"] and "crash_in_forward.py" in finding["traceback"]
+    assert crash_run["summary"]["steps"] == 2
