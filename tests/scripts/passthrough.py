@@ -3,7 +3,7 @@
 import os
 import sys
 
-for i in range(3000):
+for i in range(150):
     print(f"bulk {i}", flush=True)
 print("line one", flush=True)
 print("unicode: h\u00e9llo \u2713 \u65e5\u672c", flush=True)
