@@ -58,6 +58,7 @@ class DebugConfig:
     enable_file_output: bool = True
     # Monitor knobs (not in the design document).
     recover: str = "safe"
+    snapshot_interval: int = 200
     max_errors: int = 10_000
     output_tail_lines: int = 2_000
     history_points: int = 1_000

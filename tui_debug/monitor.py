@@ -7,6 +7,7 @@ training thread only emits batches and applies queued actions at step boundaries
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import queue
 import signal
@@ -21,6 +22,8 @@ from .errors import ErrorCategory, ErrorSeverity, ErrorTracker
 from .events import EventBus, FindingEvent, ScriptEnded
 from .instrument.hooks import Instrumentation
 from .instrument.importhook import TorchImportWatcher
+from .recovery import actions
+from .recovery.actions import ActionResult, Snapshots
 from .report import build_report, write_report
 from .runner import ScriptRunner, Target
 from .session import Session
@@ -55,10 +58,15 @@ class Monitor:
                                    failing_modules=self.instr.failing_modules, step=lambda: self.instr.step)
         self.printer = HeadlessPrinter(self.capture.write_monitor)
         self.tracker.subscribe(self.printer.on_finding)
+        self.session.action_listeners.append(lambda r: self.printer.on_action(r.message))
+        self.snapshots = Snapshots(keep=1)
+        self.instr.on_step_end = self._on_step_end
+        self._request_ids = itertools.count(1)
         self.forwarder = SignalForwarder(self._schedule, self._on_default_signal, self._on_handler_exception)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[list[Any]] | None = None
         self._terminate: int | None = None
+        self._last_snapshot_step = -1
         self._sigints = 0
         self._finished = False
 
@@ -74,6 +82,51 @@ class Monitor:
 
     def _on_script_end(self, ended: ScriptEnded) -> None:
         self.bus.emit([ended])
+
+    def _on_step_end(self) -> None:
+        """Training thread, after each optimizer step: the periodic last-good snapshot (safe/auto)."""
+        interval = self.config.snapshot_interval
+        instr = self.instr
+        if (self.config.recover != "off" and interval > 0 and instr.step % interval == 0
+                and instr.last_step_finite and instr.step != self._last_snapshot_step):
+            self._last_snapshot_step = instr.step
+            self.snapshots.take(instr)
+
+    # -- actions (any thread; applied in the training thread at the next step boundary) ----------
+    ACTIONS = ("clear_cache", "lower_lr", "raise_lr", "toggle_clipping", "rollback", "checkpoint")
+
+    def request(self, name: str) -> int:
+        """Queue a recovery action; its ActionResult comes back through the event stream."""
+        fns: dict[str, Callable[[Instrumentation], ActionResult]] = {
+            "clear_cache": actions.clear_cache,
+            "lower_lr": lambda i: actions.scale_lr(i, 0.5),
+            "raise_lr": lambda i: actions.scale_lr(i, 2.0),
+            "toggle_clipping": actions.toggle_clipping,
+            "rollback": lambda i: actions.rollback(i, self.snapshots),
+            "checkpoint": lambda i: actions.save_checkpoint(i, self.run_dir),
+        }
+        if name not in fns:
+            raise ValueError(f"unknown action {name!r}; one of {', '.join(fns)}")
+        request_id = next(self._request_ids)
+        fn = fns[name]
+
+        def run() -> None:
+            result = fn(self.instr)
+            result.request_id = request_id
+            self.instr._pending.append(result)
+            self.instr.flush()
+
+        self.actions.put(run)
+        return request_id
+
+    def pause(self) -> None:
+        """Training waits at the next step boundary until ``resume``."""
+        self.instr.resume_event.clear()
+        self.instr.paused = True
+
+    def resume(self) -> None:
+        self.instr.paused = False
+        self.instr.resume_event.set()
 
     # -- main-thread plumbing -----------------------------------------------------------------
     def _schedule(self, fn: Callable[[], None]) -> None:

@@ -19,6 +19,7 @@ from .config import DebugConfig
 from .errors import ErrorCategory, ErrorSeverity, ErrorTracker, format_exception
 from .events import (FindingEvent, LossSiteEvent, ModelEvent, OptimizerEvent, ScriptEnded, StepRecord)
 from .history import DownsampledHistory, Reservoir
+from .recovery.actions import ActionResult
 
 
 @dataclasses.dataclass
@@ -89,6 +90,8 @@ class Session:
         self.output_tail: Callable[[], list[tuple[str, str]]] = lambda: []
         self.dropped_events: Callable[[], int] = lambda: 0
         self.actions: list[dict[str, Any]] = []
+        self.actions_dropped = 0
+        self.action_listeners: list[Callable[[ActionResult], None]] = []
         self.ended: ScriptEnded | None = None
         self._last_grad_names: list[str] | None = None
 
@@ -120,6 +123,11 @@ class Session:
                     self.optimizers[ev.index] = ev
                 elif isinstance(ev, ScriptEnded):
                     self._on_end(ev)
+                elif isinstance(ev, ActionResult):
+                    self.record_action(ev.action, {"ok": ev.ok, "message": ev.message, "action_step": ev.step,
+                                                   "request_id": ev.request_id, **ev.detail})
+                    for listener in list(self.action_listeners):
+                        listener(ev)
             except Exception as exc:  # a bad event must not stop the consumer
                 self.tracker.track_error(exc, ErrorSeverity.WARNING, ErrorCategory.SYSTEM_ERROR,
                                          context={"event": type(ev).__name__}, key=f"consumer|{type(exc).__name__}")
@@ -186,6 +194,9 @@ class Session:
         self.ended_at = time.time()
 
     def record_action(self, action: str, detail: dict[str, Any]) -> None:
+        if len(self.actions) >= 10_000:  # bounded; the count of what was cut is kept
+            del self.actions[:1000]
+            self.actions_dropped += 1000
         self.actions.append({"time": time.time(), "step": self.steps, "action": action, **detail})
 
     # -- sampling -------------------------------------------------------------------------------

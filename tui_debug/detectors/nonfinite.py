@@ -13,13 +13,8 @@ from typing import Any, Callable
 from ..events import FindingEvent
 
 
-@dataclasses.dataclass(slots=True)
-class ActivationCall:
-    """A module call in completion (post-)order, with sentinel indices of its input and output."""
-
-    module: Any
-    in_idx: int  # -1 when the input was not a tensor we measured
-    out_idx: int
+# A module call in completion (post-)order: (module, input sentinel index or -1, output sentinel index).
+ActivationCall = tuple[Any, int, int]
 
 
 @dataclasses.dataclass
@@ -71,14 +66,14 @@ class NonFiniteDetector:
         sent = obs.sentinels
         if all(v is None or math.isfinite(v) for v in sent):
             return None
-        for call in obs.calls:
-            out = sent[call.out_idx]
+        for module, in_idx, out_idx in obs.calls:
+            out = sent[out_idx]
             if out is None or math.isfinite(out):
                 continue
-            inp = sent[call.in_idx] if call.in_idx >= 0 else None
+            inp = sent[in_idx] if in_idx >= 0 else None
             if inp is not None and not math.isfinite(inp):
                 continue  # passed on, not produced here
-            label = obs.module_label(call.module)
+            label = obs.module_label(module)
             where = "from a finite input" if inp is not None else "(its input was not measured)"
             return FindingEvent(
                 severity="error", category="model_error", step=obs.step, key=f"nonfinite-activation|{label}",

@@ -14,6 +14,7 @@ never blocks it: metrics leave as batched events through ``emit`` (the EventBus)
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
@@ -44,27 +45,9 @@ class _OptState:
     present: list[int] = dataclasses.field(default_factory=list)
     groups: list[list[int]] = dataclasses.field(default_factory=list)
     dtypes: list[Any] = dataclasses.field(default_factory=list)
+    devices: list[Any] = dataclasses.field(default_factory=list)
     names: list[str] = dataclasses.field(default_factory=list)
     count: int = 0
-
-
-@dataclasses.dataclass
-class _Read:
-    """What a stacked tensor holds, so its values can be interpreted once read."""
-
-    step: int
-    time: float
-    duration: float
-    optimizer: int
-    loss_sites: list[int]
-    calls: list[ActivationCall]
-    root_inputs: list[tuple[Any, int]]
-    n_sent: int
-    stale: set[int]
-    grad_names: list[str] | None
-    n_grads: int
-    host: Any = None
-    event: Any = None
 
 
 class Instrumentation:
@@ -91,6 +74,7 @@ class Instrumentation:
         self._stale: set[int] = set()
         self._max_sent = config.max_sentinels_per_step
         self._track_acts = config.enable_activation_tracking
+        self._track_grads = config.enable_gradient_tracking
         self._get_ident = threading.get_ident
         self._sent_ids: dict[int, int] = {}  # id(tensor) -> index in _sent
         self._calls: list[ActivationCall] = []
@@ -117,10 +101,16 @@ class Instrumentation:
         self._last_step_time: float | None = None
         self._pending: list[Any] = []
         self._last_flush = time.perf_counter()
-        self._reads: list[_Read] = []
+        self._reads: list[tuple[Any, Any, Any]] = []
         self._foreach_dtype = True
         self.broken: str | None = None
         self.actions: Any = None  # a queue.SimpleQueue of callables, applied at step boundaries
+        self.on_step_end: Callable[[], None] | None = None  # e.g. periodic snapshots (recovery)
+        self.paused = False
+        self.resume_event = threading.Event()
+        self.clip_norm: float | None = None
+        self.recent_total_norms: collections.deque[float] = collections.deque(maxlen=200)
+        self.last_step_finite = True
 
     # -- install / uninstall --------------------------------------------------------------
     def install(self, torch: ModuleType) -> None:
@@ -277,11 +267,7 @@ class Instrumentation:
         if acts:
             # A tensor modified in place after it was queued (ReLU(inplace=True), x.log_()) no longer
             # shows the value the module produced: its sentinel is unknown, not evidence.
-            first = len(self._sent)
-            ver = self._ver
-            for i, t in enumerate(acts):
-                if t._version != ver[first + i]:
-                    self._stale.add(first + i)
+            self._mark_stale(acts)
             self._sent.extend(self.torch._foreach_norm(acts, _INF))  # type: ignore[union-attr]
             self._acts = []
 
@@ -322,7 +308,7 @@ class Instrumentation:
                 return None
         elif out_idx == in_idx:  # identity modules (Dropout in eval, Identity) add nothing
             return None
-        self._calls.append(ActivationCall(module, in_idx, out_idx))
+        self._calls.append((module, in_idx, out_idx))
         return None
 
     def _on_forward_exception(self, exc: BaseException) -> None:
@@ -438,9 +424,10 @@ class Instrumentation:
                 index=st.index, cls=type(opt).__name__, param_groups=len(opt.param_groups),
                 lr=[float(g.get("lr", float("nan"))) if not isinstance(g.get("lr"), self._Tensor)
                     else float(g["lr"]) for g in opt.param_groups]))
-        n = sum(len(g["params"]) for g in opt.param_groups)
+        groups = opt.param_groups
+        n = len(groups) * 1_000_003 + len(groups[-1]["params"]) if groups else 0  # add_param_group changes it
         if n != st.n_params:
-            st.params = [p for g in opt.param_groups for p in g["params"]]
+            st.params = [p for g in groups for p in g["params"]]
             st.n_params = n
             st.generation = -1
         return st
@@ -457,7 +444,31 @@ class Instrumentation:
         if actions is not None and not actions.empty():
             while not actions.empty():
                 action = actions.get_nowait()
-                self._guarded(action)
+                try:
+                    action()
+                except Exception as exc:  # a failed action is reported, never raised into training
+                    self._pending.append(FindingEvent(
+                        severity="warning", category="system_error", step=self.step, key=f"action|{exc}",
+                        message=f"a recovery action failed: {type(exc).__name__}: {exc}", context={}))
+                    self.flush()
+        if self.on_step_end is not None:
+            self._guarded(self.on_step_end)
+        if self.paused:
+            self._wait_while_paused()
+
+    def _wait_while_paused(self) -> None:
+        """Pause at a step boundary: the training thread waits here until resumed (state kept)."""
+        self.flush()
+        while self.paused:
+            self.resume_event.wait(0.2)
+            actions = self.actions
+            while actions is not None and not actions.empty():  # e.g. lower LR while paused
+                try:
+                    actions.get_nowait()()
+                except Exception:
+                    pass
+                self.flush()
+        self._last_step_time = time.perf_counter()  # the pause is not step time
 
     def _step_without_optimizer(self) -> None:
         """Scripts that update parameters by hand: each backward is a step."""
@@ -487,6 +498,7 @@ class Instrumentation:
             st.present = present
             st.groups = list(groups.values())
             st.dtypes = [dtype for _, dtype in groups]
+            st.devices = [device for device, _ in groups]
             names = []
             for idxs in st.groups:
                 for i in idxs:
@@ -496,35 +508,47 @@ class Instrumentation:
         return [[params[i].grad for i in idxs] for idxs in st.groups]
 
     def _close_step(self, st: _OptState) -> None:
+        """The step boundary: one stacked read of losses, sentinels and gradient norms."""
         torch = self.torch
-        assert torch is not None
         self._stack.clear()
         st.count += 1
         if st.count > self.step:
             self.step = st.count
         now = time.perf_counter()
-        duration = 0.0 if self._last_step_time is None else now - self._last_step_time
+        last = self._last_step_time
+        duration = 0.0 if last is None else now - last
         self._last_step_time = now
         losses = self._losses
         flat: list[Any] = [v for _, v in losses]
-        loss_sites = [s for s, _ in losses]
-        self._reduce_acts()
-        n_sent = len(self._sent)
-        flat.extend(self._sent)
-        calls = self._calls
-        root_inputs = self._root_inputs
+        tail = self._acts  # last partial chunk of activations
+        if tail:
+            self._mark_stale(tail)
+        sent = self._sent
+        n_chunked = len(sent)
+        n_sent = n_chunked + len(tail)
+        flat.extend(sent)
         grad_names: list[str] | None = None
-        n_grads = 0
-        if self.config.enable_gradient_tracking:
-            for grads, dtype in zip(self._grad_layout(st), st.dtypes):
+        groups = self._grad_layout(st) if self._track_grads else []
+        recheck: list[Any] | None = None
+        if tail:
+            if groups and st.dtypes[0] is self._float32 and st.devices[0].type == "cpu":
+                # On the CPU the tail shares the first gradient group's call (an L2 norm: an overflow to
+                # inf is re-checked exactly on the retained tensors, only on such a step).
+                groups[0] = tail + groups[0]
+                recheck = tail
+            else:
+                flat.extend(torch._foreach_norm(tail, _INF))
+        if groups:
+            f32 = self._float32
+            for grads, dtype in zip(groups, st.dtypes):
                 # float32 needs no dtype argument (the fast path); half types accumulate in float32
-                norms = torch._foreach_norm(grads, 2) if dtype is self._float32 else \
-                    torch._foreach_norm(grads, 2, dtype=self._float32)
-                flat.extend(norms)
-                n_grads += len(norms)
+                flat.extend(torch._foreach_norm(grads, 2) if dtype is f32 else
+                            torch._foreach_norm(grads, 2, dtype=f32))
             grad_names = st.names
+        read = (self.step, now, duration, st.index, [s for s, _ in losses], self._calls, self._root_inputs,
+                n_chunked, n_sent, self._stale, grad_names, recheck)
         self._losses = []
-        stale = self._stale
+        self._acts = []
         self._sent = []
         self._n_sent = 0
         self._ver = []
@@ -533,8 +557,6 @@ class Instrumentation:
         self._sent_ids = {}
         self._calls = []
         self._root_inputs = []
-        read = _Read(step=self.step, time=now, duration=duration, optimizer=st.index, loss_sites=loss_sites,
-                     calls=calls, root_inputs=root_inputs, n_sent=n_sent, stale=stale, grad_names=grad_names, n_grads=n_grads)
         if not flat:
             self._process(read, [])
         else:
@@ -542,48 +564,88 @@ class Instrumentation:
                 stacked = torch.stack(flat)
             except RuntimeError:  # tensors on several devices: one read per device, in order
                 stacked = torch.cat([t.reshape(1).to("cpu") for t in flat])
-            if stacked.device.type == "cuda":
+            if stacked.is_cuda:
                 host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
                 host.copy_(stacked, non_blocking=True)
-                read.host = host
-                read.event = torch.cuda.Event()
-                read.event.record()
-                self._reads.append(read)
+                event = torch.cuda.Event()
+                event.record()
+                self._reads.append((read, host, event))
             else:
                 self._process(read, stacked.tolist())
-        self._drain_reads(block=False)
-        if self._pending and (now - self._last_flush >= FLUSH_INTERVAL_S):
+                if self.clip_norm is not None and groups:
+                    self._clip(groups, recheck)
+        if self.clip_norm is not None and self._reads and groups:  # CUDA: values are a step late
+            params = [p for p in st.params if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
+        if self._reads:
+            self._drain_reads(block=False)
+        if self._pending and now - self._last_flush >= FLUSH_INTERVAL_S:
             self.flush()
+
+    def _mark_stale(self, acts: list[Any]) -> None:
+        first = len(self._sent)
+        ver = self._ver
+        for i, t in enumerate(acts):
+            if t._version != ver[first + i]:
+                self._stale.add(first + i)
 
     def _drain_reads(self, block: bool) -> None:
         while self._reads:
-            read = self._reads[0]
-            if not block and not read.event.query():
+            read, host, event = self._reads[0]
+            if not block and not event.query():
                 return
-            read.event.synchronize()
+            event.synchronize()
             self._reads.pop(0)
-            self._process(read, read.host.tolist())
+            self._process(read, host.tolist())
 
-    def _process(self, read: _Read, values: list[float]) -> None:
-        nl = len(read.loss_sites)
-        losses = list(zip(read.loss_sites, values[:nl]))
-        grad_norms = values[nl + read.n_sent:] if read.grad_names is not None else None
-        record = StepRecord(step=read.step, time=read.time, duration=read.duration, optimizer=read.optimizer,
-                            losses=losses, grad_names=read.grad_names, grad_norms=grad_norms)
-        self._pending.append(record)
-        if values and not math.isfinite(sum(values)):
-            obs = StepObservation(
-                step=read.step,
-                losses=[(self._loss_site_names[s], v) for s, v in losses],
-                grad_names=read.grad_names or [], grad_norms=grad_norms or [],
-                sentinels=[None if i in read.stale else v
-                           for i, v in enumerate(values[nl:nl + read.n_sent])], calls=read.calls, module_label=self.module_label,
-                root_inputs=read.root_inputs,
-            )
-            findings = self.detector.check(obs)
-            if findings:
-                self._pending.extend(findings)
-                self.flush()
+    def _process(self, read: tuple[Any, ...], values: list[float]) -> None:
+        (step, now, duration, opt_index, loss_sites, calls, root_inputs, n_chunked, n_sent, stale,
+         grad_names, recheck) = read
+        nl = len(loss_sites)
+        grad_norms = None
+        if grad_names is not None:
+            grad_norms = values[nl + n_sent:]
+        losses = list(zip(loss_sites, values))
+        self._pending.append(StepRecord(step, now, duration, opt_index, losses, grad_names, grad_norms))
+        if grad_norms:
+            self.recent_total_norms.append(math.sqrt(sum(v * v for v in grad_norms)))
+        self.last_step_finite = not values or math.isfinite(sum(values))
+        if not self.last_step_finite:
+            self._guarded(self._check_nonfinite, read, values)
+
+    def _clip(self, groups: list[list[Any]], tail: list[Any] | None) -> None:
+        """Clip with the norms already read (no second pass over the gradients)."""
+        total = self.recent_total_norms[-1] if self.recent_total_norms else None
+        if total is None or not math.isfinite(total) or total <= self.clip_norm:  # type: ignore[operator]
+            return
+        coef = self.clip_norm / (total + 1e-6)  # type: ignore[operator]
+        for i, grads in enumerate(groups):
+            if i == 0 and tail:
+                grads = grads[len(tail):]
+            self.torch._foreach_mul_(grads, coef)  # type: ignore[union-attr]
+
+    def _check_nonfinite(self, read: tuple[Any, ...], values: list[float]) -> None:
+        (step, now, duration, opt_index, loss_sites, calls, root_inputs, n_chunked, n_sent, stale,
+         grad_names, recheck) = read
+        nl = len(loss_sites)
+        sentinels: list[float | None] = values[nl:nl + n_sent]
+        if recheck:
+            for i, t in enumerate(recheck):
+                j = n_chunked + i
+                v = sentinels[j]
+                if v is not None and v == _INF and j not in stale:  # an L2 overflow, or a real inf?
+                    sentinels[j] = self.torch._foreach_norm([t], _INF)[0].item()  # type: ignore[union-attr]
+        for j in stale:
+            if j < len(sentinels):
+                sentinels[j] = None
+        obs = StepObservation(
+            step=step, losses=[(self._loss_site_names[s], v) for s, v in zip(loss_sites, values)],
+            grad_names=grad_names or [], grad_norms=values[nl + n_sent:] if grad_names is not None else [],
+            sentinels=sentinels, calls=calls, module_label=self.module_label, root_inputs=root_inputs)
+        findings = self.detector.check(obs)
+        if findings:
+            self._pending.extend(findings)
+            self.flush()
 
     def flush(self) -> None:
         """Hand what is pending to the bus (one batch)."""

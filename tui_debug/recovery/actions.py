@@ -1,0 +1,200 @@
+"""Recovery actions, applied in the training thread at a step boundary (never mid-step).
+
+Each action takes the running ``Instrumentation`` (which knows the script's models and
+optimizers) and returns an ``ActionResult`` describing its effect; the result travels back to the
+sinks through the event bus. The same functions serve the UI's keys, the API and automatic recovery.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import os
+import statistics
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..classify import human_bytes, memory_context
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..instrument.hooks import Instrumentation
+
+
+@dataclasses.dataclass(slots=True)
+class ActionResult:
+    """What an action did (an event: reaches the session, the report and the sinks)."""
+
+    action: str
+    ok: bool
+    message: str
+    step: int
+    detail: dict[str, Any] = dataclasses.field(default_factory=dict)
+    request_id: int | None = None
+
+
+def models(instr: "Instrumentation") -> dict[str, Any]:
+    out = {}
+    for name, ref in list(instr._roots.values()):
+        m = ref()
+        if m is not None and not isinstance(m, instr._Loss):
+            out[name] = m
+    return out
+
+
+def optimizers(instr: "Instrumentation") -> list[Any]:
+    return [o for o in (st.ref() for st in instr._opts.values()) if o is not None]
+
+
+def _lr_value(lr: Any) -> float:
+    return float(lr.item()) if hasattr(lr, "item") else float(lr)
+
+
+def clear_cache(instr: "Instrumentation") -> ActionResult:
+    """``gc.collect()`` + ``torch.cuda.empty_cache()``, with memory before and after."""
+    before = memory_context()
+    collected = gc.collect()
+    torch = instr.torch
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    after = memory_context()
+    detail = {"gc_collected": collected, "before": before, "after": after}
+    if "cuda_reserved_bytes" in before:
+        freed = before["cuda_reserved_bytes"] - after.get("cuda_reserved_bytes", 0)
+        msg = (f"cleared cache: CUDA reserved {human_bytes(before['cuda_reserved_bytes'])} -> "
+               f"{human_bytes(after.get('cuda_reserved_bytes', 0))} (freed {human_bytes(freed)})")
+    else:
+        msg = (f"cleared cache: gc collected {collected} objects; RSS {human_bytes(before.get('rss_bytes', 0))} -> "
+               f"{human_bytes(after.get('rss_bytes', 0))}")
+    return ActionResult("clear_cache", True, msg, instr.step, detail)
+
+
+def scale_lr(instr: "Instrumentation", factor: float) -> ActionResult:
+    """Multiply the learning rate of every param group of every optimizer by ``factor``."""
+    changes = []
+    for i, opt in enumerate(optimizers(instr)):
+        for j, group in enumerate(opt.param_groups):
+            lr = group.get("lr")
+            if lr is None:
+                continue
+            old = _lr_value(lr)
+            new = old * factor
+            if hasattr(lr, "fill_"):
+                lr.fill_(new)  # tensor lr (capturable optimizers): keep the tensor
+            else:
+                group["lr"] = new
+            if "initial_lr" in group and not hasattr(group["initial_lr"], "fill_"):
+                group["initial_lr"] = group["initial_lr"] * factor  # keep LR schedulers consistent
+            changes.append({"optimizer": i, "group": j, "old": old, "new": new})
+    name = "lower_lr" if factor < 1 else "raise_lr"
+    if not changes:
+        return ActionResult(name, False, "no optimizer seen yet: learning rate unchanged", instr.step)
+    shown = ", ".join(f"{c['old']:.3g} -> {c['new']:.3g}" for c in changes[:4])
+    more = f" (+{len(changes) - 4} groups)" if len(changes) > 4 else ""
+    return ActionResult(name, True, f"learning rate x{factor:g}: {shown}{more}", instr.step, {"changes": changes})
+
+
+def set_clipping(instr: "Instrumentation", max_norm: float | None) -> ActionResult:
+    """Clip the total gradient norm of every optimizer's step to ``max_norm`` (None: off)."""
+    instr.clip_norm = max_norm
+    if max_norm is None:
+        return ActionResult("clipping", True, "gradient clipping off", instr.step, {"max_norm": None})
+    return ActionResult("clipping", True, f"gradient clipping on at total norm {max_norm:.4g}", instr.step,
+                        {"max_norm": max_norm})
+
+
+def default_clip_norm(instr: "Instrumentation") -> float:
+    """A clipping threshold from the recent history: twice the median recent total gradient norm."""
+    recent = [v for v in instr.recent_total_norms if v == v and v != float("inf")]
+    return 2.0 * statistics.median(recent) if recent else 1.0
+
+
+def toggle_clipping(instr: "Instrumentation") -> ActionResult:
+    return set_clipping(instr, None if instr.clip_norm is not None else default_clip_norm(instr))
+
+
+class Snapshots:
+    """In-memory last-good copies (CPU) of every model's and optimizer's state, bounded."""
+
+    def __init__(self, keep: int = 1) -> None:
+        self.keep = max(1, keep)
+        self.items: list[dict[str, Any]] = []
+
+    def take(self, instr: "Instrumentation") -> dict[str, Any] | None:
+        ms, opts = models(instr), optimizers(instr)
+        if not ms and not opts:
+            return None
+        snap = {
+            "step": instr.step, "time": time.time(),
+            "models": {n: _to_cpu(m.state_dict()) for n, m in ms.items()},
+            "optimizers": [_to_cpu(o.state_dict()) for o in opts],
+        }
+        self.items.append(snap)
+        del self.items[:-self.keep]
+        return snap
+
+    def latest(self) -> dict[str, Any] | None:
+        return self.items[-1] if self.items else None
+
+
+def _to_cpu(state: Any) -> Any:
+    torch_tensor = type(None)
+    try:
+        import torch
+
+        torch_tensor = torch.Tensor
+    except Exception:  # pragma: no cover
+        pass
+    if isinstance(state, torch_tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: _to_cpu(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_to_cpu(v) for v in state]
+    if isinstance(state, tuple):
+        return tuple(_to_cpu(v) for v in state)
+    return copy.deepcopy(state)
+
+
+def rollback(instr: "Instrumentation", snapshots: Snapshots) -> ActionResult:
+    """Load the last good snapshot back into the models and optimizers."""
+    snap = snapshots.latest()
+    if snap is None:
+        return ActionResult("rollback", False, "no snapshot to roll back to yet", instr.step)
+    ms, opts = models(instr), optimizers(instr)
+    restored = []
+    for name, state in snap["models"].items():
+        m = ms.get(name)
+        if m is not None:
+            m.load_state_dict(state)
+            restored.append(name)
+    for opt, state in zip(opts, snap["optimizers"]):
+        lrs = [g.get("lr") for g in opt.param_groups]
+        opt.load_state_dict(state)
+        for g, lr in zip(opt.param_groups, lrs):  # keep the current learning rates (they may have been lowered)
+            if lr is not None and not hasattr(lr, "fill_"):
+                g["lr"] = lr
+    return ActionResult("rollback", True, f"rolled back to the snapshot of step {snap['step']} "
+                        f"({', '.join(restored) or 'optimizers only'})", instr.step,
+                        {"snapshot_step": snap["step"], "models": restored})
+
+
+def save_checkpoint(instr: "Instrumentation", folder: str) -> ActionResult:
+    """Copy every state_dict to the CPU now; write the file in a background thread (no disk in training)."""
+    ms, opts = models(instr), optimizers(instr)
+    if not ms and not opts:
+        return ActionResult("checkpoint", False, "no model seen yet: nothing to save", instr.step)
+    state = {"step": instr.step, "models": {n: _to_cpu(m.state_dict()) for n, m in ms.items()},
+             "optimizers": [_to_cpu(o.state_dict()) for o in opts]}
+    path = os.path.join(folder, f"checkpoint-step{instr.step}.pt")
+    torch = instr.torch
+
+    def write() -> None:
+        tmp = path + ".tmp"
+        torch.save(state, tmp)  # type: ignore[union-attr]
+        os.replace(tmp, path)
+
+    threading.Thread(target=write, name="tui_debug-checkpoint", daemon=False).start()
+    return ActionResult("checkpoint", True, f"checkpoint of step {instr.step} -> {path}", instr.step,
+                        {"path": path, "models": list(ms)})
