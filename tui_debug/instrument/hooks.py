@@ -361,6 +361,18 @@ class Instrumentation:
         self._known_modules.update(self._module_names)
         self._generation += 1
 
+    def models(self) -> dict[str, Any]:
+        """The script's root models by name (loss functions excluded)."""
+        out = {}
+        for name, ref in list(self._roots.values()):
+            m = ref()
+            if m is not None and not isinstance(m, self._Loss):
+                out[name] = m
+        return out
+
+    def optimizers(self) -> list[Any]:
+        return [o for o in (st.ref() for st in list(self._opts.values())) if o is not None]
+
     def module_label(self, module: Any) -> str:
         name = self._module_names.get(id(module))
         cls = type(module).__name__

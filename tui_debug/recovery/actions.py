@@ -1,7 +1,7 @@
 """Recovery actions, applied in the training thread at a step boundary (never mid-step).
 
-Each action takes the running ``Instrumentation`` (which knows the script's models and
-optimizers) and returns an ``ActionResult`` describing its effect; the result travels back to the
+Each action takes a ``TrainingState`` (the running ``Instrumentation``, which knows the script's
+models and optimizers, or an API-side equivalent) and returns an ``ActionResult`` describing its effect; the result travels back to the
 sinks through the event bus. The same functions serve the UI's keys, the API and automatic recovery.
 """
 
@@ -14,12 +14,9 @@ import os
 import statistics
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ..classify import human_bytes, memory_context
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..instrument.hooks import Instrumentation
 
 
 @dataclasses.dataclass(slots=True)
@@ -34,24 +31,32 @@ class ActionResult:
     request_id: int | None = None
 
 
-def models(instr: "Instrumentation") -> dict[str, Any]:
-    out = {}
-    for name, ref in list(instr._roots.values()):
-        m = ref()
-        if m is not None and not isinstance(m, instr._Loss):
-            out[name] = m
-    return out
+class TrainingState(Protocol):
+    """What an action needs of a run: the Instrumentation provides it, and so can API code."""
+
+    torch: Any
+    step: int
+    clip_norm: float | None
+    recent_total_norms: Any  # a sequence of recent total gradient norms
+
+    def models(self) -> dict[str, Any]: ...
+
+    def optimizers(self) -> list[Any]: ...
 
 
-def optimizers(instr: "Instrumentation") -> list[Any]:
-    return [o for o in (st.ref() for st in instr._opts.values()) if o is not None]
+def models(instr: TrainingState) -> dict[str, Any]:
+    return instr.models()
+
+
+def optimizers(instr: TrainingState) -> list[Any]:
+    return instr.optimizers()
 
 
 def _lr_value(lr: Any) -> float:
     return float(lr.item()) if hasattr(lr, "item") else float(lr)
 
 
-def clear_cache(instr: "Instrumentation") -> ActionResult:
+def clear_cache(instr: TrainingState) -> ActionResult:
     """``gc.collect()`` + ``torch.cuda.empty_cache()``, with memory before and after."""
     before = memory_context()
     collected = gc.collect()
@@ -70,7 +75,7 @@ def clear_cache(instr: "Instrumentation") -> ActionResult:
     return ActionResult("clear_cache", True, msg, instr.step, detail)
 
 
-def scale_lr(instr: "Instrumentation", factor: float) -> ActionResult:
+def scale_lr(instr: TrainingState, factor: float) -> ActionResult:
     """Multiply the learning rate of every param group of every optimizer by ``factor``."""
     changes = []
     for i, opt in enumerate(optimizers(instr)):
@@ -95,7 +100,7 @@ def scale_lr(instr: "Instrumentation", factor: float) -> ActionResult:
     return ActionResult(name, True, f"learning rate x{factor:g}: {shown}{more}", instr.step, {"changes": changes})
 
 
-def set_clipping(instr: "Instrumentation", max_norm: float | None) -> ActionResult:
+def set_clipping(instr: TrainingState, max_norm: float | None) -> ActionResult:
     """Clip the total gradient norm of every optimizer's step to ``max_norm`` (None: off)."""
     instr.clip_norm = max_norm
     if max_norm is None:
@@ -104,13 +109,13 @@ def set_clipping(instr: "Instrumentation", max_norm: float | None) -> ActionResu
                         {"max_norm": max_norm})
 
 
-def default_clip_norm(instr: "Instrumentation") -> float:
+def default_clip_norm(instr: TrainingState) -> float:
     """A clipping threshold from the recent history: twice the median recent total gradient norm."""
     recent = [v for v in instr.recent_total_norms if v == v and v != float("inf")]
     return 2.0 * statistics.median(recent) if recent else 1.0
 
 
-def toggle_clipping(instr: "Instrumentation") -> ActionResult:
+def toggle_clipping(instr: TrainingState) -> ActionResult:
     return set_clipping(instr, None if instr.clip_norm is not None else default_clip_norm(instr))
 
 
@@ -121,7 +126,7 @@ class Snapshots:
         self.keep = max(1, keep)
         self.items: list[dict[str, Any]] = []
 
-    def take(self, instr: "Instrumentation") -> dict[str, Any] | None:
+    def take(self, instr: TrainingState) -> dict[str, Any] | None:
         ms, opts = models(instr), optimizers(instr)
         if not ms and not opts:
             return None
@@ -157,7 +162,7 @@ def _to_cpu(state: Any) -> Any:
     return copy.deepcopy(state)
 
 
-def rollback(instr: "Instrumentation", snapshots: Snapshots) -> ActionResult:
+def rollback(instr: TrainingState, snapshots: Snapshots) -> ActionResult:
     """Load the last good snapshot back into the models and optimizers."""
     snap = snapshots.latest()
     if snap is None:
@@ -180,7 +185,7 @@ def rollback(instr: "Instrumentation", snapshots: Snapshots) -> ActionResult:
                         {"snapshot_step": snap["step"], "models": restored})
 
 
-def save_checkpoint(instr: "Instrumentation", folder: str) -> ActionResult:
+def save_checkpoint(instr: TrainingState, folder: str) -> ActionResult:
     """Copy every state_dict to the CPU now; write the file in a background thread (no disk in training)."""
     ms, opts = models(instr), optimizers(instr)
     if not ms and not opts:

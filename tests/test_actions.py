@@ -1,0 +1,141 @@
+"""Recovery actions applied in the training thread at step boundaries, on a real training loop."""
+
+from __future__ import annotations
+
+import queue
+from typing import Any, Iterator
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tui_debug.config import DebugConfig
+from tui_debug.instrument.hooks import Instrumentation
+from tui_debug.recovery import actions
+from tui_debug.recovery.actions import ActionResult, Snapshots
+
+
+@pytest.fixture
+def inst() -> Iterator[Instrumentation]:
+    batches: list[list[Any]] = []
+    i = Instrumentation(DebugConfig(), batches.append)
+    i.actions = queue.SimpleQueue()
+    i.install(torch)
+    try:
+        yield i
+    finally:
+        i.uninstall()
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int = 0) -> float:
+    g = torch.Generator().manual_seed(seed)
+    loss = torch.tensor(0.0)
+    for _ in range(steps):
+        x = torch.randn(16, 4, generator=g)
+        opt.zero_grad()
+        loss = ((model(x) - x.sum(1, keepdim=True)) ** 2).mean()
+        loss.backward()
+        opt.step()
+    return float(loss.detach())
+
+
+def test_scale_lr_changes_every_group_and_reports_old_and_new(inst: Instrumentation) -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.1},
+                           {"params": model[2].parameters(), "lr": 0.01}])
+    _train(model, opt, 2)
+    result = actions.scale_lr(inst, 0.5)
+    assert result.ok and [g["lr"] for g in opt.param_groups] == [0.05, 0.005]
+    assert [(c["old"], c["new"]) for c in result.detail["changes"]] == [(0.1, 0.05), (0.01, 0.005)]
+    actions.scale_lr(inst, 2.0)
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.01]
+
+
+def test_queued_action_runs_in_the_training_thread_at_the_next_step_boundary(inst: Instrumentation) -> None:
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _train(model, opt, 1)
+    seen: list[float] = []
+    inst.actions.put(lambda: seen.append(opt.param_groups[0]["lr"]) or actions.scale_lr(inst, 0.5))
+    assert seen == [] and opt.param_groups[0]["lr"] == 0.1  # nothing happens between steps
+    _train(model, opt, 1)
+    assert seen == [0.1] and opt.param_groups[0]["lr"] == 0.05
+
+
+def test_clipping_limits_the_total_gradient_norm_seen_by_the_optimizer(inst: Instrumentation) -> None:
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    norms: list[float] = []
+
+    def after_ours(optimizer: Any, args: Any, kwargs: Any) -> None:
+        norms.append(float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(p.grad) for p in model.parameters()]))))
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    handle = register_optimizer_step_pre_hook(after_ours)
+    try:
+        _train(model, opt, 3)
+        assert max(norms) > 0.05
+        result = actions.set_clipping(inst, 0.05)
+        assert result.ok and inst.clip_norm == 0.05
+        norms.clear()
+        _train(model, opt, 3, seed=1)
+        assert max(norms) <= 0.05 * 1.001
+        assert actions.toggle_clipping(inst).detail["max_norm"] is None and inst.clip_norm is None
+    finally:
+        handle.remove()
+
+
+def test_default_clip_norm_comes_from_recent_history(inst: Instrumentation) -> None:
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    _train(model, opt, 5)
+    recent = sorted(inst.recent_total_norms)
+    assert actions.default_clip_norm(inst) == pytest.approx(2 * recent[len(recent) // 2])
+
+
+def test_rollback_restores_parameters_and_optimizer_state_but_keeps_lowered_lr(inst: Instrumentation) -> None:
+    model = nn.Linear(4, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    _train(model, opt, 3)
+    snaps = Snapshots()
+    snap = snaps.take(inst)
+    assert snap is not None and snap["step"] == 3
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    _train(model, opt, 3, seed=2)
+    with torch.no_grad():
+        model.weight.fill_(float("nan"))
+    actions.scale_lr(inst, 0.5)
+    result = actions.rollback(inst, snaps)
+    assert result.ok and result.detail["snapshot_step"] == 3
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, good[k])
+    assert opt.state_dict()["state"][0]["step"] == 3
+    assert opt.param_groups[0]["lr"] == 0.005
+
+
+def test_rollback_without_snapshot_says_so(inst: Instrumentation) -> None:
+    result = actions.rollback(inst, Snapshots())
+    assert isinstance(result, ActionResult) and not result.ok and "no snapshot" in result.message
+
+
+def test_checkpoint_writes_state_dicts_off_the_training_thread(inst: Instrumentation, tmp_path: Any) -> None:
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    _train(model, opt, 2)
+    result = actions.save_checkpoint(inst, str(tmp_path))
+    assert result.ok
+    import threading
+
+    for t in threading.enumerate():
+        if t.name == "tui_debug-checkpoint":
+            t.join(30)
+    state = torch.load(result.detail["path"])
+    assert state["step"] == 2 and "model" in state["models"] and len(state["optimizers"]) == 1
+    assert torch.equal(state["models"]["model"]["weight"], model.weight.detach())
+
+
+def test_clear_cache_reports_memory_before_and_after(inst: Instrumentation) -> None:
+    result = actions.clear_cache(inst)
+    assert result.ok and "rss_bytes" in result.detail["before"] and "rss_bytes" in result.detail["after"]
