@@ -64,6 +64,8 @@ class DebugConfig:
     history_points: int = 1_000
     progress_interval_s: float = 5.0
     max_sentinels_per_step: int = 4_096
+    sample_fast_steps: bool = True
+    max_overhead: float = 0.05
 
     def __post_init__(self) -> None:
         if isinstance(self.debug_level, str):

@@ -50,6 +50,68 @@ class _OptState:
     count: int = 0
 
 
+class _Sampler:
+    """Decides which steps are checked, so that checks cost at most ``budget`` of the step time.
+
+    Normal steps (milliseconds) are all checked. For very fast steps, where the fixed cost of a
+    check (a few torch calls) is a large share of the step, it measures the step time with and
+    without checks and then checks every k-th step (k <= 64). A non-finite value seen switches back
+    to checking every step. ``budget`` 0 disables sampling.
+    """
+
+    WARMUP = 32  # checked steps before the first probe
+    PROBE = 16  # unchecked steps per probe
+    REPROBE = 5000  # steps between probes
+    FAST_S = 0.005  # only steps faster than this are ever sampled
+    MAX_EVERY = 64
+
+    def __init__(self, budget: float) -> None:
+        self.budget = budget
+        self.every = 1
+        self.n = 0
+        self.d_obs: float | None = None
+        self.d_skip: float | None = None
+        self.probe_left = 0
+        self.next_probe = self.WARMUP
+        self.quiet_until = 0
+
+    def alarm(self) -> None:
+        self.every = 1
+        self.probe_left = 0
+        self.quiet_until = self.n + 1000
+        self.next_probe = max(self.next_probe, self.quiet_until)
+
+    def next(self, observed: bool, duration: float) -> bool:
+        """Record the step that ended; return whether the next step is checked."""
+        self.n += 1
+        if duration > 0:
+            if observed:
+                self.d_obs = duration if self.d_obs is None else 0.9 * self.d_obs + 0.1 * duration
+            else:
+                self.d_skip = duration if self.d_skip is None else 0.8 * self.d_skip + 0.2 * duration
+        if self.budget <= 0:
+            return True
+        if self.probe_left > 0:
+            self.probe_left -= 1
+            if self.probe_left == 0:
+                self._decide()
+                return True
+            return False
+        if self.n >= self.next_probe:
+            self.next_probe = self.n + self.REPROBE
+            if self.d_obs is not None and self.d_obs < self.FAST_S and self.n >= self.quiet_until:
+                self.probe_left = self.PROBE
+                return False
+        return self.every == 1 or self.n % self.every == 0
+
+    def _decide(self) -> None:
+        if self.d_obs is None or self.d_skip is None or self.d_skip <= 0:
+            self.every = 1
+            return
+        cost = max(0.0, self.d_obs - self.d_skip)
+        self.every = max(1, min(self.MAX_EVERY, math.ceil(cost / (self.budget * self.d_skip))))
+
+
 class Instrumentation:
     """Observes the script's training through torch's global hooks."""
 
@@ -111,6 +173,8 @@ class Instrumentation:
         self.clip_norm: float | None = None
         self.recent_total_norms: collections.deque[float] = collections.deque(maxlen=200)
         self.last_step_finite = True
+        self._observe = True  # this step is checked (see _Sampler)
+        self._sampler = _Sampler(config.max_overhead if config.sample_fast_steps else 0.0)
 
     # -- install / uninstall --------------------------------------------------------------
     def install(self, torch: ModuleType) -> None:
@@ -222,7 +286,7 @@ class Instrumentation:
         if is_root and id(module) not in self._known_modules:
             self._guarded(self._register_root, module)
         stack.append(module)
-        if args and self._track_acts and self._is_grad_enabled():
+        if args and self._observe and self._track_acts and self._is_grad_enabled():
             x = args[0]
             if isinstance(x, self._Tensor) and x.is_floating_point() and self._measured(x) < 0:
                 idx = self._sentinel(x)
@@ -285,7 +349,8 @@ class Instrumentation:
             stack.pop()
         elif module in stack:
             del stack[len(stack) - 1 - stack[::-1].index(module):]
-        if output is None or not self._track_acts or not self._is_grad_enabled() or isinstance(module, self._Loss):
+        if (output is None or not self._observe or not self._track_acts or not self._is_grad_enabled()
+                or isinstance(module, self._Loss)):
             return None  # a loss module's output is the loss, checked at backward
         out = output
         if not isinstance(out, self._Tensor):
@@ -380,7 +445,7 @@ class Instrumentation:
 
     # -- losses -----------------------------------------------------------------------------------
     def _on_backward(self, tensors: Any) -> None:
-        if not self.config.enable_loss_tracking or self._is_compiling():
+        if not self._observe or not self.config.enable_loss_tracking or self._is_compiling():
             return
         loss = tensors
         if not isinstance(loss, self._Tensor) or loss.numel() != 1:
@@ -530,6 +595,13 @@ class Instrumentation:
         last = self._last_step_time
         duration = 0.0 if last is None else now - last
         self._last_step_time = now
+        observed = self._observe
+        self._observe = self._sampler.next(observed, duration)
+        if not observed:  # a sampled-out step: timing only, no device work
+            self._pending.append(StepRecord(self.step, now, duration, st.index, [], None, None))
+            if now - self._last_flush >= FLUSH_INTERVAL_S:
+                self.flush()
+            return
         losses = self._losses
         flat: list[Any] = [v for _, v in losses]
         tail = self._acts  # last partial chunk of activations
@@ -623,6 +695,7 @@ class Instrumentation:
             self.recent_total_norms.append(math.sqrt(sum(v * v for v in grad_norms)))
         self.last_step_finite = not values or math.isfinite(sum(values))
         if not self.last_step_finite:
+            self._sampler.alarm()
             self._guarded(self._check_nonfinite, read, values)
 
     def _clip(self, groups: list[list[Any]], tail: list[Any] | None) -> None:
