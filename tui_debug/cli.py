@@ -136,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from .monitor import Monitor
 
-    monitor = Monitor(target, config, run_dir=os.path.abspath(run_dir), report_path=os.path.abspath(report))
+    ui = not opts.headless and sys.stdin.isatty() and sys.stdout.isatty()
+    monitor = Monitor(target, config, run_dir=os.path.abspath(run_dir), report_path=os.path.abspath(report),
+                      passthrough=not ui)
+    if ui:
+        return monitor.run_ui(exit_on_end=opts.exit_on_end)
     return monitor.run_headless()
 
 

@@ -66,6 +66,19 @@ class DebugConfig:
     max_sentinels_per_step: int = 4_096
     sample_fast_steps: bool = True
     max_overhead: float = 0.05
+    # Detector thresholds (README: "Detectors" explains each number).
+    loss_explosion_factor: float = 100.0
+    loss_window: int = 5
+    loss_warmup: int = 10
+    grad_explosion_factor: float = 50.0
+    grad_warmup: int = 20
+    vanishing_ratio: float = 1e-5
+    vanishing_abs: float = 1e-6
+    vanishing_steps: int = 50
+    slow_step_factor: float = 10.0
+    leak_min_bytes: int = 64 * 1024 * 1024
+    plateau_steps: int = 1000
+    max_lr_halvings: int = 5
 
     def __post_init__(self) -> None:
         if isinstance(self.debug_level, str):

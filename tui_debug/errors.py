@@ -298,6 +298,14 @@ class ErrorTracker:
                     info.recovery_action = action
         return info
 
+    def set_recovery_action(self, key: str, action: str) -> ErrorInfo | None:
+        """Record what recovery did about a finding (it still holds until resolved)."""
+        with self._lock:
+            info = self._by_key.get(key)
+            if info is not None:
+                info.recovery_action = action if not info.recovery_action else f"{info.recovery_action}; {action}"
+        return info
+
     def get_error_summary(self) -> dict[str, Any]:
         with self._lock:
             return {

@@ -39,6 +39,7 @@ class FindingEvent:
     context: dict[str, Any]
     traceback: str | None = None
     recommendation: str | None = None
+    recovery_action: str | None = None
 
 
 @dataclasses.dataclass(slots=True)

@@ -32,6 +32,11 @@ from .sinks.headless import HeadlessPrinter
 
 MEMORY_SAMPLE_S = 1.0
 
+# The Monitor whose instrumentation is running in this process (set in ``start``, cleared in
+# ``finish``). The Python API (tui_debug.api) reads it to route its findings into this run's
+# tracker instead of counting them a second time.
+ACTIVE_MONITOR: "Monitor | None" = None
+
 
 class Monitor:
     def __init__(self, target: Target, config: DebugConfig, run_dir: str, report_path: str,
@@ -61,6 +66,9 @@ class Monitor:
         self.session.action_listeners.append(lambda r: self.printer.on_action(r.message))
         self.snapshots = Snapshots(keep=1)
         self.instr.on_step_end = self._on_step_end
+        self.instr.on_skip = self._on_skip
+        self.session.auto_recover = self._auto_recover
+        self._lr_halvings = 0
         self._request_ids = itertools.count(1)
         self.forwarder = SignalForwarder(self._schedule, self._on_default_signal, self._on_handler_exception)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -87,13 +95,40 @@ class Monitor:
         """Training thread, after each optimizer step: the periodic last-good snapshot (safe/auto)."""
         interval = self.config.snapshot_interval
         instr = self.instr
-        if (self.config.recover != "off" and interval > 0 and instr.step % interval == 0
+        if (self.config.recover != "off" and interval > 0 and (instr.step % interval == 0 or instr.step == 1)
                 and instr.last_step_finite and instr.step != self._last_snapshot_step):
             self._last_snapshot_step = instr.step
             self.snapshots.take(instr)
 
+    def _on_skip(self, consecutive: int) -> None:
+        """Training thread, after a skipped step. In auto mode, two in a row mean the state itself is
+        poisoned (e.g. BatchNorm statistics or optimizer moments): roll back and halve the LR."""
+        if self.config.recover != "auto" or consecutive != 2:
+            return
+        if self.snapshots.latest() is None:
+            return
+        self.request("rollback")
+        if self._lr_halvings < self.config.max_lr_halvings:
+            self._lr_halvings += 1
+            self.request("lower_lr")
+
+    def _auto_recover(self, action: str, key: str) -> str | None:
+        """Main thread, --recover auto: the recovery a trend finding calls for (bounded)."""
+        if action == "lower_lr":
+            if self._lr_halvings >= self.config.max_lr_halvings:
+                return None
+            self._lr_halvings += 1
+            self.request("lower_lr")
+            return f"learning rate halved (auto, {self._lr_halvings}/{self.config.max_lr_halvings})"
+        if action == "enable_clipping":
+            if self.instr.clip_norm is not None:
+                return None
+            self.request("enable_clipping")
+            return "gradient clipping enabled at 2x the recent median norm (auto)"
+        return None
+
     # -- actions (any thread; applied in the training thread at the next step boundary) ----------
-    ACTIONS = ("clear_cache", "lower_lr", "raise_lr", "toggle_clipping", "rollback", "checkpoint")
+    ACTIONS = ("clear_cache", "lower_lr", "raise_lr", "toggle_clipping", "enable_clipping", "rollback", "checkpoint")
 
     def request(self, name: str) -> int:
         """Queue a recovery action; its ActionResult comes back through the event stream."""
@@ -102,6 +137,7 @@ class Monitor:
             "lower_lr": lambda i: actions.scale_lr(i, 0.5),
             "raise_lr": lambda i: actions.scale_lr(i, 2.0),
             "toggle_clipping": actions.toggle_clipping,
+            "enable_clipping": lambda i: actions.set_clipping(i, actions.default_clip_norm(i)),
             "rollback": lambda i: actions.rollback(i, self.snapshots),
             "checkpoint": lambda i: actions.save_checkpoint(i, self.run_dir),
         }
@@ -127,6 +163,27 @@ class Monitor:
     def resume(self) -> None:
         self.instr.paused = False
         self.instr.resume_event.set()
+
+    @property
+    def paused(self) -> bool:
+        return bool(self.instr.paused)
+
+    def stop_training(self) -> bool:
+        """Stop the script as Ctrl+C would (KeyboardInterrupt at its next bytecode, exit 130).
+
+        False when the training thread is not running. A paused run is resumed so it can unwind.
+        """
+        self.runner.interrupted = True
+        ok = self.runner.inject(KeyboardInterrupt)
+        if self.instr.paused:
+            self.resume()
+        return ok
+
+    def run_ui(self, exit_on_end: bool = False) -> int:
+        """The terminal UI (tui_debug.tui): construct the Monitor with ``passthrough=False``."""
+        from .tui import run_ui
+
+        return run_ui(self, exit_on_end=exit_on_end)
 
     # -- main-thread plumbing -----------------------------------------------------------------
     def _schedule(self, fn: Callable[[], None]) -> None:
@@ -158,6 +215,8 @@ class Monitor:
 
     # -- running ----------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop, q: asyncio.Queue[list[Any]]) -> None:
+        global ACTIVE_MONITOR
+        ACTIVE_MONITOR = self
         self._loop = loop
         self._queue = q
         self.bus.attach(loop, q)
@@ -208,6 +267,9 @@ class Monitor:
         if self._finished:
             return self.session.exit_code or 0
         self._finished = True
+        global ACTIVE_MONITOR
+        if ACTIVE_MONITOR is self:
+            ACTIVE_MONITOR = None
         self.watcher.uninstall()
         self.forwarder.uninstall()
         backlog = self.bus.detach()  # from now on emits wait in the backlog

@@ -18,6 +18,7 @@ from .classify import classify_exception, memory_context
 from .config import DebugConfig
 from .errors import ErrorCategory, ErrorSeverity, ErrorTracker, format_exception
 from .events import (FindingEvent, LossSiteEvent, ModelEvent, OptimizerEvent, ScriptEnded, StepRecord)
+from .detectors.trends import GradientNorms, LossExplosion, MemoryGrowth, Plateau, SlowSteps, Verdict
 from .history import DownsampledHistory, Reservoir
 from .recovery.actions import ActionResult
 
@@ -93,6 +94,13 @@ class Session:
         self.actions_dropped = 0
         self.action_listeners: list[Callable[[ActionResult], None]] = []
         self.ended: ScriptEnded | None = None
+        self.loss_explosion = LossExplosion(config)
+        self.plateau = Plateau(config)
+        self.grad_detector = GradientNorms(config)
+        self.slow_steps = SlowSteps(config)
+        self.memory_growth = MemoryGrowth(config)
+        # auto mode: (action, finding key) -> description of what was done, or None
+        self.auto_recover: Callable[[str, str], str | None] | None = None
         self._last_grad_names: list[str] | None = None
 
     @property
@@ -141,10 +149,17 @@ class Session:
         self._last_step_time = rec.time
         if rec.duration > 0:
             self.step_times.add(rec.duration)
+        verdicts: list[Verdict] = []
         for site, value in rec.losses:
             stats = self.losses.get(site)
             if stats is not None:
                 stats.add(rec.step, value)
+                verdicts += self.loss_explosion.observe(stats.name, rec.step, value)
+                verdicts += self.plateau.observe(stats.name, rec.step, value)
+        verdicts += self.grad_detector.observe(rec)
+        verdicts += self.slow_steps.observe(rec)
+        if verdicts:
+            self._apply(verdicts)
         if rec.grad_norms is not None and rec.grad_names is not None:
             names = rec.grad_names
             if names is not self._last_grad_names:
@@ -169,9 +184,22 @@ class Session:
                         g.min = v
 
     def _on_finding(self, ev: FindingEvent) -> None:
-        self.tracker.track_error(ev.message, ErrorSeverity(ev.severity), ErrorCategory(ev.category),
-                                 context=ev.context, step=ev.step, key=ev.key, traceback=ev.traceback,
-                                 recommendation=ev.recommendation)
+        info = self.tracker.track_error(ev.message, ErrorSeverity(ev.severity), ErrorCategory(ev.category),
+                                        context=ev.context, step=ev.step, key=ev.key, traceback=ev.traceback,
+                                        recommendation=ev.recommendation)
+        if ev.recovery_action:
+            info.recovery_action = ev.recovery_action
+
+    def _apply(self, verdicts: list[Verdict]) -> None:
+        for v in verdicts:
+            if v.finding is not None:
+                self._on_finding(v.finding)
+                if v.action and self.config.recover == "auto" and self.auto_recover is not None:
+                    done = self.auto_recover(v.action, v.finding.key)
+                    if done:
+                        self.tracker.set_recovery_action(v.finding.key, done)
+            if v.resolve is not None:
+                self.tracker.resolve(v.resolve)
 
     def _on_end(self, ev: ScriptEnded) -> None:
         self.ended = ev
@@ -203,13 +231,20 @@ class Session:
     def sample_memory(self) -> None:
         ctx = memory_context()
         rss = ctx.get("rss_bytes")
+        verdicts: list[Verdict] = []
         if rss:
             self.rss_last = rss
             self.rss_peak = max(self.rss_peak, rss)
             self.rss.add(self.steps, float(rss))
+            if self.steps:
+                verdicts += self.memory_growth.observe("rss", self.steps, float(rss), ctx.get("system_total_bytes"))
         cuda = {k: v for k, v in ctx.items() if k.startswith("cuda_")}
         if cuda:
             self.cuda = cuda
+            if self.steps and "cuda_allocated_bytes" in cuda:
+                verdicts += self.memory_growth.observe("cuda", self.steps, float(cuda["cuda_allocated_bytes"]))
+        if verdicts and self.ended is None:
+            self._apply(verdicts)
 
     # -- views ----------------------------------------------------------------------------------
     def loss_by_name(self) -> dict[str, LossStats]:

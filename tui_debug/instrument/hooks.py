@@ -173,6 +173,12 @@ class Instrumentation:
         self.clip_norm: float | None = None
         self.recent_total_norms: collections.deque[float] = collections.deque(maxlen=200)
         self.last_step_finite = True
+        self.skip_nonfinite = config.recover != "off"  # safe/auto: skip steps with non-finite gradients
+        self._skip_now = False
+        self._immediate = False
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.on_skip: Callable[[int], None] | None = None  # auto mode: roll back after repeated skips
         self._observe = True  # this step is checked (see _Sampler)
         self._sampler = _Sampler(config.max_overhead if config.sample_fast_steps else 0.0)
 
@@ -655,8 +661,14 @@ class Instrumentation:
                 event.record()
                 self._reads.append((read, host, event))
             else:
-                self._process(read, stacked.tolist())
-                if self.clip_norm is not None and groups:
+                self._immediate = True
+                try:
+                    self._process(read, stacked.tolist())
+                finally:
+                    self._immediate = False
+                if self._skip_now:
+                    self._skip_step(st)
+                elif self.clip_norm is not None and groups:
                     self._clip(groups, recheck)
         if self.clip_norm is not None and self._reads and groups:  # CUDA: values are a step late
             params = [p for p in st.params if p.grad is not None]
@@ -665,6 +677,16 @@ class Instrumentation:
             self._drain_reads(block=False)
         if self._pending and now - self._last_flush >= FLUSH_INTERVAL_S:
             self.flush()
+
+    def _skip_step(self, st: _OptState) -> None:
+        """Leave the parameters untouched, as GradScaler does: an optimizer ignores params with no grad."""
+        self._skip_now = False
+        for p in st.params:
+            p.grad = None
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        if self.on_skip is not None:
+            self._guarded(self.on_skip, self.consecutive_skips)
 
     def _mark_stale(self, acts: list[Any]) -> None:
         first = len(self._sent)
@@ -694,7 +716,9 @@ class Instrumentation:
         if grad_norms:
             self.recent_total_norms.append(math.sqrt(sum(v * v for v in grad_norms)))
         self.last_step_finite = not values or math.isfinite(sum(values))
-        if not self.last_step_finite:
+        if self.last_step_finite:
+            self.consecutive_skips = 0
+        else:
             self._sampler.alarm()
             self._guarded(self._check_nonfinite, read, values)
 
@@ -728,6 +752,12 @@ class Instrumentation:
             grad_names=grad_names or [], grad_norms=values[nl + n_sent:] if grad_names is not None else [],
             sentinels=sentinels, calls=calls, module_label=self.module_label, root_inputs=root_inputs)
         findings = self.detector.check(obs)
+        grads_bad = grad_names is not None and not all(math.isfinite(v) for v in obs.grad_norms)
+        if grads_bad and self._immediate and self.skip_nonfinite:
+            self._skip_now = True
+            for f in findings:
+                if f.category == "gradient_error":
+                    f.recovery_action = "optimizer step skipped: parameters left unchanged"
         if findings:
             self._pending.extend(findings)
             self.flush()

@@ -1,0 +1,297 @@
+"""Trend detectors: warn before the run is lost. They run in the consumer (main) thread on the
+values the training thread already read, so they add no device work and no training-thread time.
+
+Each detector returns ``Verdict``s: a finding to track, or a key to mark resolved. Thresholds live
+in ``DebugConfig`` and are documented (with their reasons) in the README.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import statistics
+from typing import Any
+
+from ..config import DebugConfig
+from ..events import FindingEvent, StepRecord
+
+
+@dataclasses.dataclass
+class Verdict:
+    finding: FindingEvent | None = None
+    resolve: str | None = None
+    action: str | None = None  # an automatic recovery the finding calls for (auto mode)
+
+
+def _finite(v: float) -> bool:
+    return v == v and v not in (math.inf, -math.inf)
+
+
+class LossExplosion:
+    """A loss that grows by orders of magnitude over a few steps, while still finite.
+
+    Baseline: the best (lowest) median-of-``window`` seen so far, after ``warmup`` points, so one
+    noisy batch or the first steps of training do not count. Fires when the current median-of-window
+    exceeds the baseline by ``loss_explosion_factor`` and the last ``window`` values rose overall.
+    """
+
+    def __init__(self, config: DebugConfig) -> None:
+        self.factor = config.loss_explosion_factor
+        self.window = config.loss_window
+        self.warmup = config.loss_warmup
+        self.state: dict[str, dict[str, Any]] = {}
+
+    def observe(self, name: str, step: int, value: float) -> list[Verdict]:
+        st = self.state.setdefault(name, {"recent": collections.deque(maxlen=self.window), "n": 0,
+                                          "best": None, "best_step": None, "firing": False,
+                                          "fired_at": 0.0})
+        if not _finite(value):
+            return []
+        st["recent"].append(value)
+        st["n"] += 1
+        if len(st["recent"]) < self.window:
+            return []
+        med = statistics.median(st["recent"])
+        key = f"loss-explosion|{name}"
+        if st["n"] <= self.warmup or st["best"] is None:
+            if st["n"] > self.window and (st["best"] is None or abs(med) < abs(st["best"])):
+                st["best"], st["best_step"] = med, step
+            return []
+        best = st["best"]
+        scale = max(abs(best), 1e-8)
+        rising = st["recent"][-1] > st["recent"][0]
+        again = st["firing"] and rising and med > self.factor * max(st["fired_at"], 1e-8)
+        if (not st["firing"] and med > best + (self.factor - 1) * scale and rising) or again:
+            st["firing"] = True
+            st["fired_at"] = med  # a further factor of growth fires again (recovery did not help yet)
+            ratio = (med - best) / scale + 1
+            return [Verdict(FindingEvent(
+                severity="warning", category="loss_error", step=step, key=key,
+                message=f"loss '{name}' is exploding: {med:.4g} now vs {best:.4g} at step {st['best_step']} "
+                        f"({ratio:.3g}x) while still finite",
+                context={"loss": name, "current_median": med, "best_median": best, "best_step": st["best_step"],
+                         "ratio": ratio, "window": self.window},
+                recommendation="Lower the learning rate (by 10x to start), add gradient clipping, or check the "
+                               "warm-up schedule; --recover auto halves the learning rate."), action="lower_lr")]
+        if st["firing"] and med < best + (self.factor / 10) * scale:
+            st["firing"] = False
+            return [Verdict(resolve=key)]
+        if not st["firing"] and abs(med) < abs(best):
+            st["best"], st["best_step"] = med, step
+        return []
+
+
+class GradientNorms:
+    """Exploding and vanishing gradients, per layer, against their own history.
+
+    Exploding: the total norm exceeds ``grad_explosion_factor`` x its running median (last 100
+    steps, after ``grad_warmup`` steps) on 2 consecutive steps; the layers that grew most are named.
+    Vanishing: a layer whose norm stays below ``vanishing_ratio`` x the largest layer's norm and
+    below ``vanishing_abs`` for ``vanishing_steps`` consecutive steps (0 counts: it gets no signal).
+    """
+
+    def __init__(self, config: DebugConfig) -> None:
+        self.factor = config.grad_explosion_factor
+        self.warmup = config.grad_warmup
+        self.v_ratio = config.vanishing_ratio
+        self.v_abs = config.vanishing_abs
+        self.v_steps = config.vanishing_steps
+        self.totals: dict[int, collections.deque[float]] = {}
+        self.layer_med: dict[str, float] = {}
+        self.over: dict[int, int] = {}
+        self.firing: set[int] = set()
+        self.low: dict[str, int] = {}
+        self.vanishing_reported: set[str] = set()
+        self.seen = 0
+
+    def observe(self, rec: StepRecord) -> list[Verdict]:
+        names, norms = rec.grad_names, rec.grad_norms
+        if not names or not norms:
+            return []
+        out: list[Verdict] = []
+        finite = [(n, v) for n, v in zip(names, norms) if _finite(v)]
+        if len(finite) != len(norms):
+            return []  # non-finite: the nonfinite detector speaks
+        total = math.sqrt(sum(v * v for _, v in finite))
+        hist = self.totals.setdefault(rec.optimizer, collections.deque(maxlen=100))
+        key = f"grad-explosion|{rec.optimizer}"
+        if len(hist) >= self.warmup:
+            med = statistics.median(hist)
+            if med > 0 and total > self.factor * med:
+                self.over[rec.optimizer] = self.over.get(rec.optimizer, 0) + 1
+                if self.over[rec.optimizer] == 2 and rec.optimizer not in self.firing:
+                    self.firing.add(rec.optimizer)
+                    growth = sorted(((v / max(self.layer_med.get(n, v), 1e-30), n) for n, v in finite), reverse=True)
+                    top = [f"{n} ({g:.3g}x)" for g, n in growth[:3]]
+                    out.append(Verdict(FindingEvent(
+                        severity="warning", category="gradient_error", step=rec.step, key=key,
+                        message=f"exploding gradients: total norm {total:.4g} is {total / med:.3g}x its recent "
+                                f"median {med:.4g}; grew most in {', '.join(top)}",
+                        context={"total_norm": total, "median": med, "ratio": total / med,
+                                 "layers": [n for _, n in growth[:10]]},
+                        recommendation="Clip gradients (torch.nn.utils.clip_grad_norm_) at a few times the usual "
+                                       "norm, lower the learning rate, or check for a bad batch; --recover auto "
+                                       "enables clipping."), action="enable_clipping"))
+            else:
+                self.over[rec.optimizer] = 0
+                if rec.optimizer in self.firing and total < 3 * med:
+                    self.firing.discard(rec.optimizer)
+                    out.append(Verdict(resolve=key))
+            if total <= self.factor * med:
+                hist.append(total)
+        else:
+            hist.append(total)
+        for n, v in finite:  # per-layer running medians (cheap EMA of the log)
+            prev = self.layer_med.get(n)
+            self.layer_med[n] = v if prev is None or prev <= 0 or v <= 0 else math.exp(
+                0.9 * math.log(prev) + 0.1 * math.log(v))
+        out.extend(self._vanishing(rec, finite))
+        return out
+
+    def _vanishing(self, rec: StepRecord, finite: list[tuple[str, float]]) -> list[Verdict]:
+        largest = max(v for _, v in finite)
+        if largest <= 0:
+            return []
+        out = []
+        newly = []
+        for n, v in finite:
+            if v < self.v_abs and v < self.v_ratio * largest:
+                c = self.low[n] = self.low.get(n, 0) + 1
+                if c == self.v_steps and n not in self.vanishing_reported:
+                    newly.append((n, v))
+            elif n in self.low:
+                if n in self.vanishing_reported and v > 10 * self.v_abs:
+                    self.vanishing_reported.discard(n)
+                    out.append(Verdict(resolve=f"vanishing|{n}"))
+                del self.low[n]
+        for n, v in newly:
+            self.vanishing_reported.add(n)
+            ratio = v / largest
+            out.append(Verdict(FindingEvent(
+                severity="warning", category="gradient_error", step=rec.step, key=f"vanishing|{n}",
+                message=f"vanishing gradient in {n}: norm {v:.3g} is {ratio:.2g} of the largest layer's "
+                        f"({largest:.3g}) for {self.v_steps} steps",
+                context={"parameter": n, "norm": v, "largest": largest, "ratio": ratio, "steps": self.v_steps},
+                recommendation="Use a non-saturating activation (ReLU/GELU instead of sigmoid/tanh), residual "
+                               "connections or normalisation layers, and a proper initialisation "
+                               "(kaiming/xavier); check that the layer is really connected to the loss.")))
+        return out
+
+
+class SlowSteps:
+    """Step-time outliers: more than ``slow_step_factor`` x the recent median and over 50 ms."""
+
+    def __init__(self, config: DebugConfig) -> None:
+        self.factor = config.slow_step_factor
+        self.recent: collections.deque[float] = collections.deque(maxlen=200)
+
+    def observe(self, rec: StepRecord) -> list[Verdict]:
+        d = rec.duration
+        if d <= 0:
+            return []
+        out = []
+        if len(self.recent) >= 20:
+            med = statistics.median(self.recent)
+            if d > self.factor * med and d > 0.05:
+                out.append(Verdict(FindingEvent(
+                    severity="info", category="timeout_error", step=rec.step, key="slow-step",
+                    message=f"step {rec.step} took {d:.3g}s, {d / med:.3g}x the median {med:.3g}s",
+                    context={"duration_s": d, "median_s": med, "ratio": d / med},
+                    recommendation="Occasional slow steps come from evaluation, checkpointing, garbage "
+                                   "collection or data-loader stalls; regular ones from variable input sizes "
+                                   "(recompilation, allocator growth).")))
+        self.recent.append(d)
+        return out
+
+
+class MemoryGrowth:
+    """Steady RSS (or CUDA allocated) growth across steps: a leak, e.g. losses kept with their graphs.
+
+    A least-squares line through the last samples (step, bytes): fires when it explains the data well
+    (R^2 >= 0.9), the growth over the window is at least ``leak_min_bytes``, and the series spans at
+    least 50 steps. Also warns when RSS passes 90% of the system's memory.
+    """
+
+    def __init__(self, config: DebugConfig) -> None:
+        self.min_bytes = config.leak_min_bytes
+        self.samples: dict[str, collections.deque[tuple[int, float]]] = {}
+        self.fired: set[str] = set()
+        self.capacity_fired = False
+
+    def observe(self, kind: str, step: int, value: float, total: float | None = None) -> list[Verdict]:
+        buf = self.samples.setdefault(kind, collections.deque(maxlen=30))
+        if buf and buf[-1][0] == step:
+            buf[-1] = (step, value)
+        else:
+            buf.append((step, value))
+        out = []
+        if total and kind == "rss" and value > 0.9 * total and not self.capacity_fired:
+            self.capacity_fired = True
+            out.append(Verdict(FindingEvent(
+                severity="warning", category="memory_error", step=step, key="memory-capacity|rss",
+                message=f"process memory {value / 2**30:.2f} GiB is over 90% of the system's {total / 2**30:.2f} GiB",
+                context={"rss_bytes": value, "system_total_bytes": total},
+                recommendation="Reduce the batch size or the data kept in memory; an out-of-memory kill is near.")))
+        if len(buf) < 8 or kind in self.fired:
+            return out
+        xs = [float(s) for s, _ in buf]
+        ys = [v for _, v in buf]
+        span = xs[-1] - xs[0]
+        if span < 50:
+            return out
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        sxx = sum((x - mx) ** 2 for x in xs)
+        if sxx == 0:
+            return out
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+        ss_tot = sum((y - my) ** 2 for y in ys)
+        ss_res = sum((y - (my + slope * (x - mx))) ** 2 for x, y in zip(xs, ys))
+        r2 = 1 - ss_res / ss_tot if ss_tot > 0 else 0.0
+        growth = slope * span
+        if slope > 0 and r2 >= 0.9 and growth >= self.min_bytes:
+            self.fired.add(kind)
+            what = "process RSS" if kind == "rss" else "CUDA allocated memory"
+            out.append(Verdict(FindingEvent(
+                severity="warning", category="memory_error", step=step, key=f"memory-leak|{kind}",
+                message=f"{what} grows steadily: +{slope * 100 / 2**20:.2f} MiB per 100 steps "
+                        f"(+{growth / 2**20:.1f} MiB over steps {int(xs[0])}-{int(xs[-1])})",
+                context={"kind": kind, "bytes_per_step": slope, "growth_bytes": growth, "r2": r2,
+                         "first_step": int(xs[0]), "last_step": int(xs[-1])},
+                recommendation="Something keeps tensors alive across steps: a list of losses kept with their "
+                               "graphs (append loss.item(), not loss), metrics accumulated as tensors, or a "
+                               "growing cache.")))
+        return out
+
+
+class Plateau:
+    """A loss that stopped improving: over the last ``plateau_steps`` steps the best value improved by
+    less than 0.1% of the range seen (info: may be convergence, may be a learning rate far too small)."""
+
+    def __init__(self, config: DebugConfig) -> None:
+        self.steps = config.plateau_steps
+        self.state: dict[str, dict[str, Any]] = {}
+
+    def observe(self, name: str, step: int, value: float) -> list[Verdict]:
+        if not _finite(value):
+            return []
+        st = self.state.setdefault(name, {"best": value, "best_step": step, "first": value, "fired": False,
+                                          "max": value})
+        st["max"] = max(st["max"], value)
+        rng = max(st["max"] - min(st["best"], value), abs(st["first"]) * 1e-3, 1e-12)
+        if value < st["best"] - 1e-3 * rng:
+            st["best"], st["best_step"] = value, step
+            if st["fired"]:
+                st["fired"] = False
+                return [Verdict(resolve=f"plateau|{name}")]
+        elif not st["fired"] and step - st["best_step"] >= self.steps:
+            st["fired"] = True
+            return [Verdict(FindingEvent(
+                severity="info", category="optimization_error", step=step, key=f"plateau|{name}",
+                message=f"loss '{name}' has not improved for {step - st['best_step']} steps "
+                        f"(best {st['best']:.4g} at step {st['best_step']})",
+                context={"loss": name, "best": st["best"], "best_step": st["best_step"]},
+                recommendation="If the loss is still high, the learning rate may be too small or too large "
+                               "(try a learning-rate range test), or the model lacks capacity; if it is "
+                               "low, training has converged: stop early."))]
+        return []
