@@ -113,6 +113,10 @@ def classify_exception(exc: BaseException, failing_modules: list[str] | None = N
         return Classified("error", "data_error", f"a DataLoader worker died: {_last_line(text)}", ctx,
                           "A worker was killed (often by the out-of-memory killer or a segfault in a "
                           "transform): lower num_workers or the batch size, check `dmesg`.")
+    if re.search(r"Target -?\d+ is out of bounds", text) or "device-side assert" in text:
+        return Classified("error", "data_error", f"labels out of range for the loss{where}: {_last_line(text)}", ctx,
+                          "A class index is >= the number of classes (or negative): check the label encoding "
+                          "and the size of the model's output layer.")
     frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ is not None else []
     if any(_DATA_DIR in f.filename for f in frames):
         user = [f for f in frames if _DATA_DIR not in f.filename and os.sep + "torch" + os.sep not in f.filename]

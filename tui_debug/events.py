@@ -25,6 +25,7 @@ class StepRecord:
     losses: list[tuple[int, float]]  # (loss site index, value)
     grad_names: list[str] | None  # parallel to grad_norms; the same list object while names are unchanged
     grad_norms: list[float] | None
+    wait: float = 0.0  # seconds between the previous step's end and this step's first forward (data loading)
 
 
 @dataclasses.dataclass(slots=True)

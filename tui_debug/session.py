@@ -18,7 +18,7 @@ from .classify import classify_exception, memory_context
 from .config import DebugConfig
 from .errors import ErrorCategory, ErrorSeverity, ErrorTracker, format_exception
 from .events import (FindingEvent, LossSiteEvent, ModelEvent, OptimizerEvent, ScriptEnded, StepRecord)
-from .detectors.trends import GradientNorms, LossExplosion, MemoryGrowth, Plateau, SlowSteps, Verdict
+from .detectors.trends import DataStall, GradientNorms, LossExplosion, MemoryGrowth, Plateau, SlowSteps, Verdict
 from .history import DownsampledHistory, Reservoir
 from .recovery.actions import ActionResult
 
@@ -98,6 +98,8 @@ class Session:
         self.plateau = Plateau(config)
         self.grad_detector = GradientNorms(config)
         self.slow_steps = SlowSteps(config)
+        self.data_stall = DataStall(config)
+        self._finite_streak = 0
         self.memory_growth = MemoryGrowth(config)
         # auto mode: (action, finding key) -> description of what was done, or None
         self.auto_recover: Callable[[str, str], str | None] | None = None
@@ -158,6 +160,9 @@ class Session:
                 verdicts += self.plateau.observe(stats.name, rec.step, value)
         verdicts += self.grad_detector.observe(rec)
         verdicts += self.slow_steps.observe(rec)
+        verdicts += self.data_stall.observe(rec)
+        if rec.losses or rec.grad_norms:
+            verdicts += self._nonfinite_resolution(rec)
         if verdicts:
             self._apply(verdicts)
         if rec.grad_norms is not None and rec.grad_names is not None:
@@ -182,6 +187,18 @@ class Session:
                         g.max = v
                     if v < g.min:
                         g.min = v
+
+    def _nonfinite_resolution(self, rec: StepRecord) -> list[Verdict]:
+        """Non-finite findings stop holding after 20 checked steps with everything finite."""
+        values = [v for _, v in rec.losses] + list(rec.grad_norms or [])
+        if not all(v == v and v not in (math.inf, -math.inf) for v in values):
+            self._finite_streak = 0
+            return []
+        self._finite_streak += 1
+        if self._finite_streak != 20:
+            return []
+        return [Verdict(resolve=info.key) for info in self.tracker.snapshot()
+                if info.key and info.key.startswith("nonfinite-") and not info.resolved]
 
     def _on_finding(self, ev: FindingEvent) -> None:
         info = self.tracker.track_error(ev.message, ErrorSeverity(ev.severity), ErrorCategory(ev.category),

@@ -295,3 +295,35 @@ class Plateau:
                                "(try a learning-rate range test), or the model lacks capacity; if it is "
                                "low, training has converged: stop early."))]
         return []
+
+
+class DataStall:
+    """Steps dominated by waiting for the next batch: over the last 50 steps, the time between the
+    end of a step and the next forward is more than half of the step time (info: a performance finding)."""
+
+    def __init__(self, config: DebugConfig) -> None:
+        self.recent: collections.deque[tuple[float, float]] = collections.deque(maxlen=50)
+        self.fired = False
+
+    def observe(self, rec: StepRecord) -> list[Verdict]:
+        if rec.duration <= 0:
+            return []
+        self.recent.append((rec.wait, rec.duration))
+        if len(self.recent) < 50:
+            return []
+        wait = sum(w for w, _ in self.recent)
+        total = sum(d for _, d in self.recent)
+        share = wait / total if total > 0 else 0.0
+        if not self.fired and share > 0.5 and total / len(self.recent) > 0.002:
+            self.fired = True
+            return [Verdict(FindingEvent(
+                severity="info", category="data_error", step=rec.step, key="data-stall",
+                message=f"{share:.0%} of each step is spent before the forward pass (waiting for data)",
+                context={"wait_share": share, "mean_wait_s": wait / len(self.recent),
+                         "mean_step_s": total / len(self.recent)},
+                recommendation="Raise DataLoader num_workers, use pin_memory=True and persistent_workers=True, "
+                               "or move heavy transforms offline."))]
+        if self.fired and share < 0.25:
+            self.fired = False
+            return [Verdict(resolve="data-stall")]
+        return []

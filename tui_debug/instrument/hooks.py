@@ -180,6 +180,8 @@ class Instrumentation:
         self.consecutive_skips = 0
         self.on_skip: Callable[[int], None] | None = None  # auto mode: roll back after repeated skips
         self._observe = True  # this step is checked (see _Sampler)
+        self._step_end: float | None = None
+        self._wait = 0.0
         self._sampler = _Sampler(config.max_overhead if config.sample_fast_steps else 0.0)
 
     # -- install / uninstall --------------------------------------------------------------
@@ -289,6 +291,9 @@ class Instrumentation:
             return None
         stack = self._stack
         is_root = not stack
+        if is_root and self._step_end is not None:
+            self._wait += time.perf_counter() - self._step_end  # data loading and anything between steps
+            self._step_end = None
         if is_root and id(module) not in self._known_modules:
             self._guarded(self._register_root, module)
         stack.append(module)
@@ -523,6 +528,7 @@ class Instrumentation:
     def _post_step(self, opt: Any, args: Any, kwargs: Any) -> None:
         if threading.get_ident() != self._tid or self.broken:
             return
+        self._step_end = time.perf_counter()
         actions = self.actions
         if actions is not None and not actions.empty():
             while not actions.empty():
@@ -603,8 +609,9 @@ class Instrumentation:
         self._last_step_time = now
         observed = self._observe
         self._observe = self._sampler.next(observed, duration)
+        wait, self._wait = self._wait, 0.0
         if not observed:  # a sampled-out step: timing only, no device work
-            self._pending.append(StepRecord(self.step, now, duration, st.index, [], None, None))
+            self._pending.append(StepRecord(self.step, now, duration, st.index, [], None, None, wait))
             if now - self._last_flush >= FLUSH_INTERVAL_S:
                 self.flush()
             return
@@ -636,7 +643,7 @@ class Instrumentation:
                             torch._foreach_norm(grads, 2, dtype=f32))
             grad_names = st.names
         read = (self.step, now, duration, st.index, [s for s, _ in losses], self._calls, self._root_inputs,
-                n_chunked, n_sent, self._stale, grad_names, recheck)
+                n_chunked, n_sent, self._stale, grad_names, recheck, wait)
         self._losses = []
         self._acts = []
         self._sent = []
@@ -706,13 +713,13 @@ class Instrumentation:
 
     def _process(self, read: tuple[Any, ...], values: list[float]) -> None:
         (step, now, duration, opt_index, loss_sites, calls, root_inputs, n_chunked, n_sent, stale,
-         grad_names, recheck) = read
+         grad_names, recheck, wait) = read
         nl = len(loss_sites)
         grad_norms = None
         if grad_names is not None:
             grad_norms = values[nl + n_sent:]
         losses = list(zip(loss_sites, values))
-        self._pending.append(StepRecord(step, now, duration, opt_index, losses, grad_names, grad_norms))
+        self._pending.append(StepRecord(step, now, duration, opt_index, losses, grad_names, grad_norms, wait))
         if grad_norms:
             self.recent_total_norms.append(math.sqrt(sum(v * v for v in grad_norms)))
         self.last_step_finite = not values or math.isfinite(sum(values))
@@ -735,7 +742,7 @@ class Instrumentation:
 
     def _check_nonfinite(self, read: tuple[Any, ...], values: list[float]) -> None:
         (step, now, duration, opt_index, loss_sites, calls, root_inputs, n_chunked, n_sent, stale,
-         grad_names, recheck) = read
+         grad_names, recheck, _wait) = read
         nl = len(loss_sites)
         sentinels: list[float | None] = values[nl:nl + n_sent]
         if recheck:
