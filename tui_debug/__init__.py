@@ -13,4 +13,20 @@ from .errors import ErrorCategory, ErrorInfo, ErrorSeverity, ErrorTracker
 
 __all__ = [
     "DebugConfig", "DebugLevel", "ErrorCategory", "ErrorInfo", "ErrorSeverity", "ErrorTracker", "__version__",
+    "Debugger", "DebuggingInterface", "ModelDebugger", "RecoveryManager",
 ]
+
+# The Python API (tui_debug.api), loaded on first use so that ``import tui_debug`` stays light.
+_API = ("Debugger", "DebuggingInterface", "ModelDebugger", "RecoveryManager")
+
+
+def __getattr__(name: str):  # noqa: ANN202 - PEP 562
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'tui_debug' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

@@ -79,6 +79,14 @@ class DebugConfig:
     leak_min_bytes: int = 64 * 1024 * 1024
     plateau_steps: int = 1000
     max_lr_halvings: int = 5
+    activation_stats_every: int = 25
+    activation_window: int = 5
+    dead_fraction: float = 0.5
+    saturation_fraction: float = 0.7
+    update_ratio_every: int = 100
+    update_ratio_high: float = 0.3
+    update_ratio_low: float = 1e-8
+    update_ratio_max_numel: int = 50_000_000
 
     def __post_init__(self) -> None:
         if isinstance(self.debug_level, str):

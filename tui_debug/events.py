@@ -26,6 +26,8 @@ class StepRecord:
     grad_names: list[str] | None  # parallel to grad_norms; the same list object while names are unchanged
     grad_norms: list[float] | None
     wait: float = 0.0  # seconds between the previous step's end and this step's first forward (data loading)
+    act_stats: list[tuple[str, str, int, float]] | None = None  # sampled: (module, kind, samples, share)
+    update_ratios: list[tuple[str, float]] | None = None  # sampled: (parameter, |update| / |weight|)
 
 
 @dataclasses.dataclass(slots=True)

@@ -18,7 +18,7 @@ from .classify import classify_exception, memory_context
 from .config import DebugConfig
 from .errors import ErrorCategory, ErrorSeverity, ErrorTracker, format_exception
 from .events import (FindingEvent, LossSiteEvent, ModelEvent, OptimizerEvent, ScriptEnded, StepRecord)
-from .detectors.trends import DataStall, GradientNorms, LossExplosion, MemoryGrowth, Plateau, SlowSteps, Verdict
+from .detectors.trends import ActivationHealth, DataStall, UpdateRatio, GradientNorms, LossExplosion, MemoryGrowth, Plateau, SlowSteps, Verdict
 from .history import DownsampledHistory, Reservoir
 from .recovery.actions import ActionResult
 
@@ -99,6 +99,8 @@ class Session:
         self.grad_detector = GradientNorms(config)
         self.slow_steps = SlowSteps(config)
         self.data_stall = DataStall(config)
+        self.activation_health = ActivationHealth(config)
+        self.update_ratio = UpdateRatio(config)
         self._finite_streak = 0
         self.memory_growth = MemoryGrowth(config)
         # auto mode: (action, finding key) -> description of what was done, or None
@@ -161,6 +163,10 @@ class Session:
         verdicts += self.grad_detector.observe(rec)
         verdicts += self.slow_steps.observe(rec)
         verdicts += self.data_stall.observe(rec)
+        if rec.act_stats:
+            verdicts += self.activation_health.observe(rec)
+        if rec.update_ratios:
+            verdicts += self.update_ratio.observe(rec)
         if rec.losses or rec.grad_norms:
             verdicts += self._nonfinite_resolution(rec)
         if verdicts:

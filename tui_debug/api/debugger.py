@@ -13,6 +13,7 @@ import collections
 import contextlib
 import gc
 import io
+import logging
 import math
 import pstats
 import statistics
@@ -32,8 +33,10 @@ MAX_TIMINGS_PER_CONTEXT = 10_000
 MAX_CONTEXT_NAMES = 1_000
 MAX_LOSS_HISTORY = 1_000
 MAX_PROFILES = 32
-EXPLOSION_FACTOR = 10.0
+EXPLOSION_FACTOR = 10.0  # x the median of the last EXPLOSION_WINDOW losses: a sudden jump
+EXPLOSION_FACTOR_START = 100.0  # x the first losses' median: a steady divergence
 EXPLOSION_WINDOW = 10
+EXPLOSION_WARMUP = 5
 OTHER_CONTEXTS = "(other contexts)"
 
 _MB = 1024 * 1024
@@ -90,6 +93,8 @@ class Debugger:
             self._owns_tracker = True
             self._finalizer = weakref.finalize(self, self.error_tracker.stop)
         self.logger = self.error_tracker.logger
+        if not self.logger.handlers:  # no file or console output: silence, not logging's last resort
+            self.logger.addHandler(logging.NullHandler())
         self.debug_data: dict[str, Any] = {}
         self.performance_metrics: dict[str, list[float]] = collections.defaultdict(list)
         self.memory_snapshots: list[dict[str, Any]] = []
@@ -99,6 +104,10 @@ class Debugger:
         self.skipped_steps = 0
         self._lock = threading.RLock()
         self._recent_losses: collections.deque[float] = collections.deque(maxlen=EXPLOSION_WINDOW)
+        self._initial_loss: float | None = None
+        self._first_loss: float | None = None
+        self.last_loss_healthy = True
+        self.last_explosion_step = -1
         self._torch: Any = None
 
     # -- configuration ------------------------------------------------------------------------------
@@ -243,11 +252,12 @@ class Debugger:
                                       total=len(named))
         return info
 
-    def report_bad_gradients(self, names: list[str], what: str, total: int) -> ErrorInfo:
+    def report_bad_gradients(self, names: list[str], what: str, total: int,
+                             extra: dict[str, Any] | None = None) -> ErrorInfo:
         more = f" and {len(names) - 1} more" if len(names) > 1 else ""
         return self.report(
             f"non-finite gradient ({what}) in {names[0]}{more}", ErrorSeverity.ERROR, ErrorCategory.GRADIENT_ERROR,
-            {"parameters": names[:50], "count": len(names), "of": total},
+            {"parameters": names[:50], "count": len(names), "of": total, **(extra or {})},
             key=f"api-nonfinite-grad|{names[0]}",
             covered=_common.monitor_covers(self.monitor, "grad"),
             recommendation="Skip steps with non-finite gradients (the API does), clip gradients "
@@ -267,7 +277,8 @@ class Debugger:
                           covered=backpropagated and _common.monitor_covers(self.monitor, "loss"))
         return value
 
-    def observe_loss(self, value: float, step: int, *, record: bool, covered: bool = False) -> ErrorInfo | None:
+    def observe_loss(self, value: float, step: int, *, record: bool, covered: bool = False,
+                     extra: dict[str, Any] | None = None) -> ErrorInfo | None:
         """Check a loss value already on the host; append it to the history when ``record``."""
         if record:
             with self._lock:
@@ -276,26 +287,46 @@ class Debugger:
                 if len(losses) > MAX_LOSS_HISTORY + MAX_LOSS_HISTORY // 10:
                     del losses[:-MAX_LOSS_HISTORY]
         if not math.isfinite(value):
+            self.last_loss_healthy = False
             return self.report(
                 f"loss is {_common.kind(value)}", ErrorSeverity.ERROR, ErrorCategory.LOSS_ERROR,
-                {"step": step, "loss_value": _common.kind(value)}, key="api-nonfinite-loss", step=step,
+                {"step": step, "loss_value": _common.kind(value), **(extra or {})}, key="api-nonfinite-loss",
+                step=step,
                 covered=covered,
                 recommendation="Lower the learning rate, clip gradients, or guard log/div/sqrt in the loss "
                                "against zero and negative inputs.")
         recent = self._recent_losses
         finding = None
-        if len(recent) >= EXPLOSION_WINDOW:
-            top = max(recent)
-            if top > 0 and value > top * EXPLOSION_FACTOR:
+        if len(recent) >= EXPLOSION_WARMUP:
+            base = statistics.median(recent)
+            initial = self._initial_loss if self._initial_loss is not None else base
+            if self._initial_loss is None:
+                self._initial_loss = initial
+            # the lower of: a jump over the recent median, a steady climb far above where training started
+            ref, factor, what = min((base, EXPLOSION_FACTOR, "recent median"),
+                                    (initial, EXPLOSION_FACTOR_START, "initial loss"), key=lambda r: r[0] * r[1])
+            if ref > 0 and value > ref * factor:
                 finding = self.report(
-                    f"loss exploded: {value:.4g} > {EXPLOSION_FACTOR:g}x the recent maximum {top:.4g}",
+                    f"loss exploded: {value:.4g} > {factor:g}x the {what} {ref:.4g}",
                     ErrorSeverity.WARNING, ErrorCategory.LOSS_ERROR,
-                    {"step": step, "loss_value": value, "recent_losses": list(recent)}, key="api-loss-explosion",
-                    step=step, covered=_common.monitor_covers(self.monitor, "explosion"),
+                    {"step": step, "loss_value": value, "reference": ref, "recent_losses": list(recent)},
+                    key="api-loss-explosion", step=step, covered=_common.monitor_covers(self.monitor, "explosion"),
                     recommendation="The learning rate is probably too high: lower it or add warm-up and "
                                    "gradient clipping.")
+                self.last_explosion_step = step
+                self.last_loss_healthy = False
+                return finding  # not part of the baseline
+        # A state worth a last-good snapshot: the loss is not climbing away from where it was.
+        ref = statistics.median(recent) if len(recent) >= EXPLOSION_WARMUP else self._first_loss
+        self.last_loss_healthy = ref is None or value <= 2 * abs(ref) + 1e-12
+        if self._first_loss is None:
+            self._first_loss = value
         recent.append(value)
         return finding
+
+    def reset_loss_baseline(self) -> None:
+        """Forget recent losses (after a rollback, the old ones no longer describe the model)."""
+        self._recent_losses.clear()
 
     # -- profiling ----------------------------------------------------------------------------------
     def profile_function(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -327,3 +327,99 @@ class DataStall:
             self.fired = False
             return [Verdict(resolve="data-stall")]
         return []
+
+
+class ActivationHealth:
+    """Dead ReLU units and saturated tanh/sigmoid layers, from sampled activation statistics.
+
+    Dead: a unit (channel/feature) with no positive output in any of ``activation_window`` sampled
+    batches (every ``activation_stats_every`` checked steps); fires when more than ``dead_fraction`` of
+    a layer's units are dead. Saturated: the share of outputs within 1e-3 of the asymptotes, averaged
+    over the same number of samples, above ``saturation_fraction``.
+    """
+
+    def __init__(self, config: DebugConfig) -> None:
+        self.dead = config.dead_fraction
+        self.sat = config.saturation_fraction
+        self.window = config.activation_window
+        self.sat_hist: dict[str, collections.deque[float]] = {}
+        self.fired: set[str] = set()
+
+    def observe(self, rec: StepRecord) -> list[Verdict]:
+        out: list[Verdict] = []
+        for label, kind, n, value in rec.act_stats or []:
+            if value != value:
+                continue
+            if kind == "relu":
+                if n != self.window:
+                    continue
+                key = f"dead-units|{label}"
+                if value > self.dead and key not in self.fired:
+                    self.fired.add(key)
+                    out.append(Verdict(FindingEvent(
+                        severity="warning", category="model_error", step=rec.step, key=key,
+                        message=f"{label}: {value:.0%} of units never active over the last {self.window} "
+                                f"sampled batches (dead ReLUs)",
+                        context={"module": label, "dead_share": value, "samples": self.window},
+                        recommendation="Lower the learning rate, use LeakyReLU/GELU, check the initialisation "
+                                       "(kaiming) and the bias init; a large negative bias kills units.")))
+                elif key in self.fired and value < self.dead / 2:
+                    self.fired.discard(key)
+                    out.append(Verdict(resolve=key))
+            else:
+                hist = self.sat_hist.setdefault(label, collections.deque(maxlen=self.window))
+                hist.append(value)
+                key = f"saturated|{label}"
+                if len(hist) < self.window:
+                    continue
+                share = sum(hist) / len(hist)
+                if share > self.sat and key not in self.fired:
+                    self.fired.add(key)
+                    out.append(Verdict(FindingEvent(
+                        severity="warning", category="model_error", step=rec.step, key=key,
+                        message=f"{label}: {share:.0%} of outputs saturated ({kind} within 1e-3 of its limits)",
+                        context={"module": label, "saturated_share": share, "samples": len(hist)},
+                        recommendation="Saturated units pass almost no gradient: normalise the inputs, lower "
+                                       "the initial weight scale, or use ReLU/GELU.")))
+                elif key in self.fired and share < self.sat / 2:
+                    self.fired.discard(key)
+                    out.append(Verdict(resolve=key))
+        return out
+
+
+class UpdateRatio:
+    """|update| / |weight| per layer, sampled every ``update_ratio_every`` checked steps. The median over
+    layers above ``update_ratio_high`` means a learning rate far too large; below ``update_ratio_low``
+    on 3 samples in a row, far too small (healthy training sits around 1e-4..1e-2)."""
+
+    def __init__(self, config: DebugConfig) -> None:
+        self.high = config.update_ratio_high
+        self.low = config.update_ratio_low
+        self.low_count = 0
+        self.fired: set[str] = set()
+
+    def observe(self, rec: StepRecord) -> list[Verdict]:
+        ratios = [r for _, r in rec.update_ratios or []]
+        if not ratios or not all(_finite(r) for r in ratios):
+            return []  # non-finite weights: the nonfinite detector speaks
+        med = statistics.median(ratios)
+        out: list[Verdict] = []
+        top = sorted(rec.update_ratios or [], key=lambda nr: -nr[1])[:3]
+        ctx = {"median_ratio": med, "largest": [[n, r] for n, r in top]}
+        if med > self.high and "update-high" not in self.fired:
+            self.fired.add("update-high")
+            out.append(Verdict(FindingEvent(
+                severity="warning", category="optimization_error", step=rec.step, key="update-ratio|high",
+                message=f"updates are {med:.2g}x the size of the weights (median over layers): the learning "
+                        f"rate is far too large",
+                context=ctx, recommendation="Lower the learning rate by 10-100x; healthy updates are about "
+                                            "1e-3 of the weights."), action="lower_lr"))
+        self.low_count = self.low_count + 1 if med < self.low else 0
+        if self.low_count == 3 and "update-low" not in self.fired:
+            self.fired.add("update-low")
+            out.append(Verdict(FindingEvent(
+                severity="warning", category="optimization_error", step=rec.step, key="update-ratio|low",
+                message=f"updates are {med:.2g} of the weights (median over layers): the learning rate is far "
+                        f"too small, or gradients vanish",
+                context=ctx, recommendation="Raise the learning rate; check that gradients reach the weights.")))
+        return out

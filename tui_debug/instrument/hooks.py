@@ -182,6 +182,14 @@ class Instrumentation:
         self._observe = True  # this step is checked (see _Sampler)
         self._step_end: float | None = None
         self._wait = 0.0
+        self._observed_steps = 0
+        self._stats_now = False
+        self._stat_meta: list[tuple[str, str, int]] = []
+        self._stat_vals: list[Any] = []
+        self._dead_acc: dict[str, tuple[Any, int]] = {}
+        self._upd_start: tuple[int, list[str], list[Any], list[Any]] | None = None
+        self._upd_done: tuple[list[str], list[Any]] | None = None
+        self._act_kinds: dict[type, str] = {}
         self._sampler = _Sampler(config.max_overhead if config.sample_fast_steps else 0.0)
 
     # -- install / uninstall --------------------------------------------------------------
@@ -204,6 +212,8 @@ class Instrumentation:
             self._OptimizedModule = ()
         self._is_grad_enabled = torch.is_grad_enabled
         self._float32 = torch.float32
+        nn = torch.nn
+        self._act_kinds = {nn.ReLU: "relu", nn.ReLU6: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
         self._handles.append(nn_module.register_module_forward_pre_hook(self._pre_hook))
         self._handles.append(nn_module.register_module_forward_hook(self._post_hook, always_call=True))
         self._handles.append(optim_module.register_optimizer_step_pre_hook(self._pre_step))
@@ -385,7 +395,59 @@ class Instrumentation:
         elif out_idx == in_idx:  # identity modules (Dropout in eval, Identity) add nothing
             return None
         self._calls.append((module, in_idx, out_idx))
+        if self._stats_now:
+            kind = self._act_kinds.get(type(module))
+            if kind is not None:
+                self._guarded(self._activation_stat, module, kind, out)
         return None
+
+    def _activation_stat(self, module: Any, kind: str, out: Any) -> None:
+        """Sampled: ReLU units dead over a window of samples (on device), tanh/sigmoid saturation."""
+        if out.dim() < 2 or len(self._stat_meta) >= 256:
+            return
+        label = self.module_label(module)
+        if any(m[0] == label for m in self._stat_meta):  # a module called twice per step: once
+            return
+        if kind == "relu":
+            unit_dim = out.dim() - 1 if out.dim() == 3 else 1
+            units = out.shape[unit_dim]
+            active = (out.detach() > 0).movedim(unit_dim, 0).reshape(units, -1).any(1)
+            dead = ~active
+            acc = self._dead_acc.get(label)
+            if acc is not None and acc[0].shape == dead.shape and acc[0].device == dead.device:
+                dead = dead & acc[0]
+                n = acc[1] + 1
+            else:
+                n = 1
+            window = self.config.activation_window
+            self._dead_acc[label] = (dead, n) if n < window else (dead, 0)
+            if n >= window:
+                del self._dead_acc[label]
+            self._stat_meta.append((label, kind, n))
+            self._stat_vals.append(dead.float().mean())
+        else:
+            o = out.detach()
+            sat = (o.abs() > 0.999) if kind == "tanh" else ((o < 1e-3) | (o > 0.999))
+            self._stat_meta.append((label, kind, 1))
+            self._stat_vals.append(sat.float().mean())
+
+    def _start_update_ratio(self, st: _OptState) -> None:
+        """Sampled: copy the parameters before this optimizer step, to measure |update| / |weight|."""
+        params = [st.params[i] for idxs in st.groups for i in idxs]
+        if not params or sum(p.numel() for p in params) > self.config.update_ratio_max_numel:
+            return
+        self._upd_start = (st.index, st.names, params, self.torch._foreach_mul(params, 1.0))  # type: ignore
+
+    def _finish_update_ratio(self, opt_index: int) -> None:
+        start = self._upd_start
+        if start is None or start[0] != opt_index:
+            return
+        self._upd_start = None
+        _, names, params, old = start
+        torch = self.torch
+        torch._foreach_sub_(old, params)  # type: ignore[union-attr]
+        self._upd_done = (list(names), list(torch._foreach_norm(old, 2)) +  # type: ignore[union-attr]
+                          list(torch._foreach_norm(params, 2)))  # type: ignore[union-attr]
 
     def _on_forward_exception(self, exc: BaseException) -> None:
         if self._failing is not None and self._failing[0] == id(exc):
@@ -529,6 +591,10 @@ class Instrumentation:
         if threading.get_ident() != self._tid or self.broken:
             return
         self._step_end = time.perf_counter()
+        if self._upd_start is not None:
+            st = self._opts.get(id(opt))
+            if st is not None:
+                self._guarded(self._finish_update_ratio, st.index)
         actions = self.actions
         if actions is not None and not actions.empty():
             while not actions.empty():
@@ -642,8 +708,26 @@ class Instrumentation:
                 flat.extend(torch._foreach_norm(grads, 2) if dtype is f32 else
                             torch._foreach_norm(grads, 2, dtype=f32))
             grad_names = st.names
+        n_grads = len(grad_names) if grad_names is not None else 0
+        # Sampled extras ride on the same read: activation statistics, last sampled update ratios.
+        extras: list[tuple[str, str, int]] = []
+        if self._stat_meta:
+            flat.extend(self._stat_vals)
+            extras = self._stat_meta
+            self._stat_meta, self._stat_vals = [], []
+        upd_names: list[str] = []
+        if self._upd_done is not None:
+            upd_names, tensors = self._upd_done
+            flat.extend(tensors)
+            self._upd_done = None
         read = (self.step, now, duration, st.index, [s for s, _ in losses], self._calls, self._root_inputs,
-                n_chunked, n_sent, self._stale, grad_names, recheck, wait)
+                n_chunked, n_sent, self._stale, grad_names, recheck, wait, n_grads, extras, upd_names)
+        self._observed_steps += 1
+        every = self.config.activation_stats_every
+        self._stats_now = every > 0 and self._observed_steps % every == 0
+        every = self.config.update_ratio_every
+        if every > 0 and self._observed_steps % every == 0 and groups and st.index >= 0:
+            self._start_update_ratio(st)
         self._losses = []
         self._acts = []
         self._sent = []
@@ -713,13 +797,23 @@ class Instrumentation:
 
     def _process(self, read: tuple[Any, ...], values: list[float]) -> None:
         (step, now, duration, opt_index, loss_sites, calls, root_inputs, n_chunked, n_sent, stale,
-         grad_names, recheck, wait) = read
+         grad_names, recheck, wait, n_grads, extras, upd_names) = read
         nl = len(loss_sites)
         grad_norms = None
+        g0 = nl + n_sent
         if grad_names is not None:
-            grad_norms = values[nl + n_sent:]
+            grad_norms = values[g0:g0 + n_grads]
         losses = list(zip(loss_sites, values))
-        self._pending.append(StepRecord(step, now, duration, opt_index, losses, grad_names, grad_norms, wait))
+        rec = StepRecord(step, now, duration, opt_index, losses, grad_names, grad_norms, wait)
+        i = g0 + n_grads
+        if extras:
+            rec.act_stats = [(label, kind, n, v) for (label, kind, n), v in zip(extras, values[i:i + len(extras)])]
+            i += len(extras)
+        if upd_names:
+            k = len(upd_names)
+            deltas, weights = values[i:i + k], values[i + k:i + 2 * k]
+            rec.update_ratios = [(n, d / w) for n, d, w in zip(upd_names, deltas, weights) if w > 0]
+        self._pending.append(rec)
         if grad_norms:
             self.recent_total_norms.append(math.sqrt(sum(v * v for v in grad_norms)))
         self.last_step_finite = not values or math.isfinite(sum(values))
@@ -742,7 +836,7 @@ class Instrumentation:
 
     def _check_nonfinite(self, read: tuple[Any, ...], values: list[float]) -> None:
         (step, now, duration, opt_index, loss_sites, calls, root_inputs, n_chunked, n_sent, stale,
-         grad_names, recheck, _wait) = read
+         grad_names, recheck, _wait, n_grads, _extras, _upd) = read
         nl = len(loss_sites)
         sentinels: list[float | None] = values[nl:nl + n_sent]
         if recheck:
@@ -756,7 +850,7 @@ class Instrumentation:
                 sentinels[j] = None
         obs = StepObservation(
             step=step, losses=[(self._loss_site_names[s], v) for s, v in zip(loss_sites, values)],
-            grad_names=grad_names or [], grad_norms=values[nl + n_sent:] if grad_names is not None else [],
+            grad_names=grad_names or [], grad_norms=values[nl + n_sent:nl + n_sent + n_grads],
             sentinels=sentinels, calls=calls, module_label=self.module_label, root_inputs=root_inputs)
         findings = self.detector.check(obs)
         grads_bad = grad_names is not None and not all(math.isfinite(v) for v in obs.grad_norms)

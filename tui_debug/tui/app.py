@@ -139,6 +139,7 @@ class TuiDebugApp(App[int]):
         self.errors.focus()
         self.set_interval(self._tick_s, self.tick)
         self.tick()
+        self.call_after_refresh(self._relayout)  # widths are known after the first layout
 
     def on_unmount(self) -> None:
         self.gpu_poller.stop()
@@ -149,12 +150,13 @@ class TuiDebugApp(App[int]):
         while q is not None and not q.empty():
             self.session.handle(q.get_nowait())
         now = time.monotonic()
-        if self._sample_memory and now >= self._next_memory:
+        if now >= self._next_memory:
             self._next_memory = now + MEMORY_S
-            try:
-                self.session.sample_memory()
-            except Exception:
-                pass
+            if self._sample_memory:
+                try:
+                    self.session.sample_memory()
+                except Exception:
+                    pass
             self.sys_mem = self._system_memory()
         if self.notice == "starting the script…" and self.session.steps > 0:
             self.notice = None
@@ -190,6 +192,14 @@ class TuiDebugApp(App[int]):
             rows = max(self.loss.lines, self.gpu.lines) + 2
             if self.row_mid.styles.height is None or self.row_mid.styles.height.value != rows:
                 self.row_mid.styles.height = rows
+
+    def on_resize(self) -> None:
+        self.call_after_refresh(self._relayout)
+
+    def _relayout(self) -> None:
+        for pane in (self.gradients, self.loss, self.gpu):
+            pane._key = None
+        self.refresh_panes()
 
     def state(self) -> str:
         s = self.session
@@ -261,7 +271,10 @@ class TuiDebugApp(App[int]):
             self.push_screen(HelpScreen())
 
     def action_focus_pane(self, pane: str) -> None:
-        self.query_one(f"#{pane}").focus()
+        widget = self.query_one(f"#{pane}")
+        if not widget.focusable:
+            widget = next((w for w in widget.query("*") if w.focusable), widget)
+        widget.focus()
 
     def action_quit_app(self) -> None:
         if self.session.ended is not None:

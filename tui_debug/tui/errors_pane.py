@@ -56,9 +56,9 @@ class ErrorsPane(OptionList):
                 self._ids.append(info.error_id)
         if new:
             self.add_options(new)
-            if follow and not self.has_focus:
+            if follow and (not self.has_focus or self.highlighted is None):
                 self.highlighted = len(self._ids) - 1
-        self.border_subtitle = f"{len(self._ids)}  ⏎ detail" if self._ids else ""
+        self.border_subtitle = f"{len(self._ids)}  ⏎ detail" if self._ids else "no findings yet"
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         event.stop()

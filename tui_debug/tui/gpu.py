@@ -65,7 +65,7 @@ def _nvml_reason(exc: BaseException) -> str:
     name = type(exc).__name__
     text = str(exc) or name
     if "LibraryNotFound" in name or "Library Not Found" in text or isinstance(exc, (ImportError, OSError)):
-        return "no NVIDIA driver (NVML library not found)"
+        return "no NVIDIA driver (NVML not found)"
     if "NoPermission" in name or "Insufficient Permissions" in text:
         return "no permission to query the NVIDIA driver (NVML)"
     if "DriverNotLoaded" in name or "Driver Not Loaded" in text:

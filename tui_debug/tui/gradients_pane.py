@@ -54,7 +54,7 @@ def render_grads(rows: list[tuple[str, float, int]], width: int, relevant_first:
     t.append("\n")
     if relevant_first:
         rows = sorted(rows, key=lambda r: (flag_of(r[1]) is None, -(r[1] if math.isfinite(r[1]) else math.inf)))
-    name_w = max(8, min(max(len(r[0]) for r in rows), width // 3))
+    name_w = max(8, min(max(len(r[0]) for r in rows), width // 2 - 4))
     bar_w = max(4, width - name_w - 10 - 8)
     for name, v, last in rows:
         flag = flag_of(v)

@@ -120,6 +120,6 @@ class FindingDetail(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="detail-box", classes="modal-box") as box:
-            box.border_title = f"Finding {self.info.error_id}"
+            box.border_title = f"Finding: {self.info.category.value} at step {self.info.step}"
             box.border_subtitle = "esc to close"
             yield Static(detail_text(self.info, self.actions), id="detail-body")

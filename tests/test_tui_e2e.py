@@ -1,0 +1,92 @@
+"""End to end: a real training script under the UI in a pseudo-terminal; keys change the run and the report."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import re
+import select
+import struct
+import subprocess
+import termios
+import time
+
+from helpers import SCRIPTS, load_report, td_cmd, td_env
+
+ANSI = re.compile(rb"\x1b\[[0-9;?<>=]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\x1b[=>]")
+DEADLINE_S = 90  # a hang fails the test; nothing waits for a fixed time
+
+
+class Terminal:
+    def __init__(self, args, cwd, cols=100, rows=30):
+        self.master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        env = td_env()
+        env["TERM"] = "xterm-256color"
+        self.proc = subprocess.Popen(td_cmd(*args), cwd=cwd, env=env, stdin=slave, stdout=slave, stderr=slave,
+                                     start_new_session=True)
+        os.close(slave)
+        self.raw = b""
+
+    def text(self) -> str:
+        return ANSI.sub(b"", self.raw).decode("utf-8", "replace")
+
+    def _read(self, timeout: float) -> bool:
+        r, _, _ = select.select([self.master], [], [], timeout)
+        if not r:
+            return True
+        try:
+            data = os.read(self.master, 65536)
+        except OSError:
+            return False
+        self.raw += data
+        return bool(data)
+
+    def wait_for(self, pattern: str, since: int = 0) -> int:
+        """Read until ``pattern`` shows up after offset ``since`` of the de-escaped text; returns its end."""
+        end = time.monotonic() + DEADLINE_S
+        while time.monotonic() < end:
+            m = re.search(pattern, self.text()[since:])
+            if m:
+                return since + m.end()
+            if not self._read(0.5) and self.proc.poll() is not None:
+                break
+        raise AssertionError(f"{pattern!r} never appeared; screen text:\n{self.text()[-3000:]}")
+
+    def send(self, keys: str) -> None:
+        os.write(self.master, keys.encode())
+
+    def finish(self) -> int:
+        end = time.monotonic() + DEADLINE_S
+        while self.proc.poll() is None and time.monotonic() < end:
+            self._read(0.2)
+        while self._read(0.05):  # whatever the process wrote last
+            pass
+        os.close(self.master)
+        return self.proc.wait(5)
+
+
+def test_keys_under_the_ui_reach_the_run_and_the_report(tmp_path):
+    out = tmp_path / "run"
+    term = Terminal(["--out", out, SCRIPTS / "loop_forever.py"], cwd=tmp_path)
+    try:
+        pos = term.wait_for(r"RUNNING")
+        pos = term.wait_for(r"Output")
+        term.send("l")
+        pos = term.wait_for(r"lower_lr: learning rate x0\.5: 0\.01 -> 0\.005", pos)
+        term.send("q")
+        pos = term.wait_for(r"Stop it", pos)
+        term.send("y")
+        code = term.finish()
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
+    text = term.text()
+    assert code == 130, text[-3000:]
+    assert "report written to" in text  # said on the restored terminal, after the UI
+    assert term.raw.rfind(b"\x1b[?1049l") > term.raw.rfind(b"\x1b[?1049h")  # left the alternate screen
+    report = load_report(out)
+    assert report["run"]["status"] == "interrupted" and report["run"]["exit_code"] == 130
+    actions = report.get("actions") or []
+    assert any(a["action"] == "lower_lr" and a.get("ok") for a in actions), actions
