@@ -20,10 +20,48 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKLOADS = os.path.join(HERE, "workloads.py")
 TARGETS = {"cnn": 1.03, "transformer": 1.03, "toy": 1.15}
+UI_TARGETS = {"cnn": 1.05, "transformer": 1.05, "toy": 1.3}
+
+
+def run_ui(workload, extra, env):
+    """Under the terminal UI, in a pseudo-terminal (120x40); the BENCH line comes from output.log."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+
+    out = tempfile.mkdtemp(prefix="tui_debug_bench_ui_")
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    cmd = [sys.executable, "-m", "tui_debug", "--exit-on-end", "--out", out, WORKLOADS, workload, *extra]
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env=dict(env, TERM="xterm-256color"),
+                            start_new_session=True)
+    os.close(slave)
+
+    def drain():
+        while True:
+            try:
+                if not os.read(master, 65536):
+                    break
+            except OSError:
+                break
+
+    t = threading.Thread(target=drain, daemon=True)
+    t.start()
+    proc.wait(timeout=3600)
+    os.close(master)
+    with open(os.path.join(out, "output.log"), encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if line.startswith("BENCH "):
+                return json.loads(line[6:])
+    raise RuntimeError(f"{' '.join(cmd)} gave no BENCH line (exit {proc.returncode})")
 
 
 def run(mode, workload, extra=()):
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    if mode == "ui":
+        return run_ui(workload, extra, env)
     if mode == "monitor":
         out = tempfile.mkdtemp(prefix="tui_debug_bench_")
         cmd = [sys.executable, "-m", "tui_debug", "--headless", "--out", out, WORKLOADS, workload, *extra]
@@ -44,20 +82,26 @@ def main():
     p.add_argument("--workloads", default="cnn,transformer,toy")
     p.add_argument("--no-anomaly", action="store_true")
     p.add_argument("--memory", action="store_true")
+    p.add_argument("--ui", action="store_true", help="also run under the terminal UI in a pseudo-terminal")
     args = p.parse_args()
-    print(f"{'workload':<12} {'plain step':>11} {'tui_debug':>10} {'target':>7} {'detect_anomaly':>15}")
+    print(f"{'workload':<12} {'plain step':>11} {'headless':>9} {'target':>7} {'UI':>7} {'target':>7} "
+          f"{'detect_anomaly':>15}")
     for w in args.workloads.split(","):
-        ratios, anomaly, plain = [], [], []
+        ratios, ui, anomaly, plain = [], [], [], []
         for _ in range(args.rounds):
             a = run("plain", w)
             b = run("monitor", w)
             plain.append(a["step_s"])
             ratios.append(b["step_s"] / a["step_s"])
+            if args.ui:
+                ui.append(run("ui", w)["step_s"] / a["step_s"])
             if not args.no_anomaly:
                 anomaly.append(run("anomaly", w)["step_s"] / a["step_s"])
         an = f"{statistics.median(anomaly):.2f}x" if anomaly else "-"
-        print(f"{w:<12} {statistics.median(plain) * 1e3:>9.3f}ms {statistics.median(ratios):>9.3f}x "
-              f"{TARGETS[w]:>6.2f}x {an:>15}   (ratios: {', '.join(f'{r:.3f}' for r in ratios)})", flush=True)
+        u = f"{statistics.median(ui):.3f}x" if ui else "-"
+        print(f"{w:<12} {statistics.median(plain) * 1e3:>9.3f}ms {statistics.median(ratios):>8.3f}x "
+              f"{TARGETS[w]:>6.2f}x {u:>7} {UI_TARGETS[w]:>6.2f}x {an:>15}   "
+              f"(headless ratios: {', '.join(f'{r:.3f}' for r in ratios)})", flush=True)
     if args.memory:
         r = run("monitor", "toy", ["--steps", "1000000", "--warmup", "0", "--rss-at", "10000"])
         growth = (r["rss_peak"] - r["rss_early"]) / 2**20

@@ -231,7 +231,8 @@ class Session:
         self.ended_at = time.time()
         self.steps = max(self.steps, ev.step)
         exc = ev.exception
-        if exc is not None and not isinstance(exc, KeyboardInterrupt):
+        already = exc is not None and getattr(exc, "__tui_debug_info__", None) is not None  # the API tracked it
+        if exc is not None and not isinstance(exc, KeyboardInterrupt) and not already:
             c = classify_exception(exc, ev.failing_modules)
             self.tracker.track_error(c.message, ErrorSeverity(c.severity), ErrorCategory(c.category),
                                      context=c.context, step=self.steps or None,

@@ -163,19 +163,25 @@ class GradientNorms:
             elif n in self.low:
                 if n in self.vanishing_reported and v > 10 * self.v_abs:
                     self.vanishing_reported.discard(n)
-                    out.append(Verdict(resolve=f"vanishing|{n}"))
+                    out.append(Verdict(resolve=f"vanishing|{n}"))  # resolves when its group's first layer recovers
                 del self.low[n]
-        for n, v in newly:
-            self.vanishing_reported.add(n)
-            ratio = v / largest
+        if newly:
+            for n, _ in newly:
+                self.vanishing_reported.add(n)
+            n0, v0 = newly[0]
+            ratio = v0 / largest
+            more = f" and {len(newly) - 1} more layers" if len(newly) > 1 else ""
+            what = (f"no gradient at all (norm 0; the largest layer's is {largest:.3g})" if v0 == 0 else
+                    f"norm {v0:.3g}, {ratio:.2g} of the largest layer's ({largest:.3g})")
             out.append(Verdict(FindingEvent(
-                severity="warning", category="gradient_error", step=rec.step, key=f"vanishing|{n}",
-                message=f"vanishing gradient in {n}: norm {v:.3g} is {ratio:.2g} of the largest layer's "
-                        f"({largest:.3g}) for {self.v_steps} steps",
-                context={"parameter": n, "norm": v, "largest": largest, "ratio": ratio, "steps": self.v_steps},
+                severity="warning", category="gradient_error", step=rec.step, key=f"vanishing|{n0}",
+                message=f"vanishing gradient in {n0}{more}: {what} for {self.v_steps} steps",
+                context={"parameters": [[n, v, v / largest] for n, v in newly[:50]], "largest": largest,
+                         "steps": self.v_steps},
                 recommendation="Use a non-saturating activation (ReLU/GELU instead of sigmoid/tanh), residual "
                                "connections or normalisation layers, and a proper initialisation "
-                               "(kaiming/xavier); check that the layer is really connected to the loss.")))
+                               "(kaiming/xavier); a layer with no gradient at all may be disconnected from the "
+                               "loss, or behind dead ReLUs.")))
         return out
 
 

@@ -97,6 +97,8 @@ def loss_name(frame: FrameType) -> tuple[str, str]:
                 text = ast.unparse(target)
             elif isinstance(tree.body, ast.Attribute) and tree.body.attr == "backward":
                 text = ast.unparse(tree.body.value)
+            else:
+                text = "loss"  # backward was called inside a library the script called (e.g. our API)
     if not text:
         return f"loss@{source}", source
     text = " ".join(text.split())

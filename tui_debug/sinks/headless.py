@@ -14,6 +14,11 @@ class HeadlessPrinter:
         self._write = write
         self.min_severity = min_severity
 
+    def set_writer(self, write: Callable[[str], None]) -> Callable[[str], None]:
+        """Send the lines elsewhere (the UI's Output pane); returns the previous writer."""
+        previous, self._write = self._write, write
+        return previous
+
     def line(self, text: str) -> None:
         self._write(f"tui_debug: {text}\n")
 

@@ -112,9 +112,8 @@ def run_ui(monitor: Any, exit_on_end: bool = False) -> int:
     term_fd = os.dup(1)  # the real terminal, kept across the capture's redirection of fd 1
     guard = TerminalGuard(term_fd)
     printer = monitor.printer
-    own_write = printer._write
     app = TuiDebugApp(monitor, exit_on_end=exit_on_end, driver_class=make_driver(term_fd))
-    printer._write = lambda text: app.output_buffer.feed("tui_debug", text.removeprefix("tui_debug: "))
+    own_write = printer.set_writer(lambda text: app.output_buffer.feed("tui_debug", text.removeprefix("tui_debug: ")))
     guard.install_exit_guard(lambda code: replay_tail(term_fd, monitor.capture.tail.tail()))
     failure: BaseException | None = None
     try:
@@ -124,7 +123,7 @@ def run_ui(monitor: Any, exit_on_end: bool = False) -> int:
     finally:
         guard.restore()
         guard.uninstall_exit_guard()
-        printer._write = own_write
+        printer.set_writer(own_write)
         app.gpu_poller.stop()
     if failure is None and getattr(app, "_exception", None) is not None:
         failure = app._exception  # Textual printed it already; keep going to a clean finish
