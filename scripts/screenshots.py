@@ -20,7 +20,8 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT = ["examples/digits.py --epochs 3", "examples/nan_midrun.py"]
+DEFAULT = ["examples/digits.py --epochs 3", "examples/nan_midrun.py", "examples/gan.py --steps 600",
+           "examples/data_error.py", "examples/diverging.py"]
 WAIT_S = 300
 
 

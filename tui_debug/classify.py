@@ -104,8 +104,17 @@ def classify_exception(exc: BaseException, failing_modules: list[str] | None = N
         ctx["original_exception"] = worker.group(1)
         if len(original) == 2:
             ctx["original_traceback"] = "Traceback (most recent call last):" + original[1]
+        last = _last_line(text)
+        if last.startswith(worker.group(1) + ":"):
+            last = last[len(worker.group(1)) + 1:].strip()
+        frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', text)
+        where_in = ""
+        if frames:
+            f, line, fn = frames[-1]
+            ctx["dataset_frame"] = f"{os.path.basename(f)}:{line} in {fn}"
+            where_in = f" (at {ctx['dataset_frame']})"
         return Classified("error", "data_error",
-                          f"{worker.group(1)} in DataLoader worker {worker.group(2)}: {_last_line(text)}", ctx,
+                          f"{worker.group(1)} in DataLoader worker {worker.group(2)}: {last}{where_in}", ctx,
                           "The dataset (or its transform/collate_fn) raised for one sample: the original "
                           "traceback in this finding points at the line; run with num_workers=0 to debug it "
                           "in-process.")

@@ -12,6 +12,7 @@ import os
 import queue
 import signal
 import sys
+import threading
 import time
 from types import ModuleType
 from typing import Any, Callable
@@ -65,6 +66,7 @@ class Monitor:
         self.tracker.subscribe(self.printer.on_finding)
         self.session.action_listeners.append(lambda r: self.printer.on_action(r.message))
         self.snapshots = Snapshots(keep=1)
+        self.runner.on_thread_start = self._on_thread_start
         self.instr.on_step_end = self._on_step_end
         self.instr.on_skip = self._on_skip
         self.session.auto_recover = self._auto_recover
@@ -87,6 +89,10 @@ class Monitor:
                 severity="warning", category="system_error", step=None, key="install-failed",
                 message=f"could not instrument torch {getattr(torch, '__version__', '?')}: {exc}; "
                         "the script runs unmonitored", context={})])
+
+    def _on_thread_start(self) -> None:
+        """The instrumentation watches the training thread (torch may have been imported elsewhere)."""
+        self.instr._tid = threading.get_ident()
 
     def _on_script_end(self, ended: ScriptEnded) -> None:
         self.bus.emit([ended])

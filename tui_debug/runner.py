@@ -29,13 +29,14 @@ class UsageError(Exception):
 
 @dataclasses.dataclass
 class Target:
-    kind: str  # "script" | "module"
+    kind: str  # "script" | "module" | "callable" (API: a function run under the monitor)
     name: str  # what the user typed
     argv: list[str]
     code: types.CodeType
     path: str | None  # absolute path of the file to run
     spec: Any = None
     sys_path0: str = ""
+    fn: Callable[[], Any] | None = None
 
     @property
     def display(self) -> str:
@@ -145,9 +146,16 @@ class ScriptRunner:
         self.thread: threading.Thread | None = None
         self.result: ScriptEnded | None = None
         self.interrupted = False
+        self.value: Any = None  # what a callable target returned
+        self.exception: BaseException | None = None
+        self.on_thread_start: Callable[[], None] | None = None
 
     def start(self) -> None:
         t = self.target
+        if t.kind == "callable":  # API use: the caller's process, argv and __main__ stay as they are
+            self.thread = threading.Thread(target=self._run, name="tui_debug-training", daemon=True)
+            self.thread.start()
+            return
         main = types.ModuleType("__main__")
         main.__dict__["__builtins__"] = builtins  # the module, as in a real __main__
         if t.kind == "script":
@@ -175,8 +183,13 @@ class ScriptRunner:
 
     def _run(self) -> None:
         status, code, exc_kept = "finished", 0, None
+        if self.on_thread_start is not None:
+            self.on_thread_start()
         try:
-            exec(self.target.code, self.main_module.__dict__)
+            if self.target.fn is not None:
+                self.value = self.target.fn()
+            else:
+                exec(self.target.code, self.main_module.__dict__)
         except SystemExit as exc:
             code, message = exit_code_of(exc)
             if message is not None:
@@ -193,6 +206,7 @@ class ScriptRunner:
                 sys.excepthook(type(exc), exc, exc.__traceback__)
             except Exception:
                 pass
+            self.exception = exc
             if isinstance(exc, KeyboardInterrupt):
                 status, code = "interrupted", 130
             else:

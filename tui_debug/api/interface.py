@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import threading
 import os
 import time
 from typing import Any, Callable
@@ -66,11 +67,8 @@ class DebuggingInterface:
         if self.ui:
             runner = self._ui_runner()
             if runner is not None:
-                self.ui_active = True
-                try:
-                    return runner(run)
-                finally:
-                    self.ui_active = False
+                self.ui_active = True  # stays True afterwards: this run went through the UI
+                return runner(run)
         return run()
 
     def _ui_runner(self) -> Callable[[Callable[[], dict[str, Any]]], dict[str, Any]] | None:
@@ -81,6 +79,8 @@ class DebuggingInterface:
             reason = "running under python -m tui_debug, which shows the findings itself"
         elif not (sys.stdin.isatty() and sys.stdout.isatty()):
             reason = "no terminal"
+        elif threading.current_thread() is not threading.main_thread():
+            reason = "the UI needs the main thread (it owns the terminal and the signals)"
         elif importlib.util.find_spec("tui_debug.tui") is None:
             reason = "the terminal UI is not installed in this version"
         else:

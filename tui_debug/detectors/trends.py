@@ -186,7 +186,8 @@ class GradientNorms:
 
 
 class SlowSteps:
-    """Step-time outliers: more than ``slow_step_factor`` x the recent median and over 50 ms."""
+    """Step-time outliers: more than ``slow_step_factor`` x the recent median and over 0.25 s (shorter
+    hiccups come from the machine, not the run)."""
 
     def __init__(self, config: DebugConfig) -> None:
         self.factor = config.slow_step_factor
@@ -199,7 +200,7 @@ class SlowSteps:
         out = []
         if len(self.recent) >= 20:
             med = statistics.median(self.recent)
-            if d > self.factor * med and d > 0.05:
+            if d > self.factor * med and d > 0.25:
                 out.append(Verdict(FindingEvent(
                     severity="info", category="timeout_error", step=rec.step, key="slow-step",
                     message=f"step {rec.step} took {d:.3g}s, {d / med:.3g}x the median {med:.3g}s",
