@@ -45,7 +45,7 @@ class LossExplosion:
     def observe(self, name: str, step: int, value: float) -> list[Verdict]:
         st = self.state.setdefault(name, {"recent": collections.deque(maxlen=self.window), "n": 0,
                                           "best": None, "best_step": None, "firing": False,
-                                          "fired_at": 0.0})
+                                          "fired_at": 0.0, "first": None})
         if not _finite(value):
             return []
         st["recent"].append(value)
@@ -54,12 +54,14 @@ class LossExplosion:
             return []
         med = statistics.median(st["recent"])
         key = f"loss-explosion|{name}"
+        if st["first"] is None:
+            st["first"] = med
         if st["n"] <= self.warmup or st["best"] is None:
             if st["n"] > self.window and (st["best"] is None or abs(med) < abs(st["best"])):
                 st["best"], st["best_step"] = med, step
             return []
         best = st["best"]
-        scale = max(abs(best), 1e-8)
+        scale = max(abs(best), 0.01 * abs(st["first"]), 1e-8)  # a loss near 0 may wobble 100x: not an explosion
         rising = st["recent"][-1] > st["recent"][0]
         again = st["firing"] and rising and med > self.factor * max(st["fired_at"], 1e-8)
         if (not st["firing"] and med > best + (self.factor - 1) * scale and rising) or again:
@@ -272,8 +274,8 @@ class MemoryGrowth:
 
 
 class Plateau:
-    """A loss that stopped improving: over the last ``plateau_steps`` steps the best value improved by
-    less than 0.1% of the range seen (info: may be convergence, may be a learning rate far too small)."""
+    """A loss that stopped improving: its best value improved by less than 0.1% over the last
+    ``plateau_steps`` steps (info: convergence, or a learning rate far too small)."""
 
     def __init__(self, config: DebugConfig) -> None:
         self.steps = config.plateau_steps
@@ -282,25 +284,35 @@ class Plateau:
     def observe(self, name: str, step: int, value: float) -> list[Verdict]:
         if not _finite(value):
             return []
-        st = self.state.setdefault(name, {"best": value, "best_step": step, "first": value, "fired": False,
-                                          "max": value})
-        st["max"] = max(st["max"], value)
-        rng = max(st["max"] - min(st["best"], value), abs(st["first"]) * 1e-3, 1e-12)
-        if value < st["best"] - 1e-3 * rng:
-            st["best"], st["best_step"] = value, step
-            if st["fired"]:
-                st["fired"] = False
-                return [Verdict(resolve=f"plateau|{name}")]
-        elif not st["fired"] and step - st["best_step"] >= self.steps:
+        st = self.state.get(name)
+        if st is None:
+            st = self.state[name] = {"best": value, "marks": collections.deque(), "fired": False, "start": step}
+        if value < st["best"]:
+            st["best"] = value
+        marks = st["marks"]  # (step, best so far), one per ~1% of the window
+        if not marks or step - marks[-1][0] >= max(1, self.steps // 100):
+            marks.append((step, st["best"]))
+        while len(marks) > 1 and step - marks[1][0] >= self.steps:
+            marks.popleft()
+        then_step, then_best = marks[0]
+        if step - then_step < self.steps:
+            return []
+        improvement = then_best - st["best"]
+        stalled = improvement < 1e-3 * max(abs(st["best"]), 1e-12)
+        key = f"plateau|{name}"
+        if stalled and not st["fired"]:
             st["fired"] = True
             return [Verdict(FindingEvent(
-                severity="info", category="optimization_error", step=step, key=f"plateau|{name}",
-                message=f"loss '{name}' has not improved for {step - st['best_step']} steps "
-                        f"(best {st['best']:.4g} at step {st['best_step']})",
-                context={"loss": name, "best": st["best"], "best_step": st["best_step"]},
+                severity="info", category="optimization_error", step=step, key=key,
+                message=f"loss '{name}' improved by only {improvement:.3g} ({improvement / max(abs(then_best), 1e-12):.2%}) "
+                        f"over the last {step - then_step} steps (best {st['best']:.4g})",
+                context={"loss": name, "best": st["best"], "improvement": improvement, "window": step - then_step},
                 recommendation="If the loss is still high, the learning rate may be too small or too large "
                                "(try a learning-rate range test), or the model lacks capacity; if it is "
                                "low, training has converged: stop early."))]
+        if not stalled and st["fired"]:
+            st["fired"] = False
+            return [Verdict(resolve=key)]
         return []
 
 
@@ -320,7 +332,7 @@ class DataStall:
             return []
         wait = sum(w for w, _ in self.recent)
         total = sum(d for _, d in self.recent)
-        share = wait / total if total > 0 else 0.0
+        share = statistics.median(min(1.0, w / d) for w, d in self.recent)  # one stall is not a pattern
         if not self.fired and share > 0.5 and total / len(self.recent) > 0.002:
             self.fired = True
             return [Verdict(FindingEvent(

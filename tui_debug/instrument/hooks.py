@@ -62,11 +62,12 @@ class _Sampler:
     WARMUP = 32  # checked steps before the first probe
     PROBE = 16  # unchecked steps per probe
     REPROBE = 5000  # steps between probes
-    FAST_S = 0.005  # only steps faster than this are ever sampled
-    MAX_EVERY = 64
+    FAST_S = 0.001  # only steps faster than this are ever sampled
+    MAX_EVERY = 16
 
     def __init__(self, budget: float) -> None:
         self.budget = budget
+        self.optimizers = 1
         self.every = 1
         self.n = 0
         self.d_obs: float | None = None
@@ -109,7 +110,10 @@ class _Sampler:
             self.every = 1
             return
         cost = max(0.0, self.d_obs - self.d_skip)
-        self.every = max(1, min(self.MAX_EVERY, math.ceil(cost / (self.budget * self.d_skip))))
+        every = max(1, min(self.MAX_EVERY, math.ceil(cost / (self.budget * self.d_skip))))
+        if every > 1 and self.optimizers > 1 and every % 2 == 0:
+            every += 1  # alternating optimizers (GANs): an odd stride checks each of them in turn
+        self.every = every
 
 
 class Instrumentation:
@@ -182,6 +186,8 @@ class Instrumentation:
         self._observe = True  # this step is checked (see _Sampler)
         self._step_end: float | None = None
         self._wait = 0.0
+        self._unchecked_losses: list[Any] = []
+        self._last_site: int | None = None
         self._observed_steps = 0
         self._stats_now = False
         self._stat_meta: list[tuple[str, str, int]] = []
@@ -518,7 +524,12 @@ class Instrumentation:
 
     # -- losses -----------------------------------------------------------------------------------
     def _on_backward(self, tensors: Any) -> None:
-        if not self._observe or not self.config.enable_loss_tracking or self._is_compiling():
+        if not self._observe:
+            # An unchecked (sampled-out) step still gets its loss looked at, cheaply, at the boundary.
+            if isinstance(tensors, self._Tensor) and self.config.enable_loss_tracking:
+                self._unchecked_losses.append(tensors)
+            return
+        if not self.config.enable_loss_tracking or self._is_compiling():
             return
         loss = tensors
         if not isinstance(loss, self._Tensor) or loss.numel() != 1:
@@ -542,6 +553,7 @@ class Instrumentation:
             site = self._guarded(self._new_loss_site, key, frame)
             if site is None:
                 return
+        self._last_site = site
         value = loss.detach()
         if value.dtype != self._float32:
             value = value.float()
@@ -674,13 +686,24 @@ class Instrumentation:
         duration = 0.0 if last is None else now - last
         self._last_step_time = now
         observed = self._observe
+        self._sampler.optimizers = len(self._opts)
         self._observe = self._sampler.next(observed, duration)
         wait, self._wait = self._wait, 0.0
-        if not observed:  # a sampled-out step: timing only, no device work
-            self._pending.append(StepRecord(self.step, now, duration, st.index, [], None, None, wait))
-            if now - self._last_flush >= FLUSH_INTERVAL_S:
-                self.flush()
-            return
+        if not observed:  # a sampled-out step: timing only, and the loss looked at on the CPU
+            unchecked, self._unchecked_losses = self._unchecked_losses, []
+            bad = [t for t in unchecked if not t.is_cuda and t.numel() == 1 and not math.isfinite(t.item())]
+            if not bad:
+                self._pending.append(StepRecord(self.step, now, duration, st.index, [], None, None, wait))
+                if now - self._last_flush >= FLUSH_INTERVAL_S:
+                    self.flush()
+                return
+            # A non-finite loss on an unchecked step: check this step's gradients now (and skip it).
+            self._sampler.alarm()
+            self._observe = True
+            site = self._last_site if self._last_site is not None else 0
+            if not self._loss_site_names:
+                self._new_loss_site((None, 0), None)
+            self._losses = [(site, t.detach().float().reshape(())) for t in bad]
         losses = self._losses
         flat: list[Any] = [v for _, v in losses]
         tail = self._acts  # last partial chunk of activations
@@ -821,6 +844,7 @@ class Instrumentation:
             self.consecutive_skips = 0
         else:
             self._sampler.alarm()
+            self._observe = True  # the next step too, whatever the sampler had decided
             self._guarded(self._check_nonfinite, read, values)
 
     def _clip(self, groups: list[list[Any]], tail: list[Any] | None) -> None:
