@@ -3,7 +3,7 @@
 Runs each workload plain and under the monitor, interleaved, ROUNDS times, and prints the median
 of the per-round ratios of the step time the workload measured itself (steady state).
 
-    python bench/overhead.py [--rounds 5] [--memory]
+    python bench/overhead.py [--rounds 7] [--ui] [--memory]
 
 --memory also runs 1,000,000 toy steps under the monitor and compares peak RSS after 10,000 steps
 with peak RSS at the end (target: within 32 MB).
@@ -78,7 +78,7 @@ def run(mode, workload, extra=()):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--workloads", default="cnn,transformer,toy")
     p.add_argument("--no-anomaly", action="store_true")
     p.add_argument("--memory", action="store_true")
@@ -87,10 +87,11 @@ def main():
     print(f"{'workload':<12} {'plain step':>11} {'headless':>9} {'target':>7} {'UI':>7} {'target':>7} "
           f"{'detect_anomaly':>15}")
     for w in args.workloads.split(","):
-        ratios, ui, anomaly, plain = [], [], [], []
+        ratios, ui, anomaly, plain, noise = [], [], [], [], []
         for _ in range(args.rounds):
             a = run("plain", w)
             b = run("monitor", w)
+            noise.append(run("plain", w)["step_s"] / a["step_s"])
             plain.append(a["step_s"])
             ratios.append(b["step_s"] / a["step_s"])
             if args.ui:
@@ -101,7 +102,8 @@ def main():
         u = f"{statistics.median(ui):.3f}x" if ui else "-"
         print(f"{w:<12} {statistics.median(plain) * 1e3:>9.3f}ms {statistics.median(ratios):>8.3f}x "
               f"{TARGETS[w]:>6.2f}x {u:>7} {UI_TARGETS[w]:>6.2f}x {an:>15}   "
-              f"(headless ratios: {', '.join(f'{r:.3f}' for r in ratios)})", flush=True)
+              f"(headless ratios: {', '.join(f'{r:.3f}' for r in ratios)}; plain/plain noise: "
+              f"{', '.join(f'{r:.3f}' for r in noise)})", flush=True)
     if args.memory:
         r = run("monitor", "toy", ["--steps", "1000000", "--warmup", "0", "--rss-at", "10000"])
         growth = (r["rss_peak"] - r["rss_early"]) / 2**20

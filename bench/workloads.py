@@ -59,7 +59,7 @@ def main():
     torch.manual_seed(0)
     torch.set_num_threads(1)
     model, opt, loss_fn, x, y = {"cnn": cnn, "transformer": transformer, "toy": toy}[args.workload]()
-    steps = args.steps or {"cnn": 60, "transformer": 60, "toy": 20000}[args.workload]
+    steps = args.steps or {"cnn": 150, "transformer": 150, "toy": 30000}[args.workload]
     warmup = args.warmup if args.warmup is not None else {"cnn": 10, "transformer": 10, "toy": 2000}[args.workload]
     ctx = torch.autograd.detect_anomaly(check_nan=True) if args.anomaly else None
     if ctx is not None:

@@ -335,9 +335,10 @@ class Instrumentation:
     def _sentinel(self, t: Any) -> int:
         """Queue ``t`` for a finiteness check; returns its sentinel index (-1 when not measured).
 
-        Tensors are reduced in chunks with one ``_foreach_norm(ord=inf)`` (the max |x|: NaN/Inf
-        propagate and, unlike a sum, it cannot overflow), so at most ``SENTINEL_CHUNK`` activations
-        are kept alive longer than autograd would.
+        Tensors are reduced in chunks with one ``_foreach_norm`` (L2, the vectorised fast path: 15x
+        faster on the CPU than ord=inf); NaN/Inf propagate, and an inf that might be an overflow (values
+        above ~1e19) is re-checked exactly when it occurs. At most ``SENTINEL_CHUNK`` activations are kept
+        alive longer than autograd would.
         """
         n = self._n_sent
         if n >= self._max_sent or t.numel() == 0:
@@ -359,7 +360,7 @@ class Instrumentation:
             # A tensor modified in place after it was queued (ReLU(inplace=True), x.log_()) no longer
             # shows the value the module produced: its sentinel is unknown, not evidence.
             self._mark_stale(acts)
-            self._sent.extend(self.torch._foreach_norm(acts, _INF))  # type: ignore[union-attr]
+            self._sent.extend(self.torch._foreach_norm(acts, 2))  # type: ignore[union-attr]
             self._acts = []
 
     def _post_hook(self, module: Any, args: tuple[Any, ...], output: Any) -> None:
@@ -715,15 +716,16 @@ class Instrumentation:
         flat.extend(sent)
         grad_names: list[str] | None = None
         groups = self._grad_layout(st) if self._track_grads else []
-        recheck: list[Any] | None = None
+        # For an inf sentinel (a real inf, or an L2 overflow above ~1e19) the exact check needs the tensor:
+        # weak references to the reduced ones, strong ones to the last chunk.
+        recheck: list[Any] = self._refs[:n_chunked] + tail
+        merged = 0
         if tail:
             if groups and st.dtypes[0] is self._float32 and st.devices[0].type == "cpu":
-                # On the CPU the tail shares the first gradient group's call (an L2 norm: an overflow to
-                # inf is re-checked exactly on the retained tensors, only on such a step).
-                groups[0] = tail + groups[0]
-                recheck = tail
+                groups[0] = tail + groups[0]  # the tail shares the first gradient group's call
+                merged = len(tail)
             else:
-                flat.extend(torch._foreach_norm(tail, _INF))
+                flat.extend(torch._foreach_norm(tail, 2))
         if groups:
             f32 = self._float32
             for grads, dtype in zip(groups, st.dtypes):
@@ -783,7 +785,7 @@ class Instrumentation:
                 if self._skip_now:
                     self._skip_step(st)
                 elif self.clip_norm is not None and groups:
-                    self._clip(groups, recheck)
+                    self._clip(groups, merged)
         if self.clip_norm is not None and self._reads and groups:  # CUDA: values are a step late
             params = [p for p in st.params if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
@@ -847,15 +849,15 @@ class Instrumentation:
             self._observe = True  # the next step too, whatever the sampler had decided
             self._guarded(self._check_nonfinite, read, values)
 
-    def _clip(self, groups: list[list[Any]], tail: list[Any] | None) -> None:
+    def _clip(self, groups: list[list[Any]], merged: int) -> None:
         """Clip with the norms already read (no second pass over the gradients)."""
         total = self.recent_total_norms[-1] if self.recent_total_norms else None
         if total is None or not math.isfinite(total) or total <= self.clip_norm:  # type: ignore[operator]
             return
         coef = self.clip_norm / (total + 1e-6)  # type: ignore[operator]
         for i, grads in enumerate(groups):
-            if i == 0 and tail:
-                grads = grads[len(tail):]
+            if i == 0 and merged:
+                grads = grads[merged:]
             self.torch._foreach_mul_(grads, coef)  # type: ignore[union-attr]
 
     def _check_nonfinite(self, read: tuple[Any, ...], values: list[float]) -> None:
@@ -863,12 +865,19 @@ class Instrumentation:
          grad_names, recheck, _wait, n_grads, _extras, _upd) = read
         nl = len(loss_sites)
         sentinels: list[float | None] = values[nl:nl + n_sent]
-        if recheck:
-            for i, t in enumerate(recheck):
-                j = n_chunked + i
-                v = sentinels[j]
-                if v is not None and v == _INF and j not in stale:  # an L2 overflow, or a real inf?
-                    sentinels[j] = self.torch._foreach_norm([t], _INF)[0].item()  # type: ignore[union-attr]
+        others_finite = all(math.isfinite(v) for v in values[:nl]) and all(
+            math.isfinite(v) for v in values[nl + n_sent:nl + n_sent + n_grads])
+        for j, v in enumerate(sentinels):
+            if v is None or v != _INF or j in stale:
+                continue
+            # +inf: a real inf, or the L2 norm overflowing (values above ~1e19). Decide exactly if the
+            # tensor is still alive; if not, trust it only when the loss or gradients went bad too.
+            obj = recheck[j] if j < len(recheck) else None
+            t = obj() if isinstance(obj, weakref.ref) else obj
+            if t is not None:
+                sentinels[j] = 0.0 if bool(self.torch.isfinite(t).all()) else v  # type: ignore[union-attr]
+            elif others_finite:
+                sentinels[j] = None
         for j in stale:
             if j < len(sentinels):
                 sentinels[j] = None
