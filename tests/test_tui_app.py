@@ -36,7 +36,7 @@ NO_GPU = GpuSample(0.0, [], reason="no NVIDIA driver (NVML not found)")
 def make_app(tmp_path, **kw) -> tuple[TuiDebugApp, FakeMonitor]:
     mon = FakeMonitor(str(tmp_path), script="examples/train.py")
     app = TuiDebugApp(mon, start_gpu=False, sample_memory=False, elapsed=lambda: 42.0,
-                      system_memory_fn=lambda: (16 * 2**30, 12 * 2**30), tick_s=3600, **kw)
+                      system_memory_fn=lambda: (16 * 2**30, 12 * 2**30), tick_s=3600, heavy_s=0, **kw)
     return app, mon
 
 

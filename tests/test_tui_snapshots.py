@@ -25,7 +25,7 @@ GRADS = {"model.0.weight": 0.35, "model.0.bias": 0.08, "model.2.weight": 0.9, "m
 def build(tmp_path, gpu=NO_GPU):
     mon = FakeMonitor(str(tmp_path), script="examples/digits.py")
     app = TuiDebugApp(mon, start_gpu=False, sample_memory=False, elapsed=lambda: 83.0,
-                      system_memory_fn=lambda: (16 * 2**30, 11 * 2**30), tick_s=3600)
+                      system_memory_fn=lambda: (16 * 2**30, 11 * 2**30), tick_s=3600, heavy_s=0)
     app.gpu_sample = gpu
     mon.report_path = "tui_debug_runs/20260101-120000-digits/report.json"  # stable pictures
     mon.session.rss_last, mon.session.rss_peak = 412 * 2**20, 420 * 2**20

@@ -30,6 +30,7 @@ from .status import StatusBar
 
 TICK_S = 0.1  # at most ~10 repaints per second
 MEMORY_S = 1.0
+HEAVY_S = 0.5  # full repaints at most twice a second
 ACTION_TEXT = {
     "clear_cache": "clear cache", "lower_lr": "lower LR x0.5", "raise_lr": "raise LR x2",
     "toggle_clipping": "toggle clipping", "rollback": "roll back", "checkpoint": "save checkpoint",
@@ -73,7 +74,7 @@ class TuiDebugApp(App[int]):
                  start_gpu: bool = True, sample_memory: bool = True,
                  elapsed: Callable[[], float] | None = None,
                  system_memory_fn: Callable[[], tuple[int | None, int | None]] = system_memory,
-                 tick_s: float = TICK_S, **kw: Any) -> None:
+                 tick_s: float = TICK_S, heavy_s: float = HEAVY_S, **kw: Any) -> None:
         super().__init__(**kw)
         self.monitor = monitor
         self.session = monitor.session
@@ -85,11 +86,14 @@ class TuiDebugApp(App[int]):
         self._elapsed_fn = elapsed
         self._system_memory = system_memory_fn
         self._tick_s = tick_s
+        self._heavy_s = heavy_s
         self.output_buffer = OutputBuffer()
         self.queue: asyncio.Queue[list[Any]] | None = None
         self.gpu_sample: GpuSample | None = None
         self.sys_mem: tuple[int | None, int | None] = (None, None)
         self._next_memory = 0.0
+        self._next_heavy = 0.0
+        self._light: tuple[Any, ...] | None = None
         self.notice: Text | str | None = "starting the script…"
         self.stopping = False
         self.requests: dict[int, str] = {}
@@ -160,7 +164,17 @@ class TuiDebugApp(App[int]):
             self.sys_mem = self._system_memory()
         if self.notice == "starting the script…" and self.session.steps > 0:
             self.notice = None
-        self.refresh_panes()
+        # Findings and acknowledgements every tick (<= 100 ms + the 50 ms flush); the heavy panes
+        # (gradients, loss, output, memory) at most every HEAVY_S: the UI's Python shares the GIL
+        # with training, and a full repaint costs tens of ms on a small CPU.
+        light = (len(self.monitor.tracker.errors), self.notice, self.state())
+        if now >= self._next_heavy or self.session.ended is not None:
+            self._next_heavy = now + self._heavy_s
+            self._light = light
+            self.refresh_panes()
+        elif light != self._light:
+            self._light = light
+            self.refresh_light()
         ended = self.session.ended is not None
         if ended and not self._ended_seen:
             self._ended_seen = True
@@ -173,6 +187,16 @@ class TuiDebugApp(App[int]):
                 self.exit(s.exit_code)
         if getattr(self.monitor, "_terminate", None) is not None:  # SIGTERM/SIGHUP: go at once
             self.exit(None)
+
+    def refresh_light(self) -> None:
+        """Status line and findings only."""
+        s = self.session
+        with self.batch_update():
+            findings = self.monitor.tracker.snapshot()
+            self.status_bar.show(self.monitor.target.display, self.state(), s.steps, s.steps_per_second(),
+                                 self.elapsed(), getattr(self.monitor.config, "recover", "?"), s.exit_code,
+                                 len(findings), self.notice)
+            self.errors.sync(findings)
 
     def refresh_panes(self) -> None:
         s = self.session

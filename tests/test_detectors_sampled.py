@@ -1,0 +1,43 @@
+"""Sick fixtures for the sampled detectors (dead ReLUs, saturated tanh, update/weight ratio) and the
+data-stall hint; the healthy direction is tests/test_detectors.py's healthy fixtures, which run long
+enough for these samples and must stay silent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from helpers import SCRIPTS
+from test_detectors import UNSAMPLED, names_in, pick, run_fixture, show
+
+SCRIPT = SCRIPTS / "sick_activations.py"
+
+
+def test_dead_relu_layer_is_named(tmp_path: Path) -> None:
+    proc, report = run_fixture(tmp_path, SCRIPT, "--kind", "dead", config=UNSAMPLED)
+    assert proc.returncode == 0, show(report)
+    (dead,) = pick(report, "model_error", "warning", "never active")
+    assert "model.1 (ReLU)" in names_in(dead) and dead["context"]["dead_share"] > 0.5, show(report)
+    assert dead["first_step"] <= 130, show(report)  # 5 samples, one every 25 steps
+
+
+def test_saturated_tanh_layer_is_named(tmp_path: Path) -> None:
+    proc, report = run_fixture(tmp_path, SCRIPT, "--kind", "saturated", config=UNSAMPLED)
+    assert proc.returncode == 0, show(report)
+    (sat,) = pick(report, "model_error", "warning", "saturated")
+    assert "model.1 (Tanh)" in names_in(sat) and sat["context"]["saturated_share"] > 0.7, show(report)
+
+
+def test_update_ratio_far_too_large_is_flagged(tmp_path: Path) -> None:
+    proc, report = run_fixture(tmp_path, SCRIPT, "--kind", "update", "--steps", "120",
+                               config=UNSAMPLED + "update_ratio_every = 20\n")
+    assert proc.returncode == 0, show(report)
+    (upd,) = pick(report, "optimization_error", "warning", "far too large")
+    assert upd["context"]["median_ratio"] > 0.3 and upd["first_step"] <= 41, show(report)
+
+
+def test_data_stall_is_an_info_hint(tmp_path: Path) -> None:
+    proc, report = run_fixture(tmp_path, SCRIPT, "--kind", "stall", "--steps", "80", config=UNSAMPLED)
+    assert proc.returncode == 0, show(report)
+    (stall,) = pick(report, "data_error", "info", "waiting for data")
+    assert stall["context"]["wait_share"] > 0.5, show(report)
+    assert not [e for e in report["errors"] if e["severity"] in ("warning", "error")], show(report)
