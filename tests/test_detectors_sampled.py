@@ -28,11 +28,11 @@ def test_saturated_tanh_layer_is_named(tmp_path: Path) -> None:
 
 
 def test_update_ratio_far_too_large_is_flagged(tmp_path: Path) -> None:
-    proc, report = run_fixture(tmp_path, SCRIPT, "--kind", "update", "--steps", "120",
-                               config=UNSAMPLED + "update_ratio_every = 20\n")
+    proc, report = run_fixture(tmp_path, SCRIPT, "--kind", "update", "--steps", "40",
+                               config=UNSAMPLED + "update_ratio_every = 1\n")
     assert proc.returncode == 0, show(report)
     (upd,) = pick(report, "optimization_error", "warning", "far too large")
-    assert upd["context"]["median_ratio"] > 0.3 and upd["first_step"] <= 41, show(report)
+    assert upd["context"]["median_ratio"] > 0.3 and upd["first_step"] <= 5, show(report)
 
 
 def test_data_stall_is_an_info_hint(tmp_path: Path) -> None:
