@@ -71,8 +71,8 @@ def loss_at(report: dict[str, Any], name: str, step: int) -> float | None:
 HEALTHY = [
     pytest.param(SCRIPTS / "healthy_cnn.py", (), None, id="cnn-batchnorm-dropout-sgd"),
     pytest.param(SCRIPTS / "healthy_transformer.py", (), None, id="transformer-lm-adamw-warmup-clip"),
-    pytest.param(SCRIPTS / "healthy_gan.py", (), None, id="gan-2d-mixture"),
-    pytest.param(SCRIPTS / "healthy_gan.py", (), UNSAMPLED, id="gan-2d-mixture-every-step"),
+    pytest.param(EXAMPLES / "gan.py", ("--steps", "400"), None, id="gan-2d-mixture"),
+    pytest.param(EXAMPLES / "gan.py", ("--steps", "400"), UNSAMPLED, id="gan-2d-mixture-every-step"),
     pytest.param(SCRIPTS / "healthy_lstm.py", (), None, id="lstm-noisy-sines"),
     pytest.param(EXAMPLES / "digits.py", ("--epochs", "10"), None, id="examples-digits"),
 ]
