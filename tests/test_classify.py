@@ -93,3 +93,18 @@ def test_human_bytes() -> None:
     assert human_bytes(512) == "512 B"
     assert human_bytes(2 * 2**30) == "2.00 GiB"
     assert human_bytes(4 * 10**13) == "36.38 TiB"
+
+
+def test_labels_out_of_range_for_the_loss_are_a_data_error() -> None:
+    import torch
+
+    from tui_debug.classify import classify_exception
+
+    try:
+        torch.nn.functional.cross_entropy(torch.randn(4, 3), torch.tensor([0, 1, 5, 2]))
+    except Exception as exc:  # IndexError: Target 5 is out of bounds.
+        c = classify_exception(exc, ["loss_fn (CrossEntropyLoss)"])
+    else:  # pragma: no cover - torch always raises here
+        raise AssertionError("cross_entropy accepted an out-of-range label")
+    assert c.category == "data_error" and "labels out of range" in c.message and "Target 5" in c.message
+    assert "number of classes" in c.recommendation
