@@ -797,6 +797,7 @@ class Instrumentation:
     def _skip_step(self, st: _OptState) -> None:
         """Leave the parameters untouched, as GradScaler does: an optimizer ignores params with no grad."""
         self._skip_now = False
+        self._upd_start = None  # a skipped step has no update to measure
         for p in st.params:
             p.grad = None
         self.skipped_steps += 1
