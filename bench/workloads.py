@@ -4,8 +4,10 @@
 """
 
 import argparse
+import gc
 import json
 import resource
+import statistics
 import sys
 import time
 
@@ -55,6 +57,9 @@ def main():
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--anomaly", action="store_true")
     p.add_argument("--rss-at", type=int, default=0)
+    p.add_argument("--ab", type=int, default=0, metavar="BLOCK",
+                   help="under the monitor: switch its instrumentation off and on every BLOCK steps and "
+                        "report both step times (same process, so machine noise cancels)")
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -66,9 +71,38 @@ def main():
         ctx.__enter__()
     rss_early = None
     t0 = None
+    gc_time = [0.0, 0.0, 0.0]
+    gc_count = [0, 0, 0]
+    gc_start = [0.0]
+
+    def on_gc(phase, info):  # time spent in the cyclic GC, by generation (the monitor allocates too)
+        if phase == "start":
+            gc_start[0] = time.perf_counter()
+        elif t0 is not None:
+            gc_time[info["generation"]] += time.perf_counter() - gc_start[0]
+            gc_count[info["generation"]] += 1
+
+    gc.callbacks.append(on_gc)
+    instr = None
+    if args.ab:
+        from tui_debug import monitor
+        instr = monitor.ACTIVE_MONITOR.instr if monitor.ACTIVE_MONITOR is not None else None
+        if instr is None:
+            sys.exit("--ab needs the monitor: python -m tui_debug bench/workloads.py ... --ab N")
+    blocks = {True: [], False: []}
+    tb = None
     for i in range(warmup + steps):
         if i == warmup:
             t0 = time.perf_counter()
+        if instr is not None and i >= warmup and (i - warmup) % args.ab == 0:
+            now = time.perf_counter()
+            if tb is not None:
+                blocks[instr._installed].append((now - tb) / args.ab)
+            if ((i - warmup) // args.ab) % 2 == 0:
+                instr.install(torch)
+            else:
+                instr.uninstall()
+            tb = time.perf_counter()
         opt.zero_grad()
         loss = loss_fn(model(x), y)
         loss.backward()
@@ -76,10 +110,17 @@ def main():
         if args.rss_at and i + 1 == args.rss_at:
             rss_early = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     elapsed = time.perf_counter() - t0
+    if instr is not None:
+        instr.install(torch)
     if ctx is not None:
         ctx.__exit__(None, None, None)
     out = {"workload": args.workload, "steps": steps, "step_s": elapsed / steps,
-           "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_early": rss_early}
+           "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_early": rss_early,
+           "gc_s": gc_time, "gc_n": gc_count}
+    if instr is not None:
+        on, off = blocks[True], blocks[False]
+        pairs = [a / b for a, b in zip(on, off)]
+        out.update(on_s=statistics.median(on), off_s=statistics.median(off), ab_ratio=statistics.median(pairs))
     sys.stdout.write("BENCH " + json.dumps(out) + "\n")
 
 

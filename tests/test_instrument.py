@@ -315,3 +315,144 @@ def test_nan_produced_in_place_is_blamed_on_that_module(rec: Recorder) -> None:
     at_2 = rec.findings(step=2)
     blamed = [f.context.get("module") for f in at_2 if f.category in ("model_error", "input_validation")]
     assert blamed == ["model.1 (InplaceLog)"], [(f.category, f.message) for f in at_2]
+
+
+# -- cheaper sentinels: finite-preserving modules, large activations -------------------------------------
+
+def test_nan_after_relu_and_dropout_is_blamed_on_its_producer(rec: Recorder) -> None:
+    """ReLU/Dropout outputs are not read (finite in -> finite out); attribution is unchanged, also for
+    activations large enough to be reduced at once (sum) rather than in chunks."""
+    model = nn.Sequential(nn.Linear(4, 16384), nn.ReLU(), nn.Dropout(0.1), NaNMaker(), nn.Linear(16384, 1))
+    _train(model, steps=2, bad_step=2)
+    assert rec.findings(step=1) == []
+    blamed = [f.context["module"] for f in rec.findings(step=2) if f.category == "model_error"]
+    assert blamed == ["model.3 (NaNMaker)"]
+
+
+class LogBetweenChildren(nn.Module):
+    """A NaN made by functional code in the parent's forward, between two children."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)
+        self.on = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.fc1(x))
+        if self.on:
+            h = torch.log(h - 1e3)
+        return self.fc2(h)
+
+
+def test_nan_from_functional_code_is_blamed_on_the_parent_not_the_next_child(rec: Recorder) -> None:
+    torch.manual_seed(0)
+    model = LogBetweenChildren()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(1, 3):
+        model.on = step == 2
+        optimizer.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        optimizer.step()
+    blamed = [f.context["module"] for f in rec.findings(step=2) if f.category == "model_error"]
+    assert blamed == ["model (LogBetweenChildren)"]
+
+
+class Huge(nn.Module):
+    """Finite values so large that a sum of them overflows float32 (1e34 x 131072 > 3.4e38)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 16384)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * 0 + 1e34
+
+
+class Shrink(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 1e-34
+
+
+def test_a_sentinel_that_overflows_is_rechecked_not_reported(rec: Recorder) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(Huge(), Shrink())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.randn(8, 4)).mean().backward()
+        optimizer.step()
+    assert rec.findings() == []
+
+
+# -- sampled-out (very fast) steps ----------------------------------------------------------------------
+
+def test_sampled_out_steps_run_without_forward_hooks_and_still_name_a_failing_module(rec: Recorder) -> None:
+    class Exploder(nn.Module):
+        on = False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.on:
+                raise RuntimeError("shape mismatch in the block")
+            return x
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Sequential(nn.ReLU(), Exploder()))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        model(torch.randn(8, 4)).sum().backward()
+        optimizer.step()
+
+    step()
+    rec.inst._sampler.next = lambda observed, duration: False  # every later step is sampled out
+    step()
+    assert not nn_module._global_forward_pre_hooks and not nn_module._global_forward_hooks
+    model[1][1].on = True
+    with pytest.raises(RuntimeError) as info:
+        model(torch.randn(8, 4))
+    assert rec.inst.failing_modules(info.value)[:2] == ["model.1.1 (Exploder)", "model.1 (Sequential)"]
+
+
+def test_every_fast_step_is_counted_and_timed_when_most_are_sampled_out() -> None:
+    from tui_debug.errors import ErrorTracker
+    from tui_debug.events import StepSpan
+    from tui_debug.session import Session
+
+    batches: list[list[Any]] = []
+    config = DebugConfig()
+    inst = Instrumentation(config, batches.append)
+    inst.install(torch)
+    try:
+        torch.manual_seed(0)
+        model = nn.Linear(4, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        x, y = torch.randn(8, 4), torch.randn(8, 1)
+        for _ in range(3000):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+        inst.finish()
+    finally:
+        inst.uninstall()
+    events = [e for b in batches for e in b]
+    checked = [e for e in events if isinstance(e, StepRecord) and e.losses]
+    assert any(isinstance(e, StepSpan) for e in events), "a 0.3 ms step should be sampled"
+    assert 0 < len(checked) < 3000
+    session = Session(config, ErrorTracker(config))
+    session.handle(events)
+    assert session.steps == 3000
+    assert session.step_times.count == 2999  # every step after the first has a duration
+
+
+def test_sampler_checks_every_step_again_when_steps_slow_down() -> None:
+    from tui_debug.instrument.hooks import _Sampler
+
+    s = _Sampler(0.05)
+    checked = True
+    for _ in range(200):  # fast steps whose checks cost half a step: sampled
+        checked = s.next(checked, 0.0003 if checked else 0.0002)
+    assert s.every > 1
+    for _ in range(s.every * 4):
+        checked = s.next(checked, 0.005)  # now 5 ms per step
+    assert s.every == 1 and checked

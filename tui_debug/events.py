@@ -31,6 +31,21 @@ class StepRecord:
 
 
 @dataclasses.dataclass(slots=True)
+class StepSpan:
+    """Consecutive sampled-out steps folded into one event (very fast steps): their count and times.
+
+    The training thread keeps appending to it until its next flush, so that a run at thousands of
+    steps per second costs the consumer one event per flush, not one per step.
+    """
+
+    first_step: int
+    last_step: int
+    time: float  # perf_counter at the last step's end
+    optimizer: int
+    durations: list[float]
+
+
+@dataclasses.dataclass(slots=True)
 class FindingEvent:
     """A finding produced in the training thread (already classified)."""
 

@@ -17,7 +17,8 @@ from typing import Any, Callable
 from .classify import classify_exception, memory_context
 from .config import DebugConfig
 from .errors import ErrorCategory, ErrorSeverity, ErrorTracker, format_exception
-from .events import (FindingEvent, LossSiteEvent, ModelEvent, OptimizerEvent, ScriptEnded, StepRecord)
+from .events import (FindingEvent, LossSiteEvent, ModelEvent, OptimizerEvent, ScriptEnded, StepRecord,
+                     StepSpan)
 from .detectors.trends import ActivationHealth, DataStall, UpdateRatio, GradientNorms, LossExplosion, MemoryGrowth, Plateau, SlowSteps, Verdict
 from .history import DownsampledHistory, Reservoir
 from .recovery.actions import ActionResult
@@ -124,6 +125,8 @@ class Session:
             try:
                 if isinstance(ev, StepRecord):
                     self._on_step(ev)
+                elif isinstance(ev, StepSpan):
+                    self._on_span(ev)
                 elif isinstance(ev, FindingEvent):
                     self._on_finding(ev)
                 elif isinstance(ev, LossSiteEvent):
@@ -193,6 +196,19 @@ class Session:
                         g.max = v
                     if v < g.min:
                         g.min = v
+
+    def _on_span(self, span: StepSpan) -> None:
+        """Sampled-out fast steps: they count, and their times feed the performance figures."""
+        if span.last_step > self.steps:
+            self.steps = span.last_step
+        if self._first_step_time is None:
+            self._first_step_time = span.time
+            self._steps_at_first = span.last_step
+        self._last_step_time = span.time
+        add = self.step_times.add
+        for d in span.durations:
+            if d > 0:
+                add(d)
 
     def _nonfinite_resolution(self, rec: StepRecord) -> list[Verdict]:
         """Non-finite findings stop holding after 20 checked steps with everything finite."""

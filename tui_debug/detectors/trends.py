@@ -28,6 +28,14 @@ def _finite(v: float) -> bool:
     return v == v and v not in (math.inf, -math.inf)
 
 
+def _median(values: Any) -> float:
+    """statistics.median without its overhead (these run once per step)."""
+    data = sorted(values)
+    n = len(data)
+    mid = n // 2
+    return data[mid] if n % 2 else (data[mid - 1] + data[mid]) / 2
+
+
 class LossExplosion:
     """A loss that grows by orders of magnitude over a few steps, while still finite.
 
@@ -52,7 +60,7 @@ class LossExplosion:
         st["n"] += 1
         if len(st["recent"]) < self.window:
             return []
-        med = statistics.median(st["recent"])
+        med = _median(st["recent"])
         key = f"loss-explosion|{name}"
         if st["first"] is None:
             st["first"] = med
@@ -106,6 +114,8 @@ class GradientNorms:
         self.low: dict[str, int] = {}
         self.vanishing_reported: set[str] = set()
         self.seen = 0
+        self._med: dict[int, tuple[int, float]] = {}  # optimizer -> (appends when computed, median)
+        self._appends: dict[int, int] = {}
 
     def observe(self, rec: StepRecord) -> list[Verdict]:
         names, norms = rec.grad_names, rec.grad_norms
@@ -119,7 +129,9 @@ class GradientNorms:
         hist = self.totals.setdefault(rec.optimizer, collections.deque(maxlen=100))
         key = f"grad-explosion|{rec.optimizer}"
         if len(hist) >= self.warmup:
-            med = statistics.median(hist)
+            med = self._median(rec.optimizer, hist)
+            if med > 0 and total > self.factor * med:
+                med = self._median(rec.optimizer, hist, exact=True)
             if med > 0 and total > self.factor * med:
                 self.over[rec.optimizer] = self.over.get(rec.optimizer, 0) + 1
                 if self.over[rec.optimizer] == 2 and rec.optimizer not in self.firing:
@@ -142,14 +154,26 @@ class GradientNorms:
                     out.append(Verdict(resolve=key))
             if total <= self.factor * med:
                 hist.append(total)
+                self._appends[rec.optimizer] = self._appends.get(rec.optimizer, 0) + 1
         else:
             hist.append(total)
-        for n, v in finite:  # per-layer running medians (cheap EMA of the log)
-            prev = self.layer_med.get(n)
-            self.layer_med[n] = v if prev is None or prev <= 0 or v <= 0 else math.exp(
-                0.9 * math.log(prev) + 0.1 * math.log(v))
+            self._appends[rec.optimizer] = self._appends.get(rec.optimizer, 0) + 1
+        self.seen += 1
+        if self.seen <= self.warmup or self.seen % 8 == 0:
+            for n, v in finite:  # per-layer typical norms (an EMA of the log, sampled: it only names layers)
+                prev = self.layer_med.get(n)
+                self.layer_med[n] = v if prev is None or prev <= 0 or v <= 0 else math.exp(
+                    0.8 * math.log(prev) + 0.2 * math.log(v))
         out.extend(self._vanishing(rec, finite))
         return out
+
+    def _median(self, opt: int, hist: collections.deque[float], exact: bool = False) -> float:
+        """The running median, recomputed every 8 new values (exactly before it fires)."""
+        n = self._appends.get(opt, 0)
+        cached = self._med.get(opt)
+        if exact or cached is None or n - cached[0] >= 8:
+            cached = self._med[opt] = (n, _median(hist))
+        return cached[1]
 
     def _vanishing(self, rec: StepRecord, finite: list[tuple[str, float]]) -> list[Verdict]:
         largest = max(v for _, v in finite)
@@ -189,7 +213,10 @@ class GradientNorms:
 
 class SlowSteps:
     """Step-time outliers: more than ``slow_step_factor`` x the recent median and over 0.25 s (shorter
-    hiccups come from the machine, not the run)."""
+    hiccups come from the machine, not the run). The median is computed only for a step over 0.25 s,
+    so a run at thousands of steps per second pays one comparison per step."""
+
+    MIN_S = 0.25
 
     def __init__(self, config: DebugConfig) -> None:
         self.factor = config.slow_step_factor
@@ -200,9 +227,9 @@ class SlowSteps:
         if d <= 0:
             return []
         out = []
-        if len(self.recent) >= 20:
+        if d > self.MIN_S and len(self.recent) >= 20:
             med = statistics.median(self.recent)
-            if d > self.factor * med and d > 0.25:
+            if d > self.factor * med:
                 out.append(Verdict(FindingEvent(
                     severity="info", category="timeout_error", step=rec.step, key="slow-step",
                     message=f"step {rec.step} took {d:.3g}s, {d / med:.3g}x the median {med:.3g}s",
@@ -317,32 +344,54 @@ class Plateau:
 
 
 class DataStall:
-    """Steps dominated by waiting for the next batch: over the last 50 steps, the time between the
-    end of a step and the next forward is more than half of the step time (info: a performance finding)."""
+    """Steps dominated by waiting for the next batch: over the last 50 steps, the median share of the
+    step spent between the end of the previous step and the next forward is over one half (info: a
+    performance finding). One stall is not a pattern, hence the median; it resolves below a quarter.
+
+    The median is tracked with two running counts (shares over 1/2, shares under 1/4), so each step
+    costs O(1) at any step rate.
+    """
+
+    WINDOW = 50
 
     def __init__(self, config: DebugConfig) -> None:
-        self.recent: collections.deque[tuple[float, float]] = collections.deque(maxlen=50)
+        self.recent: collections.deque[tuple[float, float]] = collections.deque()
+        self.wait = 0.0
+        self.total = 0.0
+        self.over_half = 0  # steps in the window with wait/duration > 0.5
+        self.under_quarter = 0  # ... < 0.25
         self.fired = False
 
     def observe(self, rec: StepRecord) -> list[Verdict]:
-        if rec.duration <= 0:
+        d = rec.duration
+        if d <= 0:
             return []
-        self.recent.append((rec.wait, rec.duration))
-        if len(self.recent) < 50:
+        w = rec.wait
+        recent = self.recent
+        recent.append((w, d))
+        self.wait += w
+        self.total += d
+        self.over_half += w > 0.5 * d
+        self.under_quarter += w < 0.25 * d
+        if len(recent) > self.WINDOW:
+            ow, od = recent.popleft()
+            self.wait -= ow
+            self.total -= od
+            self.over_half -= ow > 0.5 * od
+            self.under_quarter -= ow < 0.25 * od
+        n = len(recent)
+        if n < self.WINDOW:
             return []
-        wait = sum(w for w, _ in self.recent)
-        total = sum(d for _, d in self.recent)
-        share = statistics.median(min(1.0, w / d) for w, d in self.recent)  # one stall is not a pattern
-        if not self.fired and share > 0.5 and total / len(self.recent) > 0.002:
+        if not self.fired and 2 * self.over_half > n and self.total / n > 0.002:
             self.fired = True
+            share = statistics.median(min(1.0, w / d) for w, d in recent)
             return [Verdict(FindingEvent(
                 severity="info", category="data_error", step=rec.step, key="data-stall",
                 message=f"{share:.0%} of each step is spent before the forward pass (waiting for data)",
-                context={"wait_share": share, "mean_wait_s": wait / len(self.recent),
-                         "mean_step_s": total / len(self.recent)},
+                context={"wait_share": share, "mean_wait_s": max(0.0, self.wait) / n, "mean_step_s": self.total / n},
                 recommendation="Raise DataLoader num_workers, use pin_memory=True and persistent_workers=True, "
                                "or move heavy transforms offline."))]
-        if self.fired and share < 0.25:
+        if self.fired and 2 * self.under_quarter > n:
             self.fired = False
             return [Verdict(resolve="data-stall")]
         return []
