@@ -31,6 +31,8 @@ from .status import StatusBar
 TICK_S = 0.1  # at most ~10 repaints per second
 MEMORY_S = 1.0
 HEAVY_S = 0.5  # full repaints at most twice a second
+HEAVY_MAX_S = 2.0  # ... and at least every 2 s
+UI_BUDGET = 0.03  # share of one core the UI thread may use while training runs (it shares the GIL)
 ACTION_TEXT = {
     "clear_cache": "clear cache", "lower_lr": "lower LR x0.5", "raise_lr": "raise LR x2",
     "toggle_clipping": "toggle clipping", "rollback": "roll back", "checkpoint": "save checkpoint",
@@ -93,6 +95,8 @@ class TuiDebugApp(App[int]):
         self.sys_mem: tuple[int | None, int | None] = (None, None)
         self._next_memory = 0.0
         self._next_heavy = 0.0
+        self._interval = heavy_s  # adapted to what repainting costs on this machine (see _pace)
+        self._cpu_mark = (time.monotonic(), time.thread_time())
         self._light: tuple[Any, ...] | None = None
         self.notice: Text | str | None = "starting the script…"
         self.stopping = False
@@ -169,7 +173,7 @@ class TuiDebugApp(App[int]):
         # with training, and a full repaint costs tens of ms on a small CPU.
         light = (len(self.monitor.tracker.errors), self.notice, self.state())
         if now >= self._next_heavy or self.session.ended is not None:
-            self._next_heavy = now + self._heavy_s
+            self._next_heavy = now + self._pace(now)
             self._light = light
             self.refresh_panes()
         elif light != self._light:
@@ -187,6 +191,22 @@ class TuiDebugApp(App[int]):
                 self.exit(s.exit_code)
         if getattr(self.monitor, "_terminate", None) is not None:  # SIGTERM/SIGHUP: go at once
             self.exit(None)
+
+    def _pace(self, now: float) -> float:
+        """The next full repaint's delay: the UI thread's CPU time (parsing events, laying out,
+        rendering) is kept near ``UI_BUDGET`` of wall time, because every millisecond of it holds the
+        GIL that the training thread needs. A fast machine repaints every ``heavy_s``, a slow one
+        less often (at most every HEAVY_MAX_S); findings are drawn every tick either way."""
+        wall0, cpu0 = self._cpu_mark
+        cpu = time.thread_time()
+        self._cpu_mark = (now, cpu)
+        if now - wall0 > 0 and self.session.ended is None:
+            load = (cpu - cpu0) / (now - wall0)
+            if load > UI_BUDGET:
+                self._interval = min(HEAVY_MAX_S, self._interval * 1.5)
+            elif load < UI_BUDGET / 2:
+                self._interval = max(self._heavy_s, self._interval / 1.5)
+        return self._interval
 
     def refresh_light(self) -> None:
         """Status line and findings only."""
