@@ -8,7 +8,7 @@ A second figure cancels the machine's noise (on a shared 2-core VM, plain/plain 
 workloads.py) and reports on/off within the same process. Under the UI the app runs in both halves,
 so that figure is the instrumentation's cost with the UI drawing; the subprocess ratio includes it.
 
-    python bench/overhead.py [--rounds 7] [--ui] [--memory]
+    python bench/overhead.py [--rounds 7] [--ui] [--memory] [--device cuda]
 
 --memory also runs 1,000,000 toy steps under the monitor and compares peak RSS after 10,000 steps
 with peak RSS at the end (target: within 32 MB).
@@ -90,23 +90,27 @@ def main():
     p.add_argument("--no-anomaly", action="store_true")
     p.add_argument("--memory", action="store_true")
     p.add_argument("--ui", action="store_true", help="also run under the terminal UI in a pseudo-terminal")
+    p.add_argument("--device", default="cpu", help="where the workloads run: cpu (default) or cuda")
     args = p.parse_args()
+    dev = ["--device", args.device]
+    ab_args = AB_ARGS if args.device == "cpu" else dict(AB_ARGS, cnn=["--steps", "2000", "--ab", "50"],
+                                                        transformer=["--steps", "2000", "--ab", "50"])
     print(f"{'workload':<12} {'plain step':>11} {'headless':>9} {'(on/off)':>9} {'target':>7} {'UI':>7} "
           f"{'(on/off)':>9} {'target':>7} {'detect_anomaly':>15}")
     for w in args.workloads.split(","):
         ratios, ab, ui, ui_ab, anomaly, plain, noise = [], [], [], [], [], [], []
         for _ in range(args.rounds):
-            a = run("plain", w)
-            b = run("monitor", w)
-            noise.append(run("plain", w)["step_s"] / a["step_s"])
+            a = run("plain", w, dev)
+            b = run("monitor", w, dev)
+            noise.append(run("plain", w, dev)["step_s"] / a["step_s"])
             plain.append(a["step_s"])
             ratios.append(b["step_s"] / a["step_s"])
-            ab.append(run("monitor", w, AB_ARGS[w])["ab_ratio"])
+            ab.append(run("monitor", w, ab_args[w] + dev)["ab_ratio"])
             if args.ui:
-                ui.append(run("ui", w)["step_s"] / a["step_s"])
-                ui_ab.append(run("ui", w, AB_ARGS[w])["ab_ratio"])
+                ui.append(run("ui", w, dev)["step_s"] / a["step_s"])
+                ui_ab.append(run("ui", w, ab_args[w] + dev)["ab_ratio"])
             if not args.no_anomaly:
-                anomaly.append(run("anomaly", w)["step_s"] / a["step_s"])
+                anomaly.append(run("anomaly", w, dev)["step_s"] / a["step_s"])
         med = statistics.median
         an = f"{med(anomaly):.2f}x" if anomaly else "-"
         u = f"{med(ui):.3f}x" if ui else "-"

@@ -1,6 +1,9 @@
 """Training workloads that time their own steps (steady state, after warm-up) and print JSON.
 
-    python bench/workloads.py cnn|transformer|toy [--steps N] [--warmup N] [--anomaly] [--rss-at N]
+    python bench/workloads.py cnn|transformer|toy [--steps N] [--warmup N] [--anomaly] [--rss-at N] [--device cuda]
+
+On CUDA the clock is read after ``torch.cuda.synchronize()`` (at the start and end of the timed window and at
+each --ab block boundary), so a step time is the GPU's as well as the host's.
 """
 
 import argparse
@@ -60,11 +63,18 @@ def main():
     p.add_argument("--ab", type=int, default=0, metavar="BLOCK",
                    help="under the monitor: switch its instrumentation off and on every BLOCK steps and "
                         "report both step times (same process, so machine noise cancels)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
     model, opt, loss_fn, x, y = {"cnn": cnn, "transformer": transformer, "toy": toy}[args.workload]()
-    steps = args.steps or {"cnn": 150, "transformer": 150, "toy": 30000}[args.workload]
+    cuda = args.device.startswith("cuda")
+    if cuda:  # parameters moved before the optimizer's first step: its state follows them
+        model.to(args.device)
+        x, y = x.to(args.device), y.to(args.device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    gpu_steps = {"cnn": 1000, "transformer": 1000, "toy": 30000}
+    steps = args.steps or (gpu_steps if cuda else {"cnn": 150, "transformer": 150, "toy": 30000})[args.workload]
     warmup = args.warmup if args.warmup is not None else {"cnn": 10, "transformer": 10, "toy": 2000}[args.workload]
     ctx = torch.autograd.detect_anomaly(check_nan=True) if args.anomaly else None
     if ctx is not None:
@@ -93,8 +103,10 @@ def main():
     tb = None
     for i in range(warmup + steps):
         if i == warmup:
+            sync()
             t0 = time.perf_counter()
         if instr is not None and i >= warmup and (i - warmup) % args.ab == 0:
+            sync()
             now = time.perf_counter()
             if tb is not None:
                 blocks[instr._installed].append((now - tb) / args.ab)
@@ -109,12 +121,13 @@ def main():
         opt.step()
         if args.rss_at and i + 1 == args.rss_at:
             rss_early = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    sync()
     elapsed = time.perf_counter() - t0
     if instr is not None:
         instr.install(torch)
     if ctx is not None:
         ctx.__exit__(None, None, None)
-    out = {"workload": args.workload, "steps": steps, "step_s": elapsed / steps,
+    out = {"workload": args.workload, "device": args.device, "steps": steps, "step_s": elapsed / steps,
            "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_early": rss_early,
            "gc_s": gc_time, "gc_n": gc_count}
     if instr is not None:

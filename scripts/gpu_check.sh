@@ -3,12 +3,17 @@
 # Runs a CUDA training loop under the UI in a pseudo-terminal and asserts:
 #   1. the GPU pane shows the device's memory (cuda:0 ... GiB/... GiB),
 #   2. `c` lowers torch's reserved memory (the action's before -> after, from report.json),
-#   3. a CUDA out-of-memory error is classified (memory_error) with its requested size.
-# Usage: scripts/gpu_check.sh        (prints PASS/FAIL lines; exit status 0 when all pass)
+#   3. a CUDA out-of-memory error is classified (memory_error) with its requested size;
+# and headless, that on CUDA (asynchronous reads)
+#   4. a module turning its output non-finite is named, on the step it happened (steps of ~ms),
+#   5. a GradScaler's skipped fp16 steps are neither findings nor broken by the monitor;
+# and prints, for information, what is named when the non-finite step is a sub-millisecond one.
+# Usage: scripts/gpu_check.sh        (prints PASS/FAIL/INFO lines; exit status 0 when all pass)
 set -u
 cd "$(dirname "$0")/.."
-exec python - <<'PY'
-import os, re, sys, json, tempfile, textwrap
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+exec "$PY" - <<'PY'
+import os, re, subprocess, sys, json, tempfile, textwrap
 sys.path.insert(0, "tests")
 from test_tui_e2e import Terminal
 
@@ -64,6 +69,71 @@ mem = [e for e in rep["errors"] if e["category"] == "memory_error"]
 check("CUDA OOM classified as memory_error with its size", mem and re.search(r"PiB|TiB|GiB|bytes", mem[0]["message"]),
       mem[0]["message"] if mem else str([e["message"] for e in rep["errors"]]))
 check("OOM run exit 1", code == 1, str(code))
+
+# -- headless, asynchronous reads ------------------------------------------------------------------------
+nan_script = os.path.join(tmp, "cuda_nan.py")
+open(nan_script, "w").write(textwrap.dedent("""
+    import sys, torch
+    width, batch = int(sys.argv[1]), int(sys.argv[2])
+    class Boom(torch.nn.Module):
+        def __init__(self):
+            super().__init__(); self.on = False
+        def forward(self, x):
+            return torch.log(x - 1e6) if self.on else x  # NaN made right here
+    model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), Boom(),
+                                torch.nn.Linear(width, 1)).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, width, device="cuda")
+    for step in range(1, 81):
+        model[2].on = step == 60
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+    torch.cuda.synchronize()
+"""))
+amp_script = os.path.join(tmp, "cuda_amp.py")
+open(amp_script, "w").write(textwrap.dedent("""
+    import torch
+    model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 1)).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 40)  # fp16 overflows: the first steps are skipped
+    for step in range(60):
+        x = torch.randn(256, 512, device="cuda")
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = model(x).float().square().mean()
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    print("SCALE", scaler.get_scale())
+"""))
+
+def headless(name, *args):
+    out = os.path.join(tmp, name)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, "-m", "tui_debug", "--headless", "--out", out, *args], cwd=tmp,
+                       env=env, capture_output=True, text=True, timeout=300)
+    return p, json.load(open(os.path.join(out, "report.json")))
+
+for label, width, batch, exact in (("slow steps (4096x4096, batch 4096)", 4096, 4096, True),
+                                   ("fast steps (64x64, batch 32)", 64, 32, False)):
+    p, rep = headless(f"nan-{width}", nan_script, str(width), str(batch))
+    errs = [e for e in rep["errors"] if e["category"] in ("model_error", "loss_error", "gradient_error")]
+    first = min(errs, key=lambda e: (e["first_step"], e["category"] != "model_error")) if errs else None
+    info = (f"step {first['first_step']}: {first['category']}: {first['message'][:120]}" if first
+            else f"no finding; exit {p.returncode}; {p.stderr[-400:]}")
+    step_s = rep.get("performance", {}).get("step_time_p50_s") or rep.get("performance", {})
+    if exact:
+        check(f"CUDA NaN named on its step, {label}",
+              first and first["first_step"] == 60 and "model.2" in first["message"], info)
+    else:
+        print(f"INFO CUDA NaN, {label}: {info}  [p50 step {step_s}]", flush=True)
+
+p, rep = headless("amp", amp_script)
+bad = [(e["category"], e["message"][:100]) for e in rep["errors"] if e["severity"] in ("error", "critical")]
+check("GradScaler fp16 skipped steps: no error findings, exit 0", p.returncode == 0 and not bad,
+      f"exit {p.returncode}, steps {rep['summary']['steps']}, {p.stdout.strip()}, {bad or ''} {p.stderr[-300:] if p.returncode else ''}")
 print("ALL PASS" if ok else "SOME CHECKS FAILED")
 sys.exit(0 if ok else 1)
 PY

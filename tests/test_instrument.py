@@ -255,6 +255,49 @@ def test_nan_input_in_a_reused_buffer_with_gradient_accumulation(rec: Recorder) 
         ["input_validation"], [(f.category, f.message) for f in at_2]
 
 
+# -- AMP and hand-written updates ---------------------------------------------------------------------
+
+def test_gradscaler_skipped_steps_are_not_findings_and_do_not_break_the_scaler(rec: Recorder) -> None:
+    """A GradScaler starting far too high skips its first steps (scaled gradients overflow). Those
+    skips call no optimizer, so they are no steps; the gradients are the scaler's to handle, and the
+    monitor must neither report them nor take them away (``scaler.step`` then asserts)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)
+    for _ in range(12):
+        x = torch.randn(16, 8)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x).float().square().mean() * 1000
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    skipped = round(127 - torch.log2(torch.tensor(scaler.get_scale())).item())
+    assert 0 < skipped < 12  # the scaler really skipped some steps and then stepped
+    assert rec.inst.step == 12 - skipped
+    found = [(f.category, f.message) for f in rec.findings()]
+    assert not [f for f in found if f[0] in ("gradient_error", "loss_error", "training_error")], found
+
+
+def test_nan_gradients_of_a_hand_written_update_are_reported_and_left_in_place(rec: Recorder) -> None:
+    """No optimizer: each backward is a step. Safe mode skips only an optimizer's step; taking the
+    gradients of a hand-written ``p -= lr * p.grad`` away would crash the script."""
+    w = torch.ones(4, requires_grad=True)
+    model = nn.Linear(4, 1)
+    for i in range(5):
+        x = torch.ones(4) * (float("nan") if i == 3 else 1.0)
+        loss = model(x * w).sum()
+        loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.01 * p.grad  # TypeError if the monitor set p.grad to None
+                p.grad = None
+    found = rec.findings()
+    assert any(f.category in ("gradient_error", "loss_error", "model_error", "input_validation")
+               for f in found), [(f.category, f.message) for f in found]
+
+
 # -- uninstall ----------------------------------------------------------------------------------------
 
 def test_uninstall_removes_every_hook_and_patch() -> None:

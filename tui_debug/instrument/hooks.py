@@ -194,6 +194,7 @@ class Instrumentation:
         self._loss_site_names: list[str] = []
         self._losses: list[tuple[int, Any]] = []
         self._scaled: dict[int, Any] = {}
+        self._amp_seen = False  # a GradScaler has scaled a loss
         # steps
         self._opts: dict[int, _OptState] = {}
         self._pseudo: _OptState | None = None
@@ -270,7 +271,10 @@ class Instrumentation:
             if threading.get_ident() == me._tid and not me.broken:
                 me._on_backward(args[0] if args else kwargs.get("tensors"))
             result = orig_backward(*args, **kwargs)
-            if not me._opts and threading.get_ident() == me._tid and not me.broken:
+            # No optimizer has stepped yet: a script updating parameters by hand makes each backward a
+            # step. Not so under a GradScaler, whose skipped steps (non-finite scaled gradients) call no
+            # optimizer at all: those backwards belong to a real optimizer's step.
+            if not me._opts and not me._amp_seen and threading.get_ident() == me._tid and not me.broken:
                 me._backwards_without_optimizer += 1
                 if me._backwards_without_optimizer >= 2:  # the first backward precedes any optimizer.step
                     me._guarded(me._step_without_optimizer)
@@ -287,6 +291,7 @@ class Instrumentation:
 
             def scale(scaler: Any, outputs: Any) -> Any:
                 out = orig_scale(scaler, outputs)
+                me._amp_seen = True
                 if isinstance(outputs, me._Tensor) and isinstance(out, me._Tensor):
                     if len(me._scaled) > 64:
                         me._scaled.clear()
@@ -1044,7 +1049,8 @@ class Instrumentation:
             sentinels=sentinels, calls=calls, module_label=self.module_label, root_inputs=root_inputs)
         findings = self.detector.check(obs)
         grads_bad = grad_names is not None and not all(math.isfinite(v) for v in obs.grad_norms)
-        if grads_bad and self._immediate and self.skip_nonfinite:
+        # Only an optimizer's step is skipped; a hand-written update (pseudo-step) needs its gradients.
+        if grads_bad and self._immediate and self.skip_nonfinite and opt_index >= 0:
             self._skip_now = True
             for f in findings:
                 if f.category == "gradient_error":
