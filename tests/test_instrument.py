@@ -486,6 +486,63 @@ def test_every_fast_step_is_counted_and_timed_when_most_are_sampled_out() -> Non
     session.handle(events)
     assert session.steps == 3000
     assert session.step_times.count == 2999  # every step after the first has a duration
+    (loss_stats,) = session.losses.values()
+    assert loss_stats.count == 3000  # sampled-out steps' losses are kept too (read on the CPU anyway)
+    assert [s for s, _ in loss_stats.history.points()][-1] == 3000
+
+
+class _OnDevice(torch.Tensor):
+    """A CPU tensor that says it is not on the CPU: drives the GPU path (no .item() per step)."""
+
+    @property
+    def is_cpu(self) -> bool:  # type: ignore[override]
+        return False
+
+
+def test_a_sampled_out_gpu_steps_nan_loss_is_reported_with_its_own_step() -> None:
+    """On a GPU a sampled-out step's loss is not read at once (that would wait for the GPU): it rides
+    on the next checked step's read, and a non-finite one is reported with the step it happened."""
+    from tui_debug.errors import ErrorTracker
+    from tui_debug.session import Session
+
+    batches: list[list[Any]] = []
+    config = DebugConfig(recover="off")
+    inst = Instrumentation(config, batches.append)
+    inst._sampler.next_probe = 1 << 40  # the sampler's own decision is tested above: check every 3rd step
+    inst._sampler.every = 3
+    inst.install(torch)
+    nan_step = None
+    try:
+        torch.manual_seed(0)
+        model = nn.Linear(4, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        x, y = torch.randn(8, 4), torch.randn(8, 1)
+        for i in range(1, 3001):
+            inject = nan_step is None and i > 2000 and not inst._observe  # this step is sampled out
+            if inject:
+                nan_step = i
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y) * (float("nan") if inject else 1.0)
+            loss.as_subclass(_OnDevice).backward()
+            if inject:
+                assert inst.step == i - 1  # nothing was read at the backward
+            optimizer.step()
+            if inject:
+                with torch.no_grad():  # keep the run healthy after it (only the loss was NaN)
+                    for p in model.parameters():
+                        p.copy_(torch.nan_to_num(p))
+        inst.finish()
+    finally:
+        inst.uninstall()
+    assert nan_step is not None, "no step was sampled out"
+    events = [e for b in batches for e in b]
+    found = [f for f in events if isinstance(f, FindingEvent) and f.category == "loss_error"]
+    assert [f.step for f in found] == [nan_step], [(f.step, f.message) for f in found]
+    assert found[0].context["sampled_out"] and found[0].context["read_at_step"] > nan_step
+    session = Session(config, ErrorTracker(config))
+    session.handle(events)
+    (loss_stats,) = session.losses.values()
+    assert loss_stats.count == 3000 and loss_stats.nonfinite == 1
 
 
 def test_sampler_checks_every_step_again_when_steps_slow_down() -> None:
@@ -499,3 +556,17 @@ def test_sampler_checks_every_step_again_when_steps_slow_down() -> None:
     for _ in range(s.every * 4):
         checked = s.next(checked, 0.005)  # now 5 ms per step
     assert s.every == 1 and checked
+
+
+def test_the_sampler_takes_steps_of_a_few_ms_on_a_gpu_but_not_on_the_cpu() -> None:
+    """On a GPU a check is a fixed ~0.5 ms of launches: a 3 ms step it costs 30% of is sampled; on the
+    CPU a 3 ms step is always checked (its checks cost in proportion to its data)."""
+    from tui_debug.instrument.hooks import _Sampler
+
+    for fast_s, sampled in ((_Sampler.FAST_S_GPU, True), (_Sampler.FAST_S, False)):
+        s = _Sampler(0.05)
+        s.fast_s = fast_s
+        checked = True
+        for _ in range(200):
+            checked = s.next(checked, 0.003 if checked else 0.0022)
+        assert (s.every > 1) is sampled, (fast_s, s.every)

@@ -28,6 +28,15 @@ class StepRecord:
     wait: float = 0.0  # seconds between the previous step's end and this step's first forward (data loading)
     act_stats: list[tuple[str, str, int, float]] | None = None  # sampled: (module, kind, samples, share)
     update_ratios: list[tuple[str, float]] | None = None  # sampled: (parameter, |update| / |weight|)
+    # losses of earlier sampled-out GPU steps, read with this one: (step, loss site index, value)
+    late_losses: list[tuple[int, int, float]] | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class LateLosses:
+    """Losses of the last sampled-out steps, read at the run's end (no checked step came after them)."""
+
+    losses: list[tuple[int, int, float]]  # (step, loss site index, value)
 
 
 @dataclasses.dataclass(slots=True)

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from .classify import classify_exception, memory_context
 from .config import DebugConfig
 from .errors import ErrorCategory, ErrorSeverity, ErrorTracker, format_exception
-from .events import (FindingEvent, LossSiteEvent, ModelEvent, OptimizerEvent, ScriptEnded, StepRecord,
+from .events import (FindingEvent, LateLosses, LossSiteEvent, ModelEvent, OptimizerEvent, ScriptEnded, StepRecord,
                      StepSpan)
 from .detectors.trends import ActivationHealth, DataStall, UpdateRatio, GradientNorms, LossExplosion, MemoryGrowth, Plateau, SlowSteps, Verdict
 from .history import DownsampledHistory, Reservoir
@@ -127,6 +127,10 @@ class Session:
                     self._on_step(ev)
                 elif isinstance(ev, StepSpan):
                     self._on_span(ev)
+                elif isinstance(ev, LateLosses):
+                    verdicts = self._late_losses(ev.losses)
+                    if verdicts:
+                        self._apply(verdicts)
                 elif isinstance(ev, FindingEvent):
                     self._on_finding(ev)
                 elif isinstance(ev, LossSiteEvent):
@@ -157,6 +161,8 @@ class Session:
         if rec.duration > 0:
             self.step_times.add(rec.duration)
         verdicts: list[Verdict] = []
+        if rec.late_losses:
+            verdicts += self._late_losses(rec.late_losses)
         for site, value in rec.losses:
             stats = self.losses.get(site)
             if stats is not None:
@@ -196,6 +202,17 @@ class Session:
                         g.max = v
                     if v < g.min:
                         g.min = v
+
+    def _late_losses(self, late: list[tuple[int, int, float]]) -> list[Verdict]:
+        """Earlier sampled-out steps' losses, in step order, read with a later step."""
+        verdicts: list[Verdict] = []
+        for step, site, value in late:
+            stats = self.losses.get(site)
+            if stats is not None:
+                stats.add(step, value)
+                verdicts += self.loss_explosion.observe(stats.name, step, value)
+                verdicts += self.plateau.observe(stats.name, step, value)
+        return verdicts
 
     def _on_span(self, span: StepSpan) -> None:
         """Sampled-out fast steps: they count, and their times feed the performance figures."""

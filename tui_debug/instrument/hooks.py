@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from ..config import DebugConfig
 from ..detectors.nonfinite import ActivationCall, NonFiniteDetector, StepObservation
-from ..events import FindingEvent, LossSiteEvent, ModelEvent, OptimizerEvent, StepRecord, StepSpan
+from ..events import FindingEvent, LateLosses, LossSiteEvent, ModelEvent, OptimizerEvent, StepRecord, StepSpan
 from . import naming
 
 FLUSH_INTERVAL_S = 0.05
@@ -44,6 +44,12 @@ FINITE_PRESERVING = (
     "Flatten", "Unflatten", "Identity", "Upsample", "UpsamplingNearest2d", "PixelShuffle", "PixelUnshuffle",
     "ChannelShuffle")
 SENTINEL_CHUNK = 8
+# On CUDA every reduction is a kernel launch (~10 us of the training thread's time): activations are
+# queued for one _foreach_norm per chunk (or per this many elements) instead of a sum each.
+SENTINEL_CHUNK_CUDA = 32
+SENTINEL_CHUNK_CUDA_ELEMS = 1 << 26
+LATE_MAX = 256  # losses of sampled-out GPU steps waiting for the next checked read (then one is forced)
+PINNED_POOL = 4  # pinned host buffers (+ events) kept per read size and device, reused once read
 SENTINEL_HOT = 1 << 16  # elements: a tensor this large is reduced at once, while it is in the CPU's cache
 _INF = float("inf")
 
@@ -61,6 +67,7 @@ class _OptState:
     devices: list[Any] = dataclasses.field(default_factory=list)
     names: list[str] = dataclasses.field(default_factory=list)
     count: int = 0
+    sites: list[int] = dataclasses.field(default_factory=list)  # loss sites of its last checked step
 
 
 def _median(values: Any) -> float:
@@ -71,17 +78,20 @@ def _median(values: Any) -> float:
 class _Sampler:
     """Decides which steps are checked, so that checks cost at most ``budget`` of the step time.
 
-    Normal steps (milliseconds) are all checked. For very fast steps, where the fixed cost of a
-    check (a few torch calls) is a large share of the step, it measures the step time with and
-    without checks (medians of recent steps: robust to an evaluation pass or a GC pause) and then
-    checks every k-th step (k <= 16). A non-finite value seen switches back to checking every step.
-    ``budget`` 0 disables sampling.
+    Normal steps are all checked. Fast ones are eligible: under ``FAST_S`` (1 ms) on the CPU, where a
+    check's cost grows with the step's data and is only a large share of very fast steps; under
+    ``FAST_S_GPU`` (10 ms) when the parameters are on a GPU, where a check costs a fixed ~0.3-1 ms of
+    kernel launches and Python whatever the step. For those it measures the step time with and without checks (medians of
+    recent steps: robust to an evaluation pass or a GC pause) and, only when a check costs more than
+    ``budget``, checks every k-th step (k <= 16). A non-finite value seen switches back to checking
+    every step. ``budget`` 0 disables sampling.
     """
 
     WARMUP = 32  # checked steps before the first probe
     PROBE = 16  # unchecked steps per probe
     REPROBE = 5000  # steps between probes
-    FAST_S = 0.001  # only steps faster than this are ever sampled
+    FAST_S = 0.001  # only steps faster than this are ever sampled (parameters on the CPU)
+    FAST_S_GPU = 0.01  # the same, parameters on a GPU
     MAX_EVERY = 16
 
     def __init__(self, budget: float) -> None:
@@ -91,7 +101,8 @@ class _Sampler:
         self.n = 0
         self.recent_obs: collections.deque[float] = collections.deque(maxlen=64)
         self.recent_skip: collections.deque[float] = collections.deque(maxlen=64)
-        self.slow_checked = 0  # consecutive checked steps slower than 2 x FAST_S
+        self.fast_s = self.FAST_S
+        self.slow_checked = 0  # consecutive checked steps slower than 2 x fast_s
         self.probe_left = 0
         self.next_probe = self.WARMUP
         self.quiet_until = 0
@@ -107,7 +118,7 @@ class _Sampler:
         n = self.n = self.n + 1
         if observed:
             self.recent_obs.append(duration)
-            if duration > 2 * self.FAST_S:
+            if duration > 2 * self.fast_s:
                 self.slow_checked += 1
                 if self.slow_checked >= 3:
                     self.every = 1  # steps are no longer fast: check them all again
@@ -125,7 +136,7 @@ class _Sampler:
             return False
         if n >= self.next_probe:
             self.next_probe = n + self.REPROBE
-            if self.recent_obs and _median(self.recent_obs) < self.FAST_S and n >= self.quiet_until:
+            if self.recent_obs and _median(self.recent_obs) < self.fast_s and n >= self.quiet_until:
                 self.probe_left = self.PROBE
                 return False
         every = self.every
@@ -164,6 +175,8 @@ class Instrumentation:
         self._stack: list[Any] = []
         self._sent: list[Any] = []  # reduced sentinels (0-d float32 tensors) of this step
         self._acts: list[Any] = []  # activations waiting for the next chunked reduction
+        self._acts_cuda_elems = 0
+        self._pinned: dict[tuple[Any, ...], list[tuple[Any, Any]]] = {}
         self._n_sent = 0
         self._ver: list[int] = []  # version counter of each sentinel's tensor when it was queued
         self._refs: list[Any] = []  # weak references to those tensors
@@ -203,7 +216,7 @@ class Instrumentation:
         self._last_step_time: float | None = None
         self._pending: list[Any] = []
         self._last_flush = time.perf_counter()
-        self._reads: list[tuple[Any, Any, Any]] = []
+        self._reads: list[tuple[Any, Any, Any, Any]] = []
         self._foreach_dtype = True
         self.broken: str | None = None
         self.actions: Any = None  # a queue.SimpleQueue of callables, applied at step boundaries
@@ -223,6 +236,11 @@ class Instrumentation:
         self._step_end: float | None = None
         self._wait = 0.0
         self._unchecked_losses: list[Any] = []
+        # Losses of sampled-out steps on a GPU: (step, site, 0-d tensor), read with the next checked step
+        # (reading each at once would wait for the GPU).
+        self._late: list[tuple[int, int, Any]] = []
+        self._late_host: list[tuple[int, int, float]] = []  # the same, read on the CPU already
+        self._force_check = False
         self._span: StepSpan | None = None
         self._sample_last: float | None = None
         self._last_site: int | None = None
@@ -406,13 +424,16 @@ class Instrumentation:
         15x faster on the CPU than ord=inf); large ones at once with a sum. NaN/Inf propagate, and an
         inf that might be an overflow (L2 above ~1e19, a sum above ~3e38) is re-checked exactly when it
         occurs. At most ``SENTINEL_CHUNK`` small activations are kept alive longer than autograd would.
+        On CUDA there is no cache to catch and every reduction is a launch, so all go through the chunks
+        (``SENTINEL_CHUNK_CUDA``, or fewer when they hold ``SENTINEL_CHUNK_CUDA_ELEMS`` elements).
         """
         n = self._n_sent
         numel = t.numel()
         if n >= self._max_sent or numel == 0:
             self._sent_overflow += 1
             return -1
-        hot = numel >= SENTINEL_HOT
+        cuda = t.is_cuda
+        hot = numel >= SENTINEL_HOT and not cuda
         if hot and self._acts:
             self._reduce_acts()  # keep _sent in index order
         self._n_sent = n + 1
@@ -426,9 +447,22 @@ class Instrumentation:
             return n
         acts = self._acts
         acts.append(t.detach())  # shares t's version counter
-        if len(acts) >= SENTINEL_CHUNK:
+        if cuda:
+            self._acts_cuda_elems += numel
+            if len(acts) >= SENTINEL_CHUNK_CUDA or self._acts_cuda_elems >= SENTINEL_CHUNK_CUDA_ELEMS:
+                self._reduce_acts()
+        elif len(acts) >= SENTINEL_CHUNK:
             self._reduce_acts()
         return n
+
+    def _norms(self, tensors: list[Any]) -> Any:
+        """L2 norms in one call; half-precision tensors accumulate in float32 (their own dtype would
+        overflow at 65504 and every large activation would need an exact re-check)."""
+        f32 = self._float32
+        for t in tensors:
+            if t.dtype is not f32:
+                return self.torch._foreach_norm(tensors, 2, dtype=f32)  # type: ignore[union-attr]
+        return self.torch._foreach_norm(tensors, 2)  # type: ignore[union-attr]
 
     def _reduce_acts(self) -> None:
         acts = self._acts
@@ -436,8 +470,9 @@ class Instrumentation:
             # A tensor modified in place after it was queued (ReLU(inplace=True), x.log_()) no longer
             # shows the value the module produced: its sentinel is unknown, not evidence.
             self._mark_stale(acts)
-            self._sent.extend(self.torch._foreach_norm(acts, 2))  # type: ignore[union-attr]
+            self._sent.extend(self._norms(acts))
             self._acts = []
+            self._acts_cuda_elems = 0
 
     def _post_hook(self, module: Any, args: tuple[Any, ...], output: Any) -> None:
         if self._get_ident() != self._tid or self.broken or self._is_compiling():
@@ -712,18 +747,29 @@ class Instrumentation:
         self._guarded(self._close_step, self._opt_state(opt))
 
     def _unchecked_step(self, st: _OptState) -> None:
-        """A sampled-out step: its time, and its loss looked at on the CPU (a few microseconds)."""
+        """A sampled-out step: its time, and its loss looked at on the CPU (a few microseconds); a
+        GPU loss is kept for the next checked step's read."""
         losses = self._unchecked_losses
+        deferred: list[Any] = []
         if losses:
             self._unchecked_losses = []
             for t in losses:
-                if not t.is_cuda and t.numel() == 1 and not math.isfinite(t.item()):
+                if t.numel() != 1:
+                    continue
+                if not t.is_cpu:
+                    deferred.append(t)
+                    continue
+                v = t.item()
+                if not math.isfinite(v):
                     self._unchecked_losses = losses
                     self._close_step(st)  # a non-finite loss: check this step's gradients after all
                     return
+                deferred.append(v)
         count = st.count = st.count + 1
         if count > self.step:
             self.step = count
+        if deferred:
+            self._defer_losses(st, deferred)
         now = time.perf_counter()
         last = self._last_step_time
         duration = 0.0 if last is None else now - last
@@ -743,6 +789,22 @@ class Instrumentation:
         if now - self._last_flush >= FLUSH_INTERVAL_S:
             self.flush()
         self._sample(False)
+
+    def _defer_losses(self, st: _OptState, losses: list[Any]) -> None:
+        """Keep a sampled-out step's losses (values read on the CPU, 0-d tensors on a GPU) for the
+        next checked step's record, named by the sites its optimizer's last checked step had (no
+        frame walk on this path); too many force a check."""
+        sites = st.sites
+        step = self.step
+        fallback = self._last_site if self._last_site is not None else 0
+        for i, t in enumerate(losses):
+            site = sites[i] if i < len(sites) else fallback
+            if isinstance(t, float):
+                self._late_host.append((step, site, t))
+            else:
+                self._late.append((step, site, t.detach().reshape(())))
+        if len(self._late) + len(self._late_host) >= LATE_MAX:
+            self._force_check = True
 
     def _post_step(self, opt: Any, args: Any, kwargs: Any) -> None:
         if threading.get_ident() != self._tid or self.broken:
@@ -832,7 +894,11 @@ class Instrumentation:
         end = time.perf_counter()
         last, self._sample_last = self._sample_last, end
         self._sampler.optimizers = len(self._opts)
-        observe = self._observe = self._sampler.next(observed, 0.0 if last is None else end - last)
+        observe = self._sampler.next(observed, 0.0 if last is None else end - last)
+        if self._force_check:
+            self._force_check = False
+            observe = True
+        self._observe = observe
         if observe is not bool(self._fwd_handles):
             self._set_forward_hooks(observe)
 
@@ -852,8 +918,14 @@ class Instrumentation:
         wait, self._wait = self._wait, 0.0
         if not observed:  # a sampled-out step: timing only, and the loss looked at on the CPU
             unchecked, self._unchecked_losses = self._unchecked_losses, []
-            bad = [t for t in unchecked if not t.is_cuda and t.numel() == 1 and not math.isfinite(t.item())]
+            unchecked = [t for t in unchecked if t.numel() == 1]
+            on_device = [t for t in unchecked if not t.is_cpu]
+            host = [t for t in unchecked if t.is_cpu]
+            bad = [t for t in host if not math.isfinite(t.item())]
             if not bad:
+                deferred = on_device + [t.item() for t in host]
+                if deferred:
+                    self._defer_losses(st, deferred)
                 self._pending.append(StepRecord(self.step, now, duration, st.index, [], None, None, wait))
                 if now - self._last_flush >= FLUSH_INTERVAL_S:
                     self.flush()
@@ -875,16 +947,21 @@ class Instrumentation:
         flat.extend(sent)
         grad_names: list[str] | None = None
         groups = self._grad_layout(st) if self._track_grads else []
+        if groups:
+            sampler = self._sampler
+            sampler.fast_s = sampler.FAST_S if st.devices[0].type == "cpu" else sampler.FAST_S_GPU
         # For an inf sentinel (a real inf, or an L2 overflow above ~1e19) the exact check needs the tensor:
         # weak references to the reduced ones, strong ones to the last chunk.
         recheck: list[Any] = self._refs[:n_chunked] + tail
         merged = 0
         if tail:
-            if groups and st.dtypes[0] is self._float32 and st.devices[0].type == "cpu":
+            f32 = self._float32
+            dev = st.devices[0] if groups else None
+            if groups and st.dtypes[0] is f32 and all(a.dtype is f32 and a.device == dev for a in tail):
                 groups[0] = tail + groups[0]  # the tail shares the first gradient group's call
                 merged = len(tail)
             else:
-                flat.extend(torch._foreach_norm(tail, 2))
+                flat.extend(self._norms(tail))
         if groups:
             f32 = self._float32
             for grads, dtype in zip(groups, st.dtypes):
@@ -904,8 +981,20 @@ class Instrumentation:
             upd_names, tensors = self._upd_done
             flat.extend(tensors)
             self._upd_done = None
-        read = (self.step, now, duration, st.index, [s for s, _ in losses], self._calls, self._root_inputs,
-                n_chunked, n_sent, self._stale, grad_names, recheck, wait, n_grads, extras, upd_names)
+        late_meta: list[tuple[int, int]] = []
+        late_host = self._late_host
+        if late_host:
+            self._late_host = []
+        if self._late:  # last: the sampled-out steps' losses
+            late_meta = [(step, site) for step, site, _ in self._late]
+            flat.extend(t for _, _, t in self._late)
+            self._late = []
+        sites = [s for s, _ in losses]
+        if sites:
+            st.sites = sites
+        read = (self.step, now, duration, st.index, sites, self._calls, self._root_inputs,
+                n_chunked, n_sent, self._stale, grad_names, recheck, wait, n_grads, extras, upd_names, late_meta,
+                late_host)
         self._observed_steps += 1
         every = self.config.activation_stats_every
         self._stats_now = every > 0 and self._observed_steps % every == 0
@@ -931,11 +1020,16 @@ class Instrumentation:
             except RuntimeError:  # tensors on several devices: one read per device, in order
                 stacked = torch.cat([t.reshape(1).to("cpu") for t in flat])
             if stacked.is_cuda:
-                host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+                key = (stacked.shape[0], stacked.dtype, stacked.device)
+                pool = self._pinned.get(key)
+                if pool:
+                    host, event = pool.pop()
+                else:
+                    host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+                    event = torch.cuda.Event()
                 host.copy_(stacked, non_blocking=True)
-                event = torch.cuda.Event()
                 event.record()
-                self._reads.append((read, host, event))
+                self._reads.append((read, host, event, key))
             else:
                 self._immediate = True
                 try:
@@ -974,16 +1068,22 @@ class Instrumentation:
 
     def _drain_reads(self, block: bool) -> None:
         while self._reads:
-            read, host, event = self._reads[0]
+            read, host, event, key = self._reads[0]
             if not block and not event.query():
                 return
             event.synchronize()
             self._reads.pop(0)
-            self._process(read, host.tolist())
+            values = host.tolist()
+            pool = self._pinned.setdefault(key, [])
+            if len(pool) < PINNED_POOL:
+                pool.append((host, event))  # read: free to take the next copy
+            if len(self._pinned) > 16:  # read sizes keep changing: keep no stale buffers
+                self._pinned.clear()
+            self._process(read, values)
 
     def _process(self, read: tuple[Any, ...], values: list[float]) -> None:
         (step, now, duration, opt_index, loss_sites, calls, root_inputs, n_chunked, n_sent, stale,
-         grad_names, recheck, wait, n_grads, extras, upd_names) = read
+         grad_names, recheck, wait, n_grads, extras, upd_names, late_meta, late_host) = read
         nl = len(loss_sites)
         grad_norms = None
         g0 = nl + n_sent
@@ -999,6 +1099,15 @@ class Instrumentation:
             k = len(upd_names)
             deltas, weights = values[i:i + k], values[i + k:i + 2 * k]
             rec.update_ratios = [(n, d / w) for n, d, w in zip(upd_names, deltas, weights) if w > 0]
+            i += 2 * k
+        if late_meta:
+            late = [(s, site, v) for (s, site), v in zip(late_meta, values[i:])]
+            for s, site, v in late:
+                if not math.isfinite(v):
+                    self._late_nonfinite(s, site, v, step)
+            rec.late_losses = sorted(late_host + late, key=lambda x: x[0]) if late_host else late
+        elif late_host:
+            rec.late_losses = late_host
         self._pending.append(rec)
         if grad_norms:
             self.recent_total_norms.append(math.sqrt(sum(v * v for v in grad_norms)))
@@ -1010,6 +1119,16 @@ class Instrumentation:
             self._observe = True  # the next step too, whatever the sampler had decided
             self._set_forward_hooks(True)
             self._guarded(self._check_nonfinite, read, values)
+
+    def _late_nonfinite(self, step: int, site: int, value: float, read_at: int) -> None:
+        name = self._loss_site_names[site] if site < len(self._loss_site_names) else "loss"
+        kind = "nan" if value != value else ("inf" if value > 0 else "-inf")
+        self._pending.append(FindingEvent(
+            severity="error", category="loss_error", step=step, key=f"nonfinite-loss|{name}",
+            message=f"loss '{name}' is {kind} (a sampled-out step, read at step {read_at})",
+            context={"loss": name, "value": kind, "read_at_step": read_at, "sampled_out": True},
+            recommendation="Sampled-out steps are checked through their loss only; with "
+                           "sample_fast_steps = false every step is checked and the module is named."))
 
     def _clip(self, groups: list[list[Any]], merged: int) -> None:
         """Clip with the norms already read (no second pass over the gradients)."""
@@ -1024,7 +1143,7 @@ class Instrumentation:
 
     def _check_nonfinite(self, read: tuple[Any, ...], values: list[float]) -> None:
         (step, now, duration, opt_index, loss_sites, calls, root_inputs, n_chunked, n_sent, stale,
-         grad_names, recheck, _wait, n_grads, _extras, _upd) = read
+         grad_names, recheck, _wait, n_grads, _extras, _upd, _late, _late_host) = read
         nl = len(loss_sites)
         sentinels: list[float | None] = values[nl:nl + n_sent]
         others_finite = all(math.isfinite(v) for v in values[:nl]) and all(
@@ -1073,7 +1192,24 @@ class Instrumentation:
             self._drain_reads(block=True)
         except Exception:
             pass
+        try:
+            self._read_late()
+        except Exception:
+            pass
         self.flush()
+
+    def _read_late(self) -> None:
+        """Losses of sampled-out steps that no checked step came after: read them now (blocking)."""
+        late, self._late = self._late, []
+        host, self._late_host = self._late_host, []
+        if late:
+            values = self.torch.stack([t for _, _, t in late]).tolist()  # type: ignore[union-attr]
+            host = sorted(host + [(s, site, v) for (s, site, _), v in zip(late, values)], key=lambda x: x[0])
+        if host:
+            for s, site, v in host:
+                if not math.isfinite(v):
+                    self._late_nonfinite(s, site, v, self.step)
+            self._pending.append(LateLosses(host))
 
 
 def _first_tensor(value: Any, tensor_type: type) -> Any:
