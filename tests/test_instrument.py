@@ -486,9 +486,6 @@ def test_every_fast_step_is_counted_and_timed_when_most_are_sampled_out() -> Non
     session.handle(events)
     assert session.steps == 3000
     assert session.step_times.count == 2999  # every step after the first has a duration
-    (loss_stats,) = session.losses.values()
-    assert loss_stats.count == 3000  # sampled-out steps' losses are kept too (read on the CPU anyway)
-    assert [s for s, _ in loss_stats.history.points()][-1] == 3000
 
 
 class _OnDevice(torch.Tensor):

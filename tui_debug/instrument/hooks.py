@@ -239,7 +239,6 @@ class Instrumentation:
         # Losses of sampled-out steps on a GPU: (step, site, 0-d tensor), read with the next checked step
         # (reading each at once would wait for the GPU).
         self._late: list[tuple[int, int, Any]] = []
-        self._late_host: list[tuple[int, int, float]] = []  # the same, read on the CPU already
         self._force_check = False
         self._span: StepSpan | None = None
         self._sample_last: float | None = None
@@ -748,27 +747,26 @@ class Instrumentation:
 
     def _unchecked_step(self, st: _OptState) -> None:
         """A sampled-out step: its time, and its loss looked at on the CPU (a few microseconds); a
-        GPU loss is kept for the next checked step's read."""
+        GPU loss is kept for the next checked step's read (reading it now would wait for the GPU)."""
         losses = self._unchecked_losses
-        deferred: list[Any] = []
+        deferred = None
         if losses:
             self._unchecked_losses = []
             for t in losses:
                 if t.numel() != 1:
                     continue
                 if not t.is_cpu:
+                    if deferred is None:
+                        deferred = []
                     deferred.append(t)
-                    continue
-                v = t.item()
-                if not math.isfinite(v):
+                elif not math.isfinite(t.item()):
                     self._unchecked_losses = losses
                     self._close_step(st)  # a non-finite loss: check this step's gradients after all
                     return
-                deferred.append(v)
         count = st.count = st.count + 1
         if count > self.step:
             self.step = count
-        if deferred:
+        if deferred is not None:
             self._defer_losses(st, deferred)
         now = time.perf_counter()
         last = self._last_step_time
@@ -791,19 +789,15 @@ class Instrumentation:
         self._sample(False)
 
     def _defer_losses(self, st: _OptState, losses: list[Any]) -> None:
-        """Keep a sampled-out step's losses (values read on the CPU, 0-d tensors on a GPU) for the
-        next checked step's record, named by the sites its optimizer's last checked step had (no
-        frame walk on this path); too many force a check."""
+        """Keep a sampled-out step's GPU losses for the next checked step's read, named by the sites
+        its optimizer's last checked step had (no frame walk on this path); too many force a check."""
         sites = st.sites
         step = self.step
         fallback = self._last_site if self._last_site is not None else 0
+        late = self._late
         for i, t in enumerate(losses):
-            site = sites[i] if i < len(sites) else fallback
-            if isinstance(t, float):
-                self._late_host.append((step, site, t))
-            else:
-                self._late.append((step, site, t.detach().reshape(())))
-        if len(self._late) + len(self._late_host) >= LATE_MAX:
+            late.append((step, sites[i] if i < len(sites) else fallback, t.detach().reshape(())))
+        if len(late) >= LATE_MAX:
             self._force_check = True
 
     def _post_step(self, opt: Any, args: Any, kwargs: Any) -> None:
@@ -920,12 +914,10 @@ class Instrumentation:
             unchecked, self._unchecked_losses = self._unchecked_losses, []
             unchecked = [t for t in unchecked if t.numel() == 1]
             on_device = [t for t in unchecked if not t.is_cpu]
-            host = [t for t in unchecked if t.is_cpu]
-            bad = [t for t in host if not math.isfinite(t.item())]
+            if on_device:
+                self._defer_losses(st, on_device)
+            bad = [t for t in unchecked if t.is_cpu and not math.isfinite(t.item())]
             if not bad:
-                deferred = on_device + [t.item() for t in host]
-                if deferred:
-                    self._defer_losses(st, deferred)
                 self._pending.append(StepRecord(self.step, now, duration, st.index, [], None, None, wait))
                 if now - self._last_flush >= FLUSH_INTERVAL_S:
                     self.flush()
@@ -982,9 +974,6 @@ class Instrumentation:
             flat.extend(tensors)
             self._upd_done = None
         late_meta: list[tuple[int, int]] = []
-        late_host = self._late_host
-        if late_host:
-            self._late_host = []
         if self._late:  # last: the sampled-out steps' losses
             late_meta = [(step, site) for step, site, _ in self._late]
             flat.extend(t for _, _, t in self._late)
@@ -993,8 +982,7 @@ class Instrumentation:
         if sites:
             st.sites = sites
         read = (self.step, now, duration, st.index, sites, self._calls, self._root_inputs,
-                n_chunked, n_sent, self._stale, grad_names, recheck, wait, n_grads, extras, upd_names, late_meta,
-                late_host)
+                n_chunked, n_sent, self._stale, grad_names, recheck, wait, n_grads, extras, upd_names, late_meta)
         self._observed_steps += 1
         every = self.config.activation_stats_every
         self._stats_now = every > 0 and self._observed_steps % every == 0
@@ -1083,7 +1071,7 @@ class Instrumentation:
 
     def _process(self, read: tuple[Any, ...], values: list[float]) -> None:
         (step, now, duration, opt_index, loss_sites, calls, root_inputs, n_chunked, n_sent, stale,
-         grad_names, recheck, wait, n_grads, extras, upd_names, late_meta, late_host) = read
+         grad_names, recheck, wait, n_grads, extras, upd_names, late_meta) = read
         nl = len(loss_sites)
         grad_norms = None
         g0 = nl + n_sent
@@ -1101,13 +1089,10 @@ class Instrumentation:
             rec.update_ratios = [(n, d / w) for n, d, w in zip(upd_names, deltas, weights) if w > 0]
             i += 2 * k
         if late_meta:
-            late = [(s, site, v) for (s, site), v in zip(late_meta, values[i:])]
-            for s, site, v in late:
+            rec.late_losses = [(s, site, v) for (s, site), v in zip(late_meta, values[i:])]
+            for s, site, v in rec.late_losses:
                 if not math.isfinite(v):
                     self._late_nonfinite(s, site, v, step)
-            rec.late_losses = sorted(late_host + late, key=lambda x: x[0]) if late_host else late
-        elif late_host:
-            rec.late_losses = late_host
         self._pending.append(rec)
         if grad_norms:
             self.recent_total_norms.append(math.sqrt(sum(v * v for v in grad_norms)))
@@ -1143,7 +1128,7 @@ class Instrumentation:
 
     def _check_nonfinite(self, read: tuple[Any, ...], values: list[float]) -> None:
         (step, now, duration, opt_index, loss_sites, calls, root_inputs, n_chunked, n_sent, stale,
-         grad_names, recheck, _wait, n_grads, _extras, _upd, _late, _late_host) = read
+         grad_names, recheck, _wait, n_grads, _extras, _upd, _late) = read
         nl = len(loss_sites)
         sentinels: list[float | None] = values[nl:nl + n_sent]
         others_finite = all(math.isfinite(v) for v in values[:nl]) and all(
@@ -1201,15 +1186,13 @@ class Instrumentation:
     def _read_late(self) -> None:
         """Losses of sampled-out steps that no checked step came after: read them now (blocking)."""
         late, self._late = self._late, []
-        host, self._late_host = self._late_host, []
         if late:
             values = self.torch.stack([t for _, _, t in late]).tolist()  # type: ignore[union-attr]
-            host = sorted(host + [(s, site, v) for (s, site, _), v in zip(late, values)], key=lambda x: x[0])
-        if host:
-            for s, site, v in host:
+            losses = [(s, site, v) for (s, site, _), v in zip(late, values)]
+            for s, site, v in losses:
                 if not math.isfinite(v):
                     self._late_nonfinite(s, site, v, self.step)
-            self._pending.append(LateLosses(host))
+            self._pending.append(LateLosses(losses))
 
 
 def _first_tensor(value: Any, tensor_type: type) -> Any:
