@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import time
 import dataclasses
 from typing import Any, Iterator
 
@@ -486,6 +487,49 @@ def test_every_fast_step_is_counted_and_timed_when_most_are_sampled_out() -> Non
     session.handle(events)
     assert session.steps == 3000
     assert session.step_times.count == 2999  # every step after the first has a duration
+
+
+def test_actions_and_pause_reach_sampled_out_steps() -> None:
+    """A sampled-out step runs no post-step hook; a queued action (or a pause) wakes it, and is
+    applied at that step's boundary, in the training thread."""
+    import queue
+    import threading
+
+    inst = Instrumentation(DebugConfig(), lambda batch: None)
+    inst.actions = queue.SimpleQueue()
+    inst._sampler.next_probe = 1 << 40
+    inst._sampler.every = 1 << 30  # every step after the first is sampled out
+    inst.install(torch)
+    try:
+        model = nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        x, y = torch.randn(8, 4), torch.randn(8, 1)
+
+        def step() -> None:
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+
+        for _ in range(5):
+            step()
+        assert inst._post_handle is None  # steady state: no Python after optimizer.step
+        applied: list[tuple[int, int]] = []
+        inst.actions.put(lambda: applied.append((inst.step, threading.get_ident())))
+        inst.wake = True  # what Monitor.request does
+        step()
+        assert applied == [(6, threading.get_ident())]
+        step()
+        assert inst._post_handle is None  # back to sleep once done
+
+        inst.paused, inst.wake = True, True  # what Monitor.pause does
+        inst.resume_event.clear()
+        resumed = threading.Timer(0.3, lambda: (setattr(inst, "paused", False), inst.resume_event.set()))
+        resumed.start()
+        t0 = time.perf_counter()
+        step()  # waits at this step's boundary until resumed
+        assert time.perf_counter() - t0 >= 0.25 and inst.step == 8
+    finally:
+        inst.uninstall()
 
 
 class _OnDevice(torch.Tensor):

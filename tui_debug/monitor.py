@@ -101,8 +101,10 @@ class Monitor:
         """Training thread, after each optimizer step: the periodic last-good snapshot (safe/auto)."""
         interval = self.config.snapshot_interval
         instr = self.instr
-        if (self.config.recover != "off" and interval > 0 and (instr.step % interval == 0 or instr.step == 1)
-                and instr.last_step_finite and instr.step != self._last_snapshot_step):
+        # Every `interval` steps counted from the last snapshot (sampled-out steps have no post-step
+        # hook, so the exact multiple may never come by); only after a checked, finite step.
+        if (self.config.recover != "off" and interval > 0 and instr.last_step_finite and instr.observed_last
+                and (self._last_snapshot_step <= 0 or instr.step - self._last_snapshot_step >= interval)):
             self._last_snapshot_step = instr.step
             self.snapshots.take(instr)
 
@@ -159,12 +161,14 @@ class Monitor:
             self.instr.flush()
 
         self.actions.put(run)
+        self.instr.wake = True  # sampled-out steps run no post-step hook until woken
         return request_id
 
     def pause(self) -> None:
         """Training waits at the next step boundary until ``resume``."""
         self.instr.resume_event.clear()
         self.instr.paused = True
+        self.instr.wake = True
 
     def resume(self) -> None:
         self.instr.paused = False

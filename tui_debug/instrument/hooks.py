@@ -167,6 +167,11 @@ class Instrumentation:
         self._tid = threading.get_ident()
         self.torch: ModuleType | None = None
         self._handles: list[Any] = []
+        # The optimizer post-step hook is registered only around checked steps and while an action or
+        # a pause waits (``wake``): a sampled-out step runs no Python after optimizer.step.
+        self._post_handle: Any = None
+        self.wake = False
+        self.observed_last = True  # the step that just ended was checked (its values are known)
         self._orig_backward: Callable[..., Any] | None = None
         self._orig_scale: Callable[..., Any] | None = None
         self._installed = False
@@ -278,14 +283,23 @@ class Instrumentation:
         self._nn_module = nn_module
         self._fwd_handles = [nn_module.register_module_forward_pre_hook(self._pre_hook),
                              nn_module.register_module_forward_hook(self._post_hook, always_call=True)]
+        self._optim_module = optim_module
         self._handles.append(optim_module.register_optimizer_step_pre_hook(self._pre_step))
-        self._handles.append(optim_module.register_optimizer_step_post_hook(self._post_step))
+        self._post_handle = optim_module.register_optimizer_step_post_hook(self._post_step)
         self._orig_backward = torch.autograd.backward
         orig_backward = self._orig_backward
         me = self
+        get_ident = threading.get_ident
+        tensor_type = torch.Tensor
 
         def backward(*args: Any, **kwargs: Any) -> Any:
-            if threading.get_ident() == me._tid and not me.broken:
+            if not me._observe and me._opts and get_ident() == me._tid and not me.broken:
+                # A sampled-out step (the common case at high step rates): keep the loss, nothing else.
+                t = args[0] if args else kwargs.get("tensors")
+                if isinstance(t, tensor_type) and me.config.enable_loss_tracking:
+                    me._unchecked_losses.append(t)
+                return orig_backward(*args, **kwargs)
+            if get_ident() == me._tid and not me.broken:
                 me._on_backward(args[0] if args else kwargs.get("tensors"))
             result = orig_backward(*args, **kwargs)
             # No optimizer has stepped yet: a script updating parameters by hand makes each backward a
@@ -326,12 +340,13 @@ class Instrumentation:
         if not self._installed:
             return
         self._installed = False
-        for h in self._handles + self._fwd_handles:
+        for h in self._handles + self._fwd_handles + ([self._post_handle] if self._post_handle else []):
             try:
                 h.remove()
             except Exception:
                 pass
         self._handles.clear()
+        self._post_handle = None
         self._fwd_handles = []
         torch = self.torch
         if torch is not None and self._orig_backward is not None:
@@ -735,6 +750,8 @@ class Instrumentation:
     def _pre_step(self, opt: Any, args: Any, kwargs: Any) -> None:
         if self._get_ident() != self._tid or self.broken or self._is_compiling():
             return
+        if self.wake and self._post_handle is None:
+            self._set_post_hook(True)  # an action or pause was requested: apply it after this step
         if not self._observe:
             st = self._opts.get(id(opt))
             if st is not None and st.ref() is opt:
@@ -804,6 +821,7 @@ class Instrumentation:
         if threading.get_ident() != self._tid or self.broken:
             return
         self._step_end = time.perf_counter()
+        self.wake = False  # before draining: a request made meanwhile wakes the next step
         if self._upd_start is not None:
             st = self._opts.get(id(opt))
             if st is not None:
@@ -888,6 +906,7 @@ class Instrumentation:
         end = time.perf_counter()
         last, self._sample_last = self._sample_last, end
         self._sampler.optimizers = len(self._opts)
+        self.observed_last = observed
         observe = self._sampler.next(observed, 0.0 if last is None else end - last)
         if self._force_check:
             self._force_check = False
@@ -895,6 +914,19 @@ class Instrumentation:
         self._observe = observe
         if observe is not bool(self._fwd_handles):
             self._set_forward_hooks(observe)
+        # This step's post-step hook: for a checked step (update ratio), before a checked one (the
+        # data-wait clock starts there), and for pending actions or a pause.
+        post = observed or observe or self.wake or self.paused or self._upd_start is not None
+        if post is not (self._post_handle is not None):
+            self._set_post_hook(post)
+
+    def _set_post_hook(self, on: bool) -> None:
+        if on and self._post_handle is None and self._installed:
+            self._post_handle = self._optim_module.register_optimizer_step_post_hook(self._post_step)
+        elif not on and self._post_handle is not None:
+            self._post_handle.remove()
+            self._post_handle = None
+            self._step_end = None
 
     def _read_step(self, st: _OptState) -> None:
         """One stacked read of losses, sentinels and gradient norms."""
