@@ -81,10 +81,10 @@ class _Sampler:
     Normal steps are all checked. Fast ones are eligible: under ``FAST_S`` (1 ms) on the CPU, where a
     check's cost grows with the step's data and is only a large share of very fast steps; under
     ``FAST_S_GPU`` (10 ms) when the parameters are on a GPU, where a check costs a fixed ~0.3-1 ms of
-    kernel launches and Python whatever the step. For those it measures the step time with and without checks (medians of
-    recent steps: robust to an evaluation pass or a GC pause) and, only when a check costs more than
-    ``budget``, checks every k-th step (k <= 16). A non-finite value seen switches back to checking
-    every step. ``budget`` 0 disables sampling.
+    kernel launches and Python whatever the step. For those it measures the step time with and
+    without checks (medians of recent steps: robust to an evaluation pass or a GC pause) and, only
+    when a check costs more than ``budget``, checks every k-th step (k <= 16). A non-finite value seen
+    switches back to checking every step. ``budget`` 0 disables sampling.
     """
 
     WARMUP = 32  # checked steps before the first probe
@@ -750,8 +750,6 @@ class Instrumentation:
     def _pre_step(self, opt: Any, args: Any, kwargs: Any) -> None:
         if self._get_ident() != self._tid or self.broken or self._is_compiling():
             return
-        if self.wake and self._post_handle is None:
-            self._set_post_hook(True)  # an action or pause was requested: apply it after this step
         if not self._observe:
             st = self._opts.get(id(opt))
             if st is not None and st.ref() is opt:
