@@ -17,8 +17,8 @@ from typing import Any, Callable
 from .classify import classify_exception, memory_context
 from .config import DebugConfig
 from .errors import ErrorCategory, ErrorSeverity, ErrorTracker, format_exception
-from .events import (FindingEvent, LateLosses, LossSiteEvent, ModelEvent, OptimizerEvent, ScriptEnded, StepRecord,
-                     StepSpan)
+from .events import (FindingEvent, LateLosses, LossSiteEvent, ModelEvent, OptimizerEvent, ScriptEnded,
+                     StepRecord, StepSpan)
 from .detectors.trends import ActivationHealth, DataStall, UpdateRatio, GradientNorms, LossExplosion, MemoryGrowth, Plateau, SlowSteps, Verdict
 from .history import DownsampledHistory, Reservoir
 from .recovery.actions import ActionResult
