@@ -279,6 +279,13 @@ def test_gradscaler_skipped_steps_are_not_findings_and_do_not_break_the_scaler(r
     assert rec.inst.step == 12 - skipped
     found = [(f.category, f.message) for f in rec.findings()]
     assert not [f for f in found if f[0] in ("gradient_error", "loss_error", "training_error")], found
+    # The skipped iterations are counted, and their losses are not taken for the next step's.
+    from tui_debug.events import ScalerSkips
+
+    assert sum(e.count for e in rec.events(ScalerSkips)) == skipped == rec.inst.scaler_skips
+    records = rec.events(StepRecord)
+    assert [r.step for r in records] == list(range(1, 13 - skipped))
+    assert all(len(r.losses) == 1 for r in records), [len(r.losses) for r in records]
 
 
 def test_nan_gradients_of_a_hand_written_update_are_reported_and_left_in_place(rec: Recorder) -> None:
@@ -308,6 +315,7 @@ def test_uninstall_removes_every_hook_and_patch() -> None:
     assert before["forward"] == 0 and before["forward_pre"] == 0
     orig_backward = torch.autograd.backward
     orig_scale = grad_scaler.GradScaler.scale
+    orig_update = grad_scaler.GradScaler.update
     batches: list[list[Any]] = []
     inst = Instrumentation(DebugConfig(), batches.append)
     inst.install(torch)
@@ -316,6 +324,7 @@ def test_uninstall_removes_every_hook_and_patch() -> None:
         assert during["forward"] == 1 and during["forward_pre"] == 1
         assert torch.autograd.backward is not orig_backward
         assert grad_scaler.GradScaler.scale is not orig_scale
+        assert grad_scaler.GradScaler.update is not orig_update
     finally:
         inst.uninstall()
     assert _hook_state() == before
@@ -323,6 +332,7 @@ def test_uninstall_removes_every_hook_and_patch() -> None:
     assert len(nn_module._global_forward_pre_hooks) == 0
     assert torch.autograd.backward is orig_backward
     assert grad_scaler.GradScaler.scale is orig_scale
+    assert grad_scaler.GradScaler.update is orig_update
     inst.uninstall()  # twice is harmless
 
     # Nothing is observed any more.

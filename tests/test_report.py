@@ -119,3 +119,21 @@ def test_crash_in_a_module_forward(crash_run: dict[str, Any]) -> None:
     assert "ValueError" in finding["message"]
     assert finding["traceback"] and "crash_in_forward.py" in finding["traceback"]
     assert crash_run["summary"]["steps"] == 2
+
+
+def test_gradscaler_skips_are_counted_not_stepped_and_advised_on(tmp_path: Path) -> None:
+    """Iterations a GradScaler skips are no steps: the report counts them apart, keeps their losses out
+    of the loss history, raises no error, and advises when they are a large share."""
+    proc = run_td("--out", tmp_path / "run", SCRIPTS / "amp_scaler_skips.py", cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    report = load_report(tmp_path / "run")
+    validate(report)
+    scale = float(proc.stdout.split("SCALE")[1])
+    skipped = round(127 - math.log2(scale))  # each skip halves the scale (no growth within 2000 steps)
+    assert report["performance"]["scaler_skipped_steps"] == skipped
+    assert 20 <= skipped < 60 and report["summary"]["steps"] == 60 - skipped
+    (loss,) = report["losses"].values()
+    assert loss["count"] == 60 - skipped, loss
+    assert not [e for e in report["errors"] if e["severity"] in ("error", "critical")], report["errors"]
+    assert any(r.startswith("[amp] a GradScaler skipped") for r in report["recommendations"]), \
+        report["recommendations"]

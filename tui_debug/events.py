@@ -33,6 +33,14 @@ class StepRecord:
 
 
 @dataclasses.dataclass(slots=True)
+class ScalerSkips:
+    """Iterations a GradScaler skipped since the last batch (non-finite scaled gradients: no step)."""
+
+    count: int
+    step: int  # the run's step count when they were sent
+
+
+@dataclasses.dataclass(slots=True)
 class LateLosses:
     """Losses of the last sampled-out steps, read at the run's end (no checked step came after them)."""
 

@@ -44,6 +44,11 @@ def recommendations(session: Session, errors: list[ErrorInfo]) -> list[str]:
             if stats.last > stats.first * 1.5 and stats.last - stats.first > 1e-6:
                 out.append(f"[loss] '{stats.name}' ended higher than it started ({stats.first:.4g} -> "
                            f"{stats.last:.4g}): the learning rate may be too high.")
+    skips, total = session.scaler_skips, session.scaler_skips + session.steps
+    if skips >= 20 and skips >= 0.1 * total:  # calibration from the default scale takes a handful
+        out.append(f"[amp] a GradScaler skipped {skips} of {total} iterations ({100 * skips / total:.0f}%): "
+                   f"half-precision gradients overflow often. Use bfloat16 autocast where the GPU has it, "
+                   f"lower the learning rate, or find the values that overflow float16 (65504).")
     if session.steps == 0 and session.status in ("finished", "exited") and session.models:
         out.append("[training] no optimizer step was seen: the model ran but never trained "
                    "(optimizer.step() missing, or every step skipped by a GradScaler).")
@@ -113,6 +118,7 @@ def build_report(session: Session) -> dict[str, Any]:
             "step_time_p95_s": step_times.percentile(95),
             "steps_per_second": session.steps_per_second(),
             "measured_steps": step_times.count,
+            "scaler_skipped_steps": session.scaler_skips,
         },
         "actions": _jsonable(session.actions),
         "config": session.config.to_dict(),

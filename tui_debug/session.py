@@ -17,8 +17,8 @@ from typing import Any, Callable
 from .classify import classify_exception, memory_context
 from .config import DebugConfig
 from .errors import ErrorCategory, ErrorSeverity, ErrorTracker, format_exception
-from .events import (FindingEvent, LateLosses, LossSiteEvent, ModelEvent, OptimizerEvent, ScriptEnded,
-                     StepRecord, StepSpan)
+from .events import (FindingEvent, LateLosses, LossSiteEvent, ModelEvent, OptimizerEvent, ScalerSkips,
+                     ScriptEnded, StepRecord, StepSpan)
 from .detectors.trends import ActivationHealth, DataStall, UpdateRatio, GradientNorms, LossExplosion, MemoryGrowth, Plateau, SlowSteps, Verdict
 from .history import DownsampledHistory, Reservoir
 from .recovery.actions import ActionResult
@@ -92,6 +92,7 @@ class Session:
         self.output_tail: Callable[[], list[tuple[str, str]]] = lambda: []
         self.dropped_events: Callable[[], int] = lambda: 0
         self.actions: list[dict[str, Any]] = []
+        self.scaler_skips = 0  # iterations a GradScaler skipped (no optimizer step)
         self.actions_dropped = 0
         self.action_listeners: list[Callable[[ActionResult], None]] = []
         self.ended: ScriptEnded | None = None
@@ -127,6 +128,8 @@ class Session:
                     self._on_step(ev)
                 elif isinstance(ev, StepSpan):
                     self._on_span(ev)
+                elif isinstance(ev, ScalerSkips):
+                    self.scaler_skips += ev.count
                 elif isinstance(ev, LateLosses):
                     verdicts = self._late_losses(ev.losses)
                     if verdicts:

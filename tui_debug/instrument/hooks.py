@@ -27,7 +27,8 @@ from typing import Any, Callable
 
 from ..config import DebugConfig
 from ..detectors.nonfinite import ActivationCall, NonFiniteDetector, StepObservation
-from ..events import FindingEvent, LateLosses, LossSiteEvent, ModelEvent, OptimizerEvent, StepRecord, StepSpan
+from ..events import (FindingEvent, LateLosses, LossSiteEvent, ModelEvent, OptimizerEvent, ScalerSkips, StepRecord,
+                      StepSpan)
 from . import naming
 
 FLUSH_INTERVAL_S = 0.05
@@ -213,6 +214,11 @@ class Instrumentation:
         self._losses: list[tuple[int, Any]] = []
         self._scaled: dict[int, Any] = {}
         self._amp_seen = False  # a GradScaler has scaled a loss
+        self._orig_update: Callable[..., Any] | None = None
+        self._boundaries = 0  # optimizer step boundaries seen (pre-step hooks run)
+        self._scaler_marks: dict[int, int] = {}  # id(scaler) -> boundaries when it first scaled this iteration
+        self.scaler_skips = 0
+        self._skips_unsent = 0
         # steps
         self._opts: dict[int, _OptState] = {}
         self._pseudo: _OptState | None = None
@@ -323,15 +329,28 @@ class Instrumentation:
             def scale(scaler: Any, outputs: Any) -> Any:
                 out = orig_scale(scaler, outputs)
                 me._amp_seen = True
+                me._scaler_marks.setdefault(id(scaler), me._boundaries)
                 if isinstance(outputs, me._Tensor) and isinstance(out, me._Tensor):
                     if len(me._scaled) > 64:
                         me._scaled.clear()
                     me._scaled[id(out)] = outputs
                 return out
 
+            self._orig_update = grad_scaler.GradScaler.update
+            orig_update = self._orig_update
+
+            def update(scaler: Any, new_scale: Any = None) -> Any:
+                # No optimizer step since this iteration's first scale(): the scaler skipped it.
+                mark = me._scaler_marks.pop(id(scaler), None)
+                if mark is not None and mark == me._boundaries and threading.get_ident() == me._tid \
+                        and not me.broken:
+                    me._guarded(me._scaler_skipped)
+                return orig_update(scaler, new_scale)
+
             grad_scaler.GradScaler.scale = scale  # type: ignore[method-assign]
+            grad_scaler.GradScaler.update = update  # type: ignore[method-assign]
         except Exception:
-            self._orig_scale = None
+            self._orig_scale = self._orig_update = None
         os.register_at_fork(after_in_child=self.uninstall)
         self._installed = True
 
@@ -355,6 +374,8 @@ class Instrumentation:
             from torch.amp import grad_scaler
 
             grad_scaler.GradScaler.scale = self._orig_scale  # type: ignore[method-assign]
+            if self._orig_update is not None:
+                grad_scaler.GradScaler.update = self._orig_update  # type: ignore[method-assign]
 
     def _find_optimized_module(self) -> None:
         if not self._OptimizedModule:
@@ -750,6 +771,7 @@ class Instrumentation:
     def _pre_step(self, opt: Any, args: Any, kwargs: Any) -> None:
         if self._get_ident() != self._tid or self.broken or self._is_compiling():
             return
+        self._boundaries += 1
         if not self._observe:
             st = self._opts.get(id(opt))
             if st is not None and st.ref() is opt:
@@ -1019,17 +1041,7 @@ class Instrumentation:
         every = self.config.update_ratio_every
         if every > 0 and self._observed_steps % every == 0 and groups and st.index >= 0:
             self._start_update_ratio(st)
-        self._losses = []
-        self._acts = []
-        self._sent = []
-        self._n_sent = 0
-        self._ver = []
-        self._refs = []
-        self._stale = set()
-        self._sent_ids = {}
-        self._derived = {}
-        self._calls = []
-        self._root_inputs = []
+        self._clear_step()
         if not flat:
             self._process(read, [])
         else:
@@ -1064,6 +1076,33 @@ class Instrumentation:
         if self._reads:
             self._drain_reads(block=False)
         if self._pending and now - self._last_flush >= FLUSH_INTERVAL_S:
+            self.flush()
+
+    def _clear_step(self) -> None:
+        """Forget what this step's forward and backward queued (after its read, or a skipped iteration)."""
+        self._losses = []
+        self._acts = []
+        self._acts_cuda_elems = 0
+        self._sent = []
+        self._n_sent = 0
+        self._ver = []
+        self._refs = []
+        self._stale = set()
+        self._sent_ids = {}
+        self._derived = {}
+        self._calls = []
+        self._root_inputs = []
+
+    def _scaler_skipped(self) -> None:
+        """A GradScaler skipped the optimizer step (its scaled gradients were non-finite, as it expects
+        while it calibrates): the iteration is no step, and its losses and activations must not be
+        taken for the next step's."""
+        self.scaler_skips += 1
+        self._skips_unsent += 1
+        self._clear_step()
+        self._unchecked_losses = []
+        self._stack.clear()
+        if time.perf_counter() - self._last_flush >= FLUSH_INTERVAL_S:
             self.flush()
 
     def _skip_step(self, st: _OptState) -> None:
@@ -1196,6 +1235,9 @@ class Instrumentation:
     def flush(self) -> None:
         """Hand what is pending to the bus (one batch)."""
         self._span = None  # handed over: the consumer may read it from now on
+        if self._skips_unsent:
+            self._pending.append(ScalerSkips(self._skips_unsent, self.step))
+            self._skips_unsent = 0
         if self._pending:
             batch, self._pending = self._pending, []
             self._last_flush = time.perf_counter()
