@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import time
+from pathlib import Path
 import dataclasses
 from typing import Any, Iterator
 
@@ -461,13 +462,13 @@ def test_sampled_out_steps_run_without_forward_hooks_and_still_name_a_failing_mo
     assert rec.inst.failing_modules(info.value)[:2] == ["model.1.1 (Exploder)", "model.1 (Sequential)"]
 
 
-def test_every_fast_step_is_counted_and_timed_when_most_are_sampled_out() -> None:
+def test_every_fast_step_is_counted_and_timed_when_most_are_sampled_out(tmp_path: Path) -> None:
     from tui_debug.errors import ErrorTracker
     from tui_debug.events import StepSpan
     from tui_debug.session import Session
 
     batches: list[list[Any]] = []
-    config = DebugConfig()
+    config = DebugConfig(log_file=str(tmp_path / "debug.log"), error_file=str(tmp_path / "errors.log"))
     inst = Instrumentation(config, batches.append)
     inst.install(torch)
     try:
@@ -543,14 +544,15 @@ class _OnDevice(torch.Tensor):
         return False
 
 
-def test_a_sampled_out_gpu_steps_nan_loss_is_reported_with_its_own_step() -> None:
+def test_a_sampled_out_gpu_steps_nan_loss_is_reported_with_its_own_step(tmp_path: Path) -> None:
     """On a GPU a sampled-out step's loss is not read at once (that would wait for the GPU): it rides
     on the next checked step's read, and a non-finite one is reported with the step it happened."""
     from tui_debug.errors import ErrorTracker
     from tui_debug.session import Session
 
     batches: list[list[Any]] = []
-    config = DebugConfig(recover="off")
+    config = DebugConfig(recover="off", log_file=str(tmp_path / "debug.log"),
+                         error_file=str(tmp_path / "errors.log"))
     inst = Instrumentation(config, batches.append)
     inst._sampler.next_probe = 1 << 40  # the sampler's own decision is tested above: check every 3rd step
     inst._sampler.every = 3
