@@ -8,11 +8,13 @@
 #   4. a module turning its output non-finite is named, on the step it happened (steps of ~ms),
 #   5. a GradScaler's skipped fp16 steps are neither findings nor broken by the monitor;
 # and prints, for information, what is named when the non-finite step is a sub-millisecond one.
-# Usage: scripts/gpu_check.sh        (prints PASS/FAIL/INFO lines; exit status 0 when all pass)
+# Usage: scripts/gpu_check.sh [--bench]   (prints PASS/FAIL/INFO lines; exit status 0 when all pass)
+#   --bench  then runs the overhead benchmark on the GPU (bench/overhead.py --device cuda, ~5 minutes).
+# textual is not in every CUDA image: install it (and its pure-Python dependencies) first, e.g. from wheels.
 set -u
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
-exec "$PY" - <<'PY'
+"$PY" - <<'PY'
 import os, re, subprocess, sys, json, tempfile, textwrap
 sys.path.insert(0, "tests")
 from test_tui_e2e import Terminal
@@ -137,3 +139,8 @@ check("GradScaler fp16 skipped steps: no error findings, exit 0", p.returncode =
 print("ALL PASS" if ok else "SOME CHECKS FAILED")
 sys.exit(0 if ok else 1)
 PY
+rc=$?
+if [ "${1:-}" = "--bench" ]; then
+    "$PY" bench/overhead.py --device cuda --rounds 3 --workloads cnn,transformer --ui --no-anomaly || rc=1
+fi
+exit $rc
