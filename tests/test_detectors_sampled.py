@@ -41,3 +41,29 @@ def test_data_stall_is_an_info_hint(tmp_path: Path) -> None:
     (stall,) = pick(report, "data_error", "info", "waiting for data")
     assert stall["context"]["wait_share"] > 0.5, show(report)
     assert not [e for e in report["errors"] if e["severity"] in ("warning", "error")], show(report)
+
+
+def _ratio_records(losses: list[float], ratio: float) -> list:
+    from tui_debug.events import StepRecord
+
+    return [StepRecord(step=i + 1, time=float(i), duration=0.01, optimizer=0, losses=[(0, v)], grad_names=None,
+                       grad_norms=None, update_ratios=[("model.weight", ratio), ("model.bias", ratio)])
+            for i, v in enumerate(losses)]
+
+
+def test_tiny_updates_warn_while_the_loss_is_stuck_but_not_once_it_has_converged() -> None:
+    """|update|/|weight| of 1e-12 means a far too small learning rate while the loss is stuck; on a run
+    whose loss fell 1000x (a least-squares fit reaching 1e-13) it only means the minimum is reached."""
+    from tui_debug.config import DebugConfig
+    from tui_debug.detectors.trends import UpdateRatio
+
+    def run(losses: list[float]) -> list[str]:
+        detector = UpdateRatio(DebugConfig())
+        out = []
+        for rec in _ratio_records(losses, 1e-12):
+            detector.observe_losses(rec)
+            out += [v.finding.key for v in detector.observe(rec)]
+        return out
+
+    assert run([2.0, 1.99, 1.99, 1.98, 1.98]) == ["update-ratio|low"]
+    assert run([2.0, 0.5, 1e-4, 1e-9, 3e-13]) == []

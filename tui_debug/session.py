@@ -177,6 +177,8 @@ class Session:
         verdicts += self.data_stall.observe(rec)
         if rec.act_stats:
             verdicts += self.activation_health.observe(rec)
+        if rec.losses:
+            self.update_ratio.observe_losses(rec)
         if rec.update_ratios:
             verdicts += self.update_ratio.observe(rec)
         if rec.losses or rec.grad_norms:

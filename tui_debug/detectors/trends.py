@@ -458,13 +458,29 @@ class ActivationHealth:
 class UpdateRatio:
     """|update| / |weight| per layer, sampled every ``update_ratio_every`` checked steps. The median over
     layers above ``update_ratio_high`` means a learning rate far too large; below ``update_ratio_low``
-    on 3 samples in a row, far too small (healthy training sits around 1e-4..1e-2)."""
+    on 3 samples in a row, far too small (healthy training sits around 1e-4..1e-2) - unless every loss
+    has fallen 1000x from its first value: a run that converged has tiny gradients and tiny updates."""
+
+    CONVERGED = 1e-3
 
     def __init__(self, config: DebugConfig) -> None:
         self.high = config.update_ratio_high
         self.low = config.update_ratio_low
         self.low_count = 0
         self.fired: set[str] = set()
+        self.first_loss: dict[int, float] = {}
+        self.last_loss: dict[int, float] = {}
+
+    def observe_losses(self, rec: StepRecord) -> None:
+        """Every checked step's losses (cheap): the first and the latest size of each."""
+        for site, v in rec.losses:
+            if _finite(v):
+                self.first_loss.setdefault(site, abs(v))
+                self.last_loss[site] = abs(v)
+
+    def converged(self) -> bool:
+        first = self.first_loss
+        return bool(first) and all(self.last_loss[s] <= self.CONVERGED * f for s, f in first.items())
 
     def observe(self, rec: StepRecord) -> list[Verdict]:
         ratios = [r for _, r in rec.update_ratios or []]
@@ -482,7 +498,7 @@ class UpdateRatio:
                         f"rate is far too large",
                 context=ctx, recommendation="Lower the learning rate by 10-100x; healthy updates are about "
                                             "1e-3 of the weights."), action="lower_lr"))
-        self.low_count = self.low_count + 1 if med < self.low else 0
+        self.low_count = self.low_count + 1 if med < self.low and not self.converged() else 0
         if self.low_count == 3 and "update-low" not in self.fired:
             self.fired.add("update-low")
             out.append(Verdict(FindingEvent(
