@@ -604,6 +604,30 @@ def test_sampler_checks_every_step_again_when_steps_slow_down() -> None:
     assert s.every == 1 and checked
 
 
+def test_sampler_resumes_sampling_soon_after_a_few_slow_steps() -> None:
+    """Three slow checked steps in a row (a GC pause, a busy machine) switch back to checking every
+    step, but only until the steps show they are fast again: not for the next 5,000 steps."""
+    from tui_debug.instrument.hooks import _Sampler
+
+    s = _Sampler(0.02)
+    checked = True
+    for _ in range(300):  # checks cost 80% of a 0.3 ms step: sampled
+        checked = s.next(checked, 0.00054 if checked else 0.0003)
+    every = s.every
+    assert every > 16, every  # a 2% budget allows up to 1 check in 64 steps
+    slow = 0
+    while slow < 3:  # the next three checked steps are slow
+        was_checked = checked
+        checked = s.next(checked, 0.005 if was_checked else 0.0003)
+        slow += was_checked
+    assert s.every == 1
+    n_checked = 0
+    for _ in range(400):
+        n_checked += checked
+        checked = s.next(checked, 0.00054 if checked else 0.0003)
+    assert s.every > 16 and n_checked < 100, (s.every, n_checked)
+
+
 def test_the_sampler_takes_steps_of_a_few_ms_on_a_gpu_but_not_on_the_cpu() -> None:
     """On a GPU a check is a fixed ~0.5 ms of launches: a 3 ms step it costs 30% of is sampled; on the
     CPU a 3 ms step is always checked (its checks cost in proportion to its data)."""
