@@ -137,3 +137,34 @@ def test_gradscaler_skips_are_counted_not_stepped_and_advised_on(tmp_path: Path)
     assert not [e for e in report["errors"] if e["severity"] in ("error", "critical")], report["errors"]
     assert any(r.startswith("[amp] a GradScaler skipped") for r in report["recommendations"]), \
         report["recommendations"]
+
+
+def test_page_faults_per_step_are_reported_and_advised_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU run whose allocator re-faults megabytes every step (glibc trimming its heap) gets the
+    figure in `performance` and a recommendation naming the fix; a quiet run or a GPU run does not."""
+    from tui_debug import session as session_module
+    from tui_debug.config import DebugConfig
+    from tui_debug.errors import ErrorTracker
+    from tui_debug.report import build_report, recommendations
+    from tui_debug.session import Session
+
+    def run(faults_per_step: int, cuda: bool) -> Session:
+        config = DebugConfig()
+        s = Session(config, ErrorTracker(config))
+        for steps in (0, 10, 60, 110):
+            ctx: dict[str, Any] = {"rss_bytes": 300 << 20, "minor_faults": 5_000 + steps * faults_per_step}
+            if cuda:
+                ctx["cuda_allocated_bytes"] = 1 << 30
+            monkeypatch.setattr(session_module, "memory_context", lambda ctx=ctx: ctx)
+            s.steps = steps
+            s.sample_memory()
+        return s
+
+    noisy = run(3_000, cuda=False)
+    assert build_report(noisy)["performance"]["page_faults_per_step"] == 3_000
+    (advice,) = [r for r in recommendations(noisy, []) if r.startswith("[performance]")]
+    assert "3,000 page faults per training step" in advice and "MALLOC_TRIM_THRESHOLD_" in advice
+    for quiet in (run(20, cuda=False), run(3_000, cuda=True)):
+        assert not [r for r in recommendations(quiet, []) if r.startswith("[performance]")]
+    short = Session(DebugConfig(), ErrorTracker(DebugConfig()))
+    assert build_report(short)["performance"]["page_faults_per_step"] is None

@@ -44,6 +44,12 @@ def memory_context() -> dict[str, Any]:
         ctx["system_available_bytes"] = vm.available
     except Exception:
         pass
+    try:
+        import resource
+
+        ctx["minor_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except Exception:  # not on this platform
+        pass
     torch = sys.modules.get("torch")
     try:
         if torch is not None and torch.cuda.is_initialized():

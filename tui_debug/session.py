@@ -89,6 +89,9 @@ class Session:
         self.rss_peak = 0
         self.rss_last = 0
         self.cuda: dict[str, Any] = {}
+        # (steps, minor page faults) at the first memory sample after a step, and at the latest
+        self._faults_first: tuple[int, int] | None = None
+        self._faults_last: tuple[int, int] | None = None
         self.output_tail: Callable[[], list[tuple[str, str]]] = lambda: []
         self.dropped_events: Callable[[], int] = lambda: 0
         self.actions: list[dict[str, Any]] = []
@@ -300,6 +303,11 @@ class Session:
             self.rss.add(self.steps, float(rss))
             if self.steps:
                 verdicts += self.memory_growth.observe("rss", self.steps, float(rss), ctx.get("system_total_bytes"))
+        faults = ctx.get("minor_faults")
+        if faults is not None and self.steps:
+            self._faults_last = (self.steps, faults)
+            if self._faults_first is None:
+                self._faults_first = self._faults_last
         cuda = {k: v for k, v in ctx.items() if k.startswith("cuda_")}
         if cuda:
             self.cuda = cuda
@@ -309,6 +317,14 @@ class Session:
             self._apply(verdicts)
 
     # -- views ----------------------------------------------------------------------------------
+    def page_faults_per_step(self) -> float | None:
+        """Minor page faults of the whole process per training step, over at least 20 steps: memory
+        the allocator gave back to the OS and touched again (on the CPU, glibc trims its heap)."""
+        first, last = self._faults_first, self._faults_last
+        if first is None or last is None or last[0] - first[0] < 20:
+            return None
+        return (last[1] - first[1]) / (last[0] - first[0])
+
     def loss_by_name(self) -> dict[str, LossStats]:
         return {s.name: s for s in self.losses.values()}
 
