@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import collections
 import time
 from pathlib import Path
@@ -375,6 +377,65 @@ def test_nan_after_relu_and_dropout_is_blamed_on_its_producer(rec: Recorder) -> 
     assert rec.findings(step=1) == []
     blamed = [f.context["module"] for f in rec.findings(step=2) if f.category == "model_error"]
     assert blamed == ["model.3 (NaNMaker)"]
+
+
+def _train_cnn(model: nn.Module, steps: int, on_step: Any) -> None:
+    torch.manual_seed(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(1, steps + 1):
+        on_step(step)
+        optimizer.zero_grad()
+        loss = model(torch.randn(8, 3, 32, 32)).pow(2).mean()  # conv outputs: 131,072 values, summed at once
+        loss.backward()
+        optimizer.step()
+
+
+class NaNAt(nn.Module):
+    """A new tensor every call (x * 1), NaN (log of a negative value) while switched on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(x - 1e3) if self.on else x * 1.0
+
+
+def _conv_bn(nan_maker: bool) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, padding=1)]
+    layers += [NaNAt()] if nan_maker else []
+    return nn.Sequential(*layers, nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                         nn.BatchNorm2d(16), nn.Flatten(), nn.Linear(16 * 32 * 32, 1))
+
+
+def test_nan_fed_to_batchnorm_is_blamed_on_its_producer(rec: Recorder) -> None:
+    """A large activation consumed by a training BatchNorm is not summed: the BatchNorm's running
+    statistics tell its finiteness. The producer is still the one named, on its step; the sticky NaN
+    left in the running statistics blames nobody on the healthy steps after it."""
+    model = _conv_bn(nan_maker=True)
+    _train_cnn(model, 4, lambda step: setattr(model[1], "on", step == 2))
+    assert rec.findings(step=1) == []
+    blamed = [f.context["module"] for f in rec.findings(step=2) if f.category in ("model_error", "input_validation")]
+    assert blamed == ["model.1 (NaNAt)"], rec.findings(step=2)
+    assert not math.isfinite(float(model[2].running_mean.sum()))  # the NaN stays in the statistics
+    for step in (3, 4):
+        assert not [f for f in rec.findings(step=step) if f.category == "model_error"], rec.findings(step=step)
+
+
+def test_nan_weight_in_a_batchnorm_is_blamed_on_the_batchnorm(rec: Recorder) -> None:
+    """Finite input, non-finite output: the BatchNorm itself (its affine parameters), not the conv
+    before it nor the one after it."""
+    model = _conv_bn(nan_maker=False)
+
+    def poison(step: int) -> None:
+        if step == 2:
+            with torch.no_grad():
+                model[1].weight[3] = float("nan")
+
+    _train_cnn(model, 2, poison)
+    assert rec.findings(step=1) == []
+    blamed = [f.context["module"] for f in rec.findings(step=2) if f.category in ("model_error", "input_validation")]
+    assert blamed == ["model.1 (BatchNorm2d)"], rec.findings(step=2)
 
 
 class LogBetweenChildren(nn.Module):

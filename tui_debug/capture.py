@@ -75,6 +75,8 @@ class _Stream:
         os.dup2(write_fd, fd)
         os.close(write_fd)
         self.thread: threading.Thread | None = None
+        self.midline = False  # the last bytes passed through did not end a line
+        self.shares_terminal = False  # it goes where the monitor's lines go (see write_monitor)
 
 
 class OutputCapture:
@@ -89,6 +91,7 @@ class OutputCapture:
         self._log = None
         self._log_size = 0
         self._log_lock = threading.Lock()
+        self._term_lock = threading.Lock()  # pass-through writes and the monitor's lines, whole
         self._streams: list[_Stream] = []
         self.listeners: list[OutputListener] = []
         self.active = False
@@ -105,6 +108,12 @@ class OutputCapture:
             st.thread = threading.Thread(target=self._reader, args=(st,), name=f"tui_debug-{name}", daemon=True)
             st.thread.start()
             self._streams.append(st)
+        try:
+            term = os.fstat(self.terminal_fd)
+            for st in self._streams:
+                st.shares_terminal = os.path.samestat(os.fstat(st.saved), term)
+        except OSError:
+            pass
         self.active = True
 
     @property
@@ -133,7 +142,9 @@ class OutputCapture:
             if not data:
                 break
             if self.passthrough:
-                _write_all(st.saved, data)
+                with self._term_lock:
+                    _write_all(st.saved, data)
+                    st.midline = not data.endswith(b"\n")
             self._write_log(data)
             text = decoder.decode(data)
             if text:
@@ -165,10 +176,18 @@ class OutputCapture:
     def write_monitor(self, text: str) -> None:
         """A line of the monitor's own, straight to the real stderr (not into the captured output)."""
         data = text.encode("utf-8", "replace")
-        try:
-            _write_all(self.terminal_fd if self.active else 2, data)
-        except OSError:
-            pass
+        with self._term_lock:
+            # Never in the middle of the script's line (a traceback flushed in two pieces, a tqdm bar):
+            # start a new one.
+            if self.passthrough and any(st.midline and st.shares_terminal for st in self._streams):
+                data = b"\n" + data
+                for st in self._streams:
+                    if st.shares_terminal:
+                        st.midline = False
+            try:
+                _write_all(self.terminal_fd if self.active else 2, data)
+            except OSError:
+                pass
 
     def stop(self, timeout: float = 2.0) -> None:
         if not self.active:

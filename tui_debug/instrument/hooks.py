@@ -188,6 +188,12 @@ class Instrumentation:
         self._sent: list[Any] = []  # reduced sentinels (0-d float32 tensors) of this step
         self._acts: list[Any] = []  # activations waiting for the next chunked reduction
         self._acts_cuda_elems = 0
+        # A large CPU activation whose sum waits one hook: if the next module is a training BatchNorm
+        # fed with it, its running statistics tell its finiteness (C numbers instead of the tensor).
+        # (sentinel index, tensor, its version), and the BatchNorm that will fill it in.
+        self._hot_pending: tuple[int, Any, int] | None = None
+        self._bn_fill: Any = None
+        self._BatchNorm: type | tuple[type, ...] = ()
         self._pinned: dict[tuple[Any, ...], list[tuple[Any, Any]]] = {}
         self._n_sent = 0
         self._ver: list[int] = []  # version counter of each sentinel's tensor when it was queued
@@ -292,6 +298,7 @@ class Instrumentation:
         nn = torch.nn
         self._act_kinds = {nn.ReLU: "relu", nn.ReLU6: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
         self._safe_types = frozenset(getattr(nn, n) for n in FINITE_PRESERVING if hasattr(nn, n))
+        self._BatchNorm = nn.modules.batchnorm._BatchNorm
         self._nn_module = nn_module
         self._fwd_handles = [nn_module.register_module_forward_pre_hook(self._pre_hook),
                              nn_module.register_module_forward_hook(self._post_hook, always_call=True)]
@@ -434,6 +441,10 @@ class Instrumentation:
         if is_root and self._step_end is not None:
             self._wait += time.perf_counter() - self._step_end  # data loading and anything between steps
             self._step_end = None
+        if self._hot_pending is not None:
+            self._bn_fill = None
+            if not (args and isinstance(module, self._BatchNorm) and self._guarded(self._bn_takes, module, args[0])):
+                self._resolve_hot()
         stack.append(module)
         if args and self._observe and self._track_acts and self._is_grad_enabled():
             x = args[0]
@@ -482,9 +493,13 @@ class Instrumentation:
         self._refs.append(self._weakref(t))
         self._sent_ids[id(t)] = n
         if hot:
-            # Read it now, while it is in cache, with a plain sum (a third cheaper than L2 on the CPU):
-            # NaN/Inf propagate; an overflow to +-inf is re-checked exactly (see _check_nonfinite).
-            self._sent.append(t.detach().sum(dtype=self._float32))
+            # Read it at the next hook, while it is in cache, with a plain sum (a third cheaper than
+            # L2 on the CPU): NaN/Inf propagate; an overflow to +-inf is re-checked exactly (see
+            # _check_nonfinite). Unless that hook is a BatchNorm's that takes it (see _bn_takes).
+            if self._hot_pending is not None:
+                self._resolve_hot()
+            self._sent.append(None)
+            self._hot_pending = (n, t, t._version)
             return n
         acts = self._acts
         acts.append(t.detach())  # shares t's version counter
@@ -495,6 +510,59 @@ class Instrumentation:
         elif len(acts) >= SENTINEL_CHUNK:
             self._reduce_acts()
         return n
+
+    def _resolve_hot(self) -> None:
+        """Sum the pending large activation now (it was not handed to a BatchNorm)."""
+        pending, self._hot_pending = self._hot_pending, None
+        self._bn_fill = None
+        if pending is not None:
+            n, t, ver = pending
+            if t._version != ver:  # changed in place since its module made it: unknown, not evidence
+                self._stale.add(n)
+            self._sent[n] = t.detach().sum(dtype=self._float32)
+
+    def _bn_takes(self, module: Any, x: Any) -> bool:
+        """A training BatchNorm fed with the pending activation, unchanged, and whose running
+        statistics are finite now, will fold that activation into them: a NaN or Inf in any channel
+        makes its running mean or variance non-finite. Those C numbers, read after its forward, are
+        the activation's sentinel (its exact re-check on overflow still has the tensor: BatchNorm
+        keeps its input for backward)."""
+        n, t, ver = self._hot_pending  # type: ignore[misc]
+        if x is not t or t._version != ver or not module.training or not module.track_running_stats:
+            return False
+        rm, rv = module.running_mean, module.running_var
+        if rm is None or rv is None or rm.is_cuda:
+            return False
+        if not math.isfinite(self.torch.cat([rm.reshape(-1), rv.reshape(-1)]).sum().item()):  # type: ignore[union-attr]
+            return False  # already non-finite (a sticky NaN from an earlier step): sum the tensor
+        self._bn_fill = module
+        return True
+
+    def _bn_sentinels(self, module: Any, out: Any) -> int:
+        """After the BatchNorm's forward: its input's sentinel is its running statistics; its
+        output's adds its weight and bias (finite input, statistics and affine parameters make a
+        finite output). Returns the output's sentinel index."""
+        n = self._hot_pending[0]  # type: ignore[index]
+        self._hot_pending = None
+        self._bn_fill = None
+        torch = self.torch
+        stats = torch.cat([module.running_mean.reshape(-1), module.running_var.reshape(-1)]).sum(  # type: ignore[union-attr]
+            dtype=self._float32)
+        self._sent[n] = stats
+        affine = [p.detach().reshape(-1) for p in (module.weight, module.bias) if p is not None]
+        value = stats + torch.cat(affine).sum(dtype=self._float32) if affine else stats  # type: ignore[union-attr]
+        m = self._n_sent
+        if m >= self._max_sent or out.numel() == 0:
+            self._sent_overflow += 1
+            return -1
+        if self._acts:
+            self._reduce_acts()  # keep _sent in index order
+        self._n_sent = m + 1
+        self._ver.append(out._version)
+        self._refs.append(self._weakref(out))
+        self._sent_ids[id(out)] = m
+        self._sent.append(value)
+        return m
 
     def _norms(self, tensors: list[Any]) -> Any:
         """L2 norms in one call; half-precision tensors accumulate in float32 (their own dtype would
@@ -520,6 +588,8 @@ class Instrumentation:
             return None
         if isinstance(module, self._OptimizedModule):
             return None
+        if self._hot_pending is not None and (self._bn_fill is not module or output is None):
+            self._resolve_hot()
         stack = self._stack
         if output is None:
             exc = sys.exc_info()[1]
@@ -553,7 +623,13 @@ class Instrumentation:
                 # finite if its input was: no read (and it cannot be the first to go non-finite)
                 self._derived[id(out)] = (self._weakref(out), out._version, in_idx)
                 out_idx = -2
+            elif self._bn_fill is module and self._hot_pending is not None and out is not x:
+                out_idx = self._guarded(self._bn_sentinels, module, out)
+                if out_idx is None or out_idx < 0:
+                    return None
             else:  # new, or modified in place by this module: measure what it produced
+                if self._hot_pending is not None:
+                    self._resolve_hot()
                 out_idx = self._sentinel(out)
                 if out_idx < 0:
                     return None
@@ -988,6 +1064,8 @@ class Instrumentation:
             if not self._loss_site_names:
                 self._new_loss_site((None, 0), None)
             self._losses = [(site, t.detach().float().reshape(())) for t in bad]
+        if self._hot_pending is not None:
+            self._resolve_hot()
         losses = self._losses
         flat: list[Any] = [v for _, v in losses]
         tail = self._acts  # last partial chunk of activations
@@ -1091,6 +1169,8 @@ class Instrumentation:
         self._losses = []
         self._acts = []
         self._acts_cuda_elems = 0
+        self._hot_pending = None
+        self._bn_fill = None
         self._sent = []
         self._n_sent = 0
         self._ver = []
