@@ -57,14 +57,18 @@ def rec() -> Iterator[Recorder]:
 
 
 class NaNMaker(nn.Module):
-    """Identity until switched on; then log() of a negative value: NaN produced right here."""
+    """Identity until switched on (or a copy, ``fresh``); then log() of a negative value: NaN
+    produced right here."""
 
-    def __init__(self) -> None:
+    def __init__(self, fresh: bool = False) -> None:
         super().__init__()
         self.on = False
+        self.fresh = fresh
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.log(x - 1e3) if self.on else x
+        if self.on:
+            return torch.log(x - 1e3)
+        return x * 1.0 if self.fresh else x
 
 
 class Block(nn.Module):
@@ -390,20 +394,9 @@ def _train_cnn(model: nn.Module, steps: int, on_step: Any) -> None:
         optimizer.step()
 
 
-class NaNAt(nn.Module):
-    """A new tensor every call (x * 1), NaN (log of a negative value) while switched on."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.on = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.log(x - 1e3) if self.on else x * 1.0
-
-
 def _conv_bn(nan_maker: bool) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, padding=1)]
-    layers += [NaNAt()] if nan_maker else []
+    layers += [NaNMaker(fresh=True)] if nan_maker else []
     return nn.Sequential(*layers, nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
                          nn.BatchNorm2d(16), nn.Flatten(), nn.Linear(16 * 32 * 32, 1))
 
@@ -416,7 +409,7 @@ def test_nan_fed_to_batchnorm_is_blamed_on_its_producer(rec: Recorder) -> None:
     _train_cnn(model, 4, lambda step: setattr(model[1], "on", step == 2))
     assert rec.findings(step=1) == []
     blamed = [f.context["module"] for f in rec.findings(step=2) if f.category in ("model_error", "input_validation")]
-    assert blamed == ["model.1 (NaNAt)"], rec.findings(step=2)
+    assert blamed == ["model.1 (NaNMaker)"], rec.findings(step=2)
     assert not math.isfinite(float(model[2].running_mean.sum()))  # the NaN stays in the statistics
     for step in (3, 4):
         assert not [f for f in rec.findings(step=step) if f.category == "model_error"], rec.findings(step=step)
