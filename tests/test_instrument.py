@@ -431,6 +431,23 @@ def test_nan_weight_in_a_batchnorm_is_blamed_on_the_batchnorm(rec: Recorder) -> 
     assert blamed == ["model.1 (BatchNorm2d)"], rec.findings(step=2)
 
 
+def test_lazy_modules_are_instrumented_from_their_first_call(rec: Recorder) -> None:
+    """LazyLinear/LazyBatchNorm have no parameter sizes before their first forward: counting them
+    used to switch the whole instrumentation off."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.LazyBatchNorm2d(), nn.ReLU(), nn.Flatten(),
+                          nn.LazyLinear(1))
+    model(torch.randn(8, 3, 32, 32))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(8, 3, 32, 32)).pow(2).mean().backward()
+        optimizer.step()
+    assert rec.inst.broken is None and rec.inst.step == 3
+    assert rec.findings() == []
+    assert [len(r.grad_names) for r in rec.events(StepRecord)] == [6, 6, 6]
+
+
 class LogBetweenChildren(nn.Module):
     """A NaN made by functional code in the parent's forward, between two children."""
 

@@ -194,6 +194,7 @@ class Instrumentation:
         self._hot_pending: tuple[int, Any, int] | None = None
         self._bn_fill: Any = None
         self._BatchNorm: type | tuple[type, ...] = ()
+        self._Uninitialized: type | tuple[type, ...] = ()
         self._pinned: dict[tuple[Any, ...], list[tuple[Any, Any]]] = {}
         self._n_sent = 0
         self._ver: list[int] = []  # version counter of each sentinel's tensor when it was queued
@@ -299,6 +300,7 @@ class Instrumentation:
         self._act_kinds = {nn.ReLU: "relu", nn.ReLU6: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
         self._safe_types = frozenset(getattr(nn, n) for n in FINITE_PRESERVING if hasattr(nn, n))
         self._BatchNorm = nn.modules.batchnorm._BatchNorm
+        self._Uninitialized = getattr(nn.parameter, "UninitializedTensorMixin", ())
         self._nn_module = nn_module
         self._fwd_handles = [nn_module.register_module_forward_pre_hook(self._pre_hook),
                              nn_module.register_module_forward_hook(self._post_hook, always_call=True)]
@@ -531,8 +533,8 @@ class Instrumentation:
         if x is not t or t._version != ver or not module.training or not module.track_running_stats:
             return False
         rm, rv = module.running_mean, module.running_var
-        if rm is None or rv is None or rm.is_cuda:
-            return False
+        if rm is None or rv is None or isinstance(rm, self._Uninitialized) or rm.is_cuda:
+            return False  # no statistics, a lazy module before its first call, or on a GPU
         if not math.isfinite(self.torch.cat([rm.reshape(-1), rv.reshape(-1)]).sum().item()):  # type: ignore[union-attr]
             return False  # already non-finite (a sticky NaN from an earlier step): sum the tensor
         self._bn_fill = module
@@ -742,7 +744,8 @@ class Instrumentation:
         self._rebuild_index()
         if isinstance(module, self._Loss):
             return  # loss functions are named, not listed as models
-        params = list(module.parameters())
+        # a lazy module's parameters have no size before its first call (counted as 0 until then)
+        params = [p for p in module.parameters() if not isinstance(p, self._Uninitialized)]
         devices = sorted({str(p.device) for p in params})
         self._pending.append(ModelEvent(
             name=name, cls=type(module).__name__, parameters=sum(p.numel() for p in params),
