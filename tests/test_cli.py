@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -371,3 +372,25 @@ def test_report_after_a_signal_has_every_step_done_before_it(tmp_path: Path, sig
     assert report["summary"]["steps"] == 3, err
     assert report["losses"]["loss"]["count"] == 3
     assert report["gradients"]["model.weight"]["count"] == 3
+
+
+def test_a_monitor_line_never_lands_in_the_middle_of_the_scripts_line(tmp_path: Path) -> None:
+    """The script's stderr is mid-line (a traceback flushed in two pieces, a tqdm bar) when the monitor
+    writes a finding: the finding starts on a line of its own, and the script's bytes are unchanged."""
+    program = textwrap.dedent("""
+        import os, sys
+        from tui_debug.capture import OutputCapture
+
+        cap = OutputCapture()
+        cap.start()
+        os.write(2, b"RuntimeError: half a line")
+        while not any("half a line" in text for _, text in cap.tail.tail()):  # passed through
+            pass
+        cap.write_monitor("tui_debug: ERROR a finding\\n")
+        os.write(2, b" and the rest\\n")
+        cap.stop()
+    """)
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=RUN_TIMEOUT,
+                          stdin=subprocess.DEVNULL, env=td_env())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.decode() == "RuntimeError: half a line\ntui_debug: ERROR a finding\n and the rest\n"
