@@ -533,8 +533,8 @@ class Instrumentation:
         if x is not t or t._version != ver or not module.training or not module.track_running_stats:
             return False
         rm, rv = module.running_mean, module.running_var
-        if rm is None or rv is None or isinstance(rm, self._Uninitialized) or rm.is_cuda:
-            return False  # no statistics, a lazy module before its first call, or on a GPU
+        if rm is None or rv is None or isinstance(rm, self._Uninitialized) or not rm.is_cpu:
+            return False  # no statistics, a lazy module before its first call, or not on the CPU (no sync)
         if not math.isfinite(self.torch.cat([rm.reshape(-1), rv.reshape(-1)]).sum().item()):  # type: ignore[union-attr]
             return False  # already non-finite (a sticky NaN from an earlier step): sum the tensor
         self._bn_fill = module
