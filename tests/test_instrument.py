@@ -451,21 +451,29 @@ def test_lazy_modules_are_instrumented_from_their_first_call(rec: Recorder) -> N
 class LogBetweenChildren(nn.Module):
     """A NaN made by functional code in the parent's forward, between two children."""
 
-    def __init__(self) -> None:
+    def __init__(self, hidden: int = 8, inplace_after: bool = False) -> None:
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)
+        self.fc1, self.act, self.fc2 = nn.Linear(4, hidden), nn.ReLU(inplace=inplace_after), nn.Linear(hidden, 1)
+        self.inplace_after = inplace_after
         self.on = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inplace_after:  # fc1 -> log (functional) -> ReLU(inplace=True) -> fc2
+            h = self.fc1(x)
+            return self.fc2(self.act(torch.log(h - 1e3) if self.on else h))
         h = self.act(self.fc1(x))
         if self.on:
             h = torch.log(h - 1e3)
         return self.fc2(h)
 
 
-def test_nan_from_functional_code_is_blamed_on_the_parent_not_the_next_child(rec: Recorder) -> None:
+@pytest.mark.parametrize("hidden,inplace_after", [(8, False), (70_000, True)],
+                         ids=["small", "large-then-inplace-relu"])
+def test_nan_from_functional_code_is_blamed_on_the_parent_not_the_next_child(
+        rec: Recorder, hidden: int, inplace_after: bool) -> None:
+    """Also when the next child changes the NaN tensor in place: its input is read before it runs."""
     torch.manual_seed(0)
-    model = LogBetweenChildren()
+    model = LogBetweenChildren(hidden, inplace_after)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     for step in range(1, 3):
         model.on = step == 2

@@ -452,6 +452,8 @@ class Instrumentation:
             x = args[0]
             if isinstance(x, self._Tensor) and x.is_floating_point() and self._measured(x) < 0:
                 idx = self._sentinel(x)
+                if self._hot_pending is not None:
+                    self._resolve_hot()  # an input is read before its module can change it in place
                 if is_root and idx >= 0:  # data entering a model (not another module's output)
                     self._root_inputs.append((module, idx))
         return None
