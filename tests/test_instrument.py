@@ -484,6 +484,80 @@ def test_nan_from_functional_code_is_blamed_on_the_parent_not_the_next_child(
     assert blamed == ["model (LogBetweenChildren)"]
 
 
+class Residual(nn.Module):
+    """A transformer-style block: residual adds and F.relu between children, so a child's input is
+    made by the parent's code from tensors already measured (derived, not read again)."""
+
+    def __init__(self, d: int, where: str) -> None:
+        super().__init__()
+        self.fc1, self.bad, self.norm, self.fc2 = nn.Linear(d, d), NaNMaker(fresh=True), nn.LayerNorm(d), nn.Linear(d, d)
+        self.where = where
+        self.on = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.bad.on = self.on and self.where == "child"
+        h = self.norm(x + self.bad(torch.relu(self.fc1(x))))
+        if self.on and self.where == "parent":
+            h = h + torch.log(h.detach().abs() * 0 - 1)  # NaN made by the parent's own code
+        return self.fc2(torch.relu(h).reshape(h.shape))
+
+
+@pytest.mark.parametrize("d", [8, 512], ids=["small", "large"])
+@pytest.mark.parametrize("where,blamed", [("child", "model.1.bad (NaNMaker)"), ("parent", "model.1 (Residual)")])
+def test_nan_through_residual_adds_and_functional_activations_is_blamed_on_its_maker(
+        rec: Recorder, d: int, where: str, blamed: str) -> None:
+    """The child's NaN reaches LayerNorm and fc2 through an add, F.relu and a reshape: they are not
+    blamed. The parent's NaN (not made by a finite-preserving operation) is blamed on the parent."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(d, d), Residual(d, where), nn.Linear(d, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(1, 3):
+        model[1].on = step == 2
+        optimizer.zero_grad()
+        model(torch.randn(256, d)).pow(2).mean().backward()
+        optimizer.step()
+    assert rec.findings(step=1) == []
+    assert [f.context["module"] for f in rec.findings(step=2) if f.category == "model_error"] == [blamed]
+
+
+class Big16(nn.Module):
+    """A finite float16 output of 40000 (float16 holds up to 65504)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.fc(x) * 0 + 40000).half()
+
+
+class AsFloat(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() * 1.0
+
+
+class HalfResidual(nn.Module):
+    """Two children's finite float16 outputs added by the parent: 40000 + 40000 overflows to inf."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.cast, self.head = Big16(), Big16(), AsFloat(), nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.cast(self.a(x) + self.b(x)))
+
+
+def test_a_float16_sum_that_overflows_is_read_not_assumed_finite(rec: Recorder) -> None:
+    torch.manual_seed(0)
+    model = HalfResidual()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    optimizer.zero_grad()
+    model(torch.randn(8, 4)).float().mean().backward()
+    optimizer.step()
+    blamed = [f.context["module"] for f in rec.findings(step=1) if f.category == "model_error"]
+    assert blamed == ["model (HalfResidual)"]
+
+
 class Huge(nn.Module):
     """Finite values so large that a sum of them overflows float32 (1e34 x 131072 > 3.4e38)."""
 

@@ -31,7 +31,7 @@ from ..events import (FindingEvent, LateLosses, LossSiteEvent, ModelEvent, Optim
                       StepSpan)
 from . import naming
 
-FLUSH_INTERVAL_S = 0.05
+FLUSH_INTERVAL_S = 0.15  # step records are batched this long (findings go at once); each hand-over wakes the consumer
 SPAN_BREAK_S = 0.1  # a sampled-out step slower than this is sent on its own (slow-step detection)
 # Parameter-free modules whose output is finite whenever their input is: they can never be the
 # first module to produce a non-finite value, so their outputs are not read (matched by exact type:
@@ -52,6 +52,21 @@ SENTINEL_CHUNK_CUDA_ELEMS = 1 << 26
 LATE_MAX = 256  # losses of sampled-out GPU steps waiting for the next checked read (then one is forced)
 PINNED_POOL = 4  # pinned host buffers (+ events) kept per read size and device, reused once read
 SENTINEL_HOT = 1 << 16  # elements: a tensor this large is reduced at once, while it is in the CPU's cache
+# Autograd nodes whose output is finite whenever their one input is: views and copies, activations,
+# softmax. A tensor made from a measured one by a chain of these is not read again (the residual
+# stream, F.relu between two Linears, a loss's reshaped input).
+GRAPH_UNARY = frozenset((
+    "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "AliasBackward0", "CloneBackward0",
+    "TransposeBackward0", "TransposeBackward1", "TBackward0", "PermuteBackward0", "ExpandBackward0",
+    "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "UnsqueezeBackward0", "SliceBackward0",
+    "SelectBackward0", "ReluBackward0", "GeluBackward0", "SiluBackward0", "TanhBackward0", "SigmoidBackward0",
+    "HardtanhBackward0", "LeakyReluBackward0", "EluBackward0", "HardswishBackward0", "HardsigmoidBackward0",
+    "MishBackward0", "SoftmaxBackward0", "LogSoftmaxBackward0"))
+# Element-wise sums of two tensors: finite when both are, unless the sum overflows, which float32,
+# float64 and bfloat16 do only above ~3.4e38 (float16 overflows at 65504: its sums are read).
+GRAPH_SUM = frozenset(("AddBackward0", "SubBackward0"))
+GRAPH_DEPTH = 6  # nodes followed back from a tensor to a measured one
+VIRTUAL = 1 << 40  # sentinel indices from here name a sum of other sentinels (see _node_index)
 _INF = float("inf")
 
 
@@ -210,6 +225,12 @@ class Instrumentation:
         # their input was. id(tensor) -> (weak reference, version, the input's sentinel index).
         self._derived: dict[int, tuple[Any, int, int]] = {}
         self._safe_types: frozenset[type] = frozenset()
+        # id(grad_fn) -> (that grad_fn, sentinel index) of the tensors measured or derived this forward.
+        # Holding the node keeps its id from being reused; cleared when a backward or a model's
+        # forward starts, so no graph is kept alive past the pass that made it.
+        self._nodes: dict[int, tuple[Any, int]] = {}
+        self._virtual: list[tuple[int, ...]] = []  # sentinel index VIRTUAL + k: the sum of these
+        self._sum_dtypes: frozenset[Any] = frozenset()
         self._calls: list[ActivationCall] = []
         self._root_inputs: list[tuple[Any, int]] = []
         self._sent_overflow = 0
@@ -299,6 +320,7 @@ class Instrumentation:
         nn = torch.nn
         self._act_kinds = {nn.ReLU: "relu", nn.ReLU6: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
         self._safe_types = frozenset(getattr(nn, n) for n in FINITE_PRESERVING if hasattr(nn, n))
+        self._sum_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16))
         self._BatchNorm = nn.modules.batchnorm._BatchNorm
         self._Uninitialized = getattr(nn.parameter, "UninitializedTensorMixin", ())
         self._nn_module = nn_module
@@ -440,9 +462,12 @@ class Instrumentation:
             self._guarded(self._register_root, module)
         if isinstance(module, self._OptimizedModule):
             return None
-        if is_root and self._step_end is not None:
-            self._wait += time.perf_counter() - self._step_end  # data loading and anything between steps
-            self._step_end = None
+        if is_root:
+            if self._step_end is not None:
+                self._wait += time.perf_counter() - self._step_end  # data loading and anything between steps
+                self._step_end = None
+            if self._nodes and not isinstance(module, self._Loss):
+                self._nodes = {}  # a new forward pass: let the last one's graph go
         if self._hot_pending is not None:
             self._bn_fill = None
             if not (args and isinstance(module, self._BatchNorm) and self._guarded(self._bn_takes, module, args[0])):
@@ -450,7 +475,8 @@ class Instrumentation:
         stack.append(module)
         if args and self._observe and self._track_acts and self._is_grad_enabled():
             x = args[0]
-            if isinstance(x, self._Tensor) and x.is_floating_point() and self._measured(x) < 0:
+            if isinstance(x, self._Tensor) and x.is_floating_point() and self._measured(x) < 0 and (
+                    not self._nodes or self._from_graph(x) < 0):
                 idx = self._sentinel(x)
                 if self._hot_pending is not None:
                     self._resolve_hot()  # an input is read before its module can change it in place
@@ -472,6 +498,49 @@ class Instrumentation:
                 return -1
             return d[2]
         return idx
+
+    def _from_graph(self, t: Any) -> int:
+        """The sentinel that tells ``t``'s finiteness when autograd made it from measured tensors by
+        finite-preserving operations (see GRAPH_UNARY, GRAPH_SUM), else -1. An in-place change
+        replaces a tensor's grad_fn, so a hit is about its current value."""
+        g = t.grad_fn
+        if g is None:
+            return -1
+        idx = self._node_index(g, GRAPH_DEPTH, t.dtype in self._sum_dtypes)
+        if idx >= 0 and len(self._derived) < 4 * self._max_sent:
+            self._derived[id(t)] = (self._weakref(t), t._version, idx)
+            self._nodes[id(g)] = (g, idx)
+        return idx
+
+    def _node_index(self, g: Any, depth: int, sums: bool) -> int:
+        hit = self._nodes.get(id(g))
+        if hit is not None and hit[0] is g:
+            return hit[1]
+        if depth <= 0:
+            return -1
+        name = type(g).__name__
+        if name in GRAPH_UNARY:
+            nf = g.next_functions
+            if len(nf) != 1 or nf[0][0] is None:
+                return -1
+            return self._node_index(nf[0][0], depth - 1, sums)
+        if not sums or name not in GRAPH_SUM:
+            return -1
+        idxs: list[int] = []
+        for nxt, _ in g.next_functions:
+            if nxt is None:  # a constant or a tensor that needs no gradient: not known to be finite
+                return -1
+            i = self._node_index(nxt, depth - 1, sums)
+            if i < 0:
+                return -1
+            if i not in idxs:
+                idxs.append(i)
+        if len(idxs) == 1:
+            return idxs[0]
+        if not idxs or len(self._virtual) >= self._max_sent:
+            return -1
+        self._virtual.append(tuple(idxs))
+        return VIRTUAL + len(self._virtual) - 1
 
     def _sentinel(self, t: Any) -> int:
         """Queue ``t`` for a finiteness check; returns its sentinel index (-1 when not measured).
@@ -496,6 +565,9 @@ class Instrumentation:
         self._ver.append(t._version)
         self._refs.append(self._weakref(t))
         self._sent_ids[id(t)] = n
+        g = t.grad_fn
+        if g is not None:
+            self._nodes[id(g)] = (g, n)  # bounded: one per sentinel
         if hot:
             # Read it at the next hook, while it is in cache, with a plain sum (a third cheaper than
             # L2 on the CPU): NaN/Inf propagate; an overflow to +-inf is re-checked exactly (see
@@ -566,6 +638,9 @@ class Instrumentation:
         self._refs.append(self._weakref(out))
         self._sent_ids[id(out)] = m
         self._sent.append(value)
+        g = out.grad_fn
+        if g is not None:
+            self._nodes[id(g)] = (g, m)
         return m
 
     def _norms(self, tensors: list[Any]) -> Any:
@@ -625,7 +700,11 @@ class Instrumentation:
         if out_idx < 0:
             if type(module) in self._safe_types and in_idx >= 0 and out is not x:
                 # finite if its input was: no read (and it cannot be the first to go non-finite)
-                self._derived[id(out)] = (self._weakref(out), out._version, in_idx)
+                if len(self._derived) < 4 * self._max_sent:
+                    self._derived[id(out)] = (self._weakref(out), out._version, in_idx)
+                    g = out.grad_fn
+                    if g is not None:
+                        self._nodes[id(g)] = (g, in_idx)
                 out_idx = -2
             elif self._bn_fill is module and self._hot_pending is not None and out is not x:
                 out_idx = self._guarded(self._bn_sentinels, module, out)
@@ -791,6 +870,8 @@ class Instrumentation:
             if isinstance(tensors, self._Tensor) and self.config.enable_loss_tracking:
                 self._unchecked_losses.append(tensors)
             return
+        if self._nodes:
+            self._nodes = {}  # the graph is being consumed: no forward of this pass is left to look it up
         if not self.config.enable_loss_tracking or self._is_compiling():
             return
         loss = tensors
@@ -1125,7 +1206,8 @@ class Instrumentation:
         if sites:
             st.sites = sites
         read = (self.step, now, duration, st.index, sites, self._calls, self._root_inputs,
-                n_chunked, n_sent, self._stale, grad_names, recheck, wait, n_grads, extras, upd_names, late_meta)
+                n_chunked, n_sent, self._stale, grad_names, recheck, wait, n_grads, extras, upd_names, late_meta,
+                self._virtual)
         self._observed_steps += 1
         every = self.config.activation_stats_every
         self._stats_now = every > 0 and self._observed_steps % every == 0
@@ -1183,6 +1265,8 @@ class Instrumentation:
         self._stale = set()
         self._sent_ids = {}
         self._derived = {}
+        self._nodes = {}
+        self._virtual = []
         self._calls = []
         self._root_inputs = []
 
@@ -1233,7 +1317,7 @@ class Instrumentation:
 
     def _process(self, read: tuple[Any, ...], values: list[float]) -> None:
         (step, now, duration, opt_index, loss_sites, calls, root_inputs, n_chunked, n_sent, stale,
-         grad_names, recheck, wait, n_grads, extras, upd_names, late_meta) = read
+         grad_names, recheck, wait, n_grads, extras, upd_names, late_meta, _virtual) = read
         nl = len(loss_sites)
         grad_norms = None
         g0 = nl + n_sent
@@ -1290,7 +1374,7 @@ class Instrumentation:
 
     def _check_nonfinite(self, read: tuple[Any, ...], values: list[float]) -> None:
         (step, now, duration, opt_index, loss_sites, calls, root_inputs, n_chunked, n_sent, stale,
-         grad_names, recheck, _wait, n_grads, _extras, _upd, _late) = read
+         grad_names, recheck, _wait, n_grads, _extras, _upd, _late, virtual) = read
         nl = len(loss_sites)
         sentinels: list[float | None] = values[nl:nl + n_sent]
         others_finite = all(math.isfinite(v) for v in values[:nl]) and all(
@@ -1309,6 +1393,16 @@ class Instrumentation:
         for j in stale:
             if j < len(sentinels):
                 sentinels[j] = None
+        if virtual:  # a derived sum: unknown if a part is, non-finite if a part is
+            base = len(sentinels)
+            for parts in virtual:
+                vals = [sentinels[i] if i < VIRTUAL else sentinels[base + i - VIRTUAL] for i in parts]
+                sentinels.append(None if any(v is None for v in vals) else sum(vals))  # type: ignore[arg-type]
+
+            def real(i: int) -> int:
+                return base + i - VIRTUAL if i >= VIRTUAL else i
+
+            calls = [(m, real(i), real(o)) for m, i, o in calls]
         obs = StepObservation(
             step=step, losses=[(self._loss_site_names[s], v) for s, v in zip(loss_sites, values)],
             grad_names=grad_names or [], grad_norms=values[nl + n_sent:nl + n_sent + n_grads],
