@@ -155,6 +155,16 @@ def test_vanishing_gradients_name_first_layer(tmp_path: Path) -> None:
     assert not pick(report, "gradient_error", "warning", "explod"), msg
 
 
+def test_a_bias_cancelled_by_batchnorm_is_called_redundant_not_vanishing(tmp_path: Path) -> None:
+    proc, report = run_fixture(tmp_path, SCRIPTS / "conv_bias_before_batchnorm.py", config="vanishing_steps = 20\n")
+    assert proc.returncode == 0, describe(proc)
+    msg = show(report)
+    redundant = pick(report, "model_error", "info", "does nothing")
+    assert sorted(e["context"]["parameter"] for e in redundant) == ["model.0.bias", "model.5.bias"], msg
+    assert all("bias=False" in e["message"] + json.dumps(e) for e in redundant), msg
+    assert not pick(report, "gradient_error", "warning", "vanish"), msg  # model.3 feeds a ReLU: a real gradient
+
+
 def test_memory_leak_warns_with_growth_rate(tmp_path: Path) -> None:
     # ~0.8 MiB kept per step for 11 s (memory is sampled once a second)
     proc, report = run_fixture(tmp_path, SCRIPTS / "sick_memory_leak.py")

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from tui_debug.events import FindingEvent
+from tui_debug.events import FindingEvent, RedundantBias
 from tui_debug.recovery.actions import ActionResult
 from tui_debug.tui.app import TuiDebugApp
 from tui_debug.tui.fake import FakeMonitor
@@ -90,6 +90,22 @@ async def test_nonfinite_loss_and_gradient_are_flagged(tmp_path):
         body = text_of(app.gradients.body)
         assert body.splitlines()[1].startswith(("model.0.weight", "model.3.weight", "model.3.bias"))
         assert not body.splitlines()[-1].startswith(("model.0.weight",))
+
+
+@aio
+async def test_a_redundant_bias_is_marked_as_such_not_as_vanishing(tmp_path):
+    app, mon = make_app(tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        mon.setup()
+        mon.emit(RedundantBias("model.0.bias", "model.0 (Conv2d)", "model.1 (BatchNorm2d)", 1))
+        mon.steps(1, 5, lambda s: [1.0], dict(GRADS, **{"model.0.bias": 3e-10}))
+        await settle(app, pilot)
+        body = text_of(app.gradients.body)
+        assert "all finite (1 redundant bias)" in body.splitlines()[0] and "vanish" not in body
+        line = next(ln for ln in body.splitlines() if ln.startswith("model.0.bias"))
+        assert line.rstrip().endswith("redundant")
+        prompts = [str(app.errors.get_option_at_index(i).prompt) for i in range(app.errors.option_count)]
+        assert any("model.0.bias does nothing" in p for p in prompts), prompts
 
 
 @aio

@@ -98,6 +98,17 @@ class ModelEvent:
 
 
 @dataclasses.dataclass(slots=True)
+class RedundantBias:
+    """A bias that a training BatchNorm cancels: its module's output goes straight into the BatchNorm,
+    which subtracts each channel's batch mean, so the bias never gets a gradient (not a vanishing one)."""
+
+    parameter: str
+    module: str
+    norm: str
+    step: int
+
+
+@dataclasses.dataclass(slots=True)
 class OptimizerEvent:
     index: int
     cls: str

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from .classify import classify_exception, memory_context
 from .config import DebugConfig
 from .errors import ErrorCategory, ErrorSeverity, ErrorTracker, format_exception
-from .events import (FindingEvent, LateLosses, LossSiteEvent, ModelEvent, OptimizerEvent, ScalerSkips,
+from .events import (FindingEvent, LateLosses, LossSiteEvent, ModelEvent, OptimizerEvent, RedundantBias, ScalerSkips,
                      ScriptEnded, StepRecord, StepSpan)
 from .detectors.trends import ActivationHealth, DataStall, UpdateRatio, GradientNorms, LossExplosion, MemoryGrowth, Plateau, SlowSteps, Verdict
 from .history import DownsampledHistory, Reservoir
@@ -111,6 +111,7 @@ class Session:
         # auto mode: (action, finding key) -> description of what was done, or None
         self.auto_recover: Callable[[str, str], str | None] | None = None
         self._last_grad_names: list[str] | None = None
+        self.redundant: set[str] = set()  # biases a BatchNorm cancels (no gradient by construction)
 
     @property
     def elapsed(self) -> float:
@@ -144,6 +145,8 @@ class Session:
                                                       history=DownsampledHistory(self.config.history_points))
                 elif isinstance(ev, ModelEvent):
                     self.models[ev.name] = ev
+                elif isinstance(ev, RedundantBias):
+                    self._on_redundant_bias(ev)
                 elif isinstance(ev, OptimizerEvent):
                     self.optimizers[ev.index] = ev
                 elif isinstance(ev, ScriptEnded):
@@ -253,6 +256,17 @@ class Session:
                                         recommendation=ev.recommendation)
         if ev.recovery_action:
             info.recovery_action = ev.recovery_action
+
+    def _on_redundant_bias(self, ev: RedundantBias) -> None:
+        self.redundant.add(ev.parameter)
+        self.grad_detector.no_signal_expected.add(ev.parameter)
+        self._on_finding(FindingEvent(
+            severity="info", category="model_error", step=ev.step, key=f"redundant-bias|{ev.parameter}",
+            message=f"{ev.parameter} does nothing: {ev.module} feeds {ev.norm}, which subtracts each channel's "
+                    "batch mean, so this bias cancels out and its gradient is ~0 by construction",
+            context={"parameter": ev.parameter, "module": ev.module, "norm": ev.norm},
+            recommendation=f"Create {ev.module.split(' ')[0]} with bias=False: the same model with fewer "
+                           "parameters and no optimizer state for them."))
 
     def _apply(self, verdicts: list[Verdict]) -> None:
         for v in verdicts:

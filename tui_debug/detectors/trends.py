@@ -113,6 +113,7 @@ class GradientNorms:
         self.firing: set[int] = set()
         self.low: dict[str, int] = {}
         self.vanishing_reported: set[str] = set()
+        self.no_signal_expected: set[str] = set()  # parameters whose gradient is ~0 by design (redundant biases)
         self.seen = 0
         self._med: dict[int, tuple[int, float]] = {}  # optimizer -> (appends when computed, median)
         self._appends: dict[int, int] = {}
@@ -181,8 +182,9 @@ class GradientNorms:
             return []
         out = []
         newly = []
+        skip = self.no_signal_expected
         for n, v in finite:
-            if v < self.v_abs and v < self.v_ratio * largest:
+            if v < self.v_abs and v < self.v_ratio * largest and n not in skip:
                 c = self.low[n] = self.low.get(n, 0) + 1
                 if c == self.v_steps and n not in self.vanishing_reported:
                     newly.append((n, v))

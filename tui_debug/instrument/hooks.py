@@ -27,8 +27,8 @@ from typing import Any, Callable
 
 from ..config import DebugConfig
 from ..detectors.nonfinite import ActivationCall, NonFiniteDetector, StepObservation
-from ..events import (FindingEvent, LateLosses, LossSiteEvent, ModelEvent, OptimizerEvent, ScalerSkips, StepRecord,
-                      StepSpan)
+from ..events import (FindingEvent, LateLosses, LossSiteEvent, ModelEvent, OptimizerEvent, RedundantBias, ScalerSkips,
+                      StepRecord, StepSpan)
 from . import naming
 
 FLUSH_INTERVAL_S = 0.15  # step records are batched this long (findings go at once); each hand-over wakes the consumer
@@ -230,6 +230,10 @@ class Instrumentation:
         # forward starts, so no graph is kept alive past the pass that made it.
         self._nodes: dict[int, tuple[Any, int]] = {}
         self._virtual: list[tuple[int, ...]] = []  # sentinel index VIRTUAL + k: the sum of these
+        self._node_kinds: dict[type, int] = {}  # grad_fn type -> 1 GRAPH_UNARY, 2 GRAPH_SUM, 0 other
+        # (module, its input, the input's version, its sentinel index) from the latest pre-hook: a leaf
+        # module's post-hook comes right after and need not look the input up again
+        self._last_in: tuple[Any, Any, int, int] | None = None
         self._sum_dtypes: frozenset[Any] = frozenset()
         self._calls: list[ActivationCall] = []
         self._root_inputs: list[tuple[Any, int]] = []
@@ -238,6 +242,7 @@ class Instrumentation:
         # models
         self._roots: dict[int, tuple[str, Any]] = {}  # id -> (name, weakref)
         self._known_modules: set[int] = set()
+        self._bn_unchecked: set[int] = set()  # BatchNorms whose input's producer is not yet looked at
         self._module_names: dict[int, str] = {}
         self._param_names: dict[int, str] = {}
         self._generation = 0
@@ -473,15 +478,20 @@ class Instrumentation:
             if not (args and isinstance(module, self._BatchNorm) and self._guarded(self._bn_takes, module, args[0])):
                 self._resolve_hot()
         stack.append(module)
+        self._last_in = None
         if args and self._observe and self._track_acts and self._is_grad_enabled():
             x = args[0]
-            if isinstance(x, self._Tensor) and x.is_floating_point() and self._measured(x) < 0 and (
-                    not self._nodes or self._from_graph(x) < 0):
-                idx = self._sentinel(x)
-                if self._hot_pending is not None:
-                    self._resolve_hot()  # an input is read before its module can change it in place
-                if is_root and idx >= 0:  # data entering a model (not another module's output)
-                    self._root_inputs.append((module, idx))
+            if isinstance(x, self._Tensor) and x.is_floating_point():
+                idx = self._measured(x)
+                if idx < 0 and self._nodes:
+                    idx = self._from_graph(x)
+                if idx < 0:
+                    idx = self._sentinel(x)
+                    if self._hot_pending is not None:
+                        self._resolve_hot()  # an input is read before its module can change it in place
+                    if is_root and idx >= 0:  # data entering a model (not another module's output)
+                        self._root_inputs.append((module, idx))
+                self._last_in = (module, x, x._version, idx)
         return None
 
     def _measured(self, t: Any) -> int:
@@ -513,24 +523,33 @@ class Instrumentation:
         return idx
 
     def _node_index(self, g: Any, depth: int, sums: bool) -> int:
-        hit = self._nodes.get(id(g))
-        if hit is not None and hit[0] is g:
-            return hit[1]
-        if depth <= 0:
-            return -1
-        name = type(g).__name__
-        if name in GRAPH_UNARY:
-            nf = g.next_functions
-            if len(nf) != 1 or nf[0][0] is None:
+        nodes, kinds = self._nodes, self._node_kinds
+        while True:  # along a chain of one-input nodes
+            hit = nodes.get(id(g))
+            if hit is not None and hit[0] is g:
+                return hit[1]
+            if depth <= 0:
                 return -1
-            return self._node_index(nf[0][0], depth - 1, sums)
-        if not sums or name not in GRAPH_SUM:
+            depth -= 1
+            kind = kinds.get(type(g))
+            if kind is None:
+                name = type(g).__name__
+                kind = kinds[type(g)] = 1 if name in GRAPH_UNARY else 2 if name in GRAPH_SUM else 0
+            if kind != 1:
+                break
+            nf = g.next_functions
+            if len(nf) != 1:
+                return -1
+            g = nf[0][0]
+            if g is None:
+                return -1
+        if kind != 2 or not sums:
             return -1
         idxs: list[int] = []
         for nxt, _ in g.next_functions:
             if nxt is None:  # a constant or a tensor that needs no gradient: not known to be finite
                 return -1
-            i = self._node_index(nxt, depth - 1, sums)
+            i = self._node_index(nxt, depth, sums)
             if i < 0:
                 return -1
             if i not in idxs:
@@ -681,6 +700,9 @@ class Instrumentation:
         if (output is None or not self._observe or not self._track_acts or not self._is_grad_enabled()
                 or isinstance(module, self._Loss)):
             return None  # a loss module's output is the loss, checked at backward
+        if self._bn_unchecked and id(module) in self._bn_unchecked and module.training and args:
+            self._bn_unchecked.discard(id(module))
+            self._guarded(self._redundant_bias, module, args[0])
         out = output
         if not isinstance(out, self._Tensor):
             out = _first_tensor(out, self._Tensor)
@@ -690,13 +712,24 @@ class Instrumentation:
             return None
         in_idx = -1
         x = args[0] if args else None
-        if x is not None and isinstance(x, self._Tensor):
+        last = self._last_in
+        if last is not None and last[0] is module and last[1] is x and x._version == last[2]:
+            in_idx = last[3]  # as the pre-hook found it (nothing ran in between that changed it)
+        elif x is not None and isinstance(x, self._Tensor):
             in_idx = self._measured(x)
             if in_idx < 0:
                 idx = self._sent_ids.get(id(x))
                 if idx is not None and self._refs[idx]() is x:
                     in_idx = idx  # modified in place by this module: possibly stale (see _reduce_acts)
-        out_idx = self._measured(out)
+        self._last_in = None
+        key = id(out)
+        out_idx = self._sent_ids.get(key, -1)
+        if out_idx >= 0 and (self._refs[out_idx]() is not out or out._version != self._ver[out_idx]):
+            out_idx = -1
+        if out_idx < 0:
+            d = self._derived.get(key)
+            if d is not None and d[0]() is out and out._version == d[1]:
+                out_idx = d[2]
         if out_idx < 0:
             if type(module) in self._safe_types and in_idx >= 0 and out is not x:
                 # finite if its input was: no read (and it cannot be the first to go non-finite)
@@ -725,6 +758,22 @@ class Instrumentation:
             if kind is not None:
                 self._guarded(self._activation_stat, module, kind, out)
         return None
+
+    def _redundant_bias(self, bn: Any, x: Any) -> None:
+        """Once per BatchNorm, at its first training forward: a Linear/Conv bias feeding it directly."""
+        idx = self._measured(x)
+        if idx < 0:
+            idx = self._sent_ids.get(id(x), -1)
+        if idx < 0:
+            return
+        producer = next((m for m, _, o in reversed(self._calls) if o == idx), None)
+        torch = self.torch
+        if not isinstance(producer, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)):  # type: ignore[union-attr]
+            return
+        bias = producer.bias
+        name = self._param_names.get(id(bias)) if bias is not None and bias.requires_grad else None
+        if name:
+            self._pending.append(RedundantBias(name, self.module_label(producer), self.module_label(bn), self.step + 1))
 
     def _activation_stat(self, module: Any, kind: str, out: Any) -> None:
         """Sampled: ReLU units dead over a window of samples (on device), tanh/sigmoid saturation."""
@@ -825,6 +874,7 @@ class Instrumentation:
         self._rebuild_index()
         if isinstance(module, self._Loss):
             return  # loss functions are named, not listed as models
+        self._bn_unchecked.update(id(m) for m in module.modules() if isinstance(m, self._BatchNorm))
         # a lazy module's parameters have no size before its first call (counted as 0 until then)
         params = [p for p in module.parameters() if not isinstance(p, self._Uninitialized)]
         devices = sorted({str(p.device) for p in params})
@@ -1254,6 +1304,7 @@ class Instrumentation:
     def _clear_step(self) -> None:
         """Forget what this step's forward and backward queued (after its read, or a skipped iteration)."""
         self._losses = []
+        self._last_in = None
         self._acts = []
         self._acts_cuda_elems = 0
         self._hot_pending = None

@@ -227,7 +227,7 @@ class TuiDebugApp(App[int]):
                                  self.elapsed(), getattr(self.monitor.config, "recover", "?"), s.exit_code,
                                  len(findings), self.notice)
             self.errors.sync(findings)
-            self.gradients.sync(s.grads, s.grad_order, s.steps)
+            self.gradients.sync(s.grads, s.grad_order, s.steps, redundant=s.redundant)
             self.loss.sync(list(s.losses.values()))
             total, avail = self.sys_mem
             self.gpu.sync(self.gpu_sample, s.rss_last, s.rss_peak, total, avail, s.cuda)
