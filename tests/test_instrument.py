@@ -558,6 +558,41 @@ def test_a_float16_sum_that_overflows_is_read_not_assumed_finite(rec: Recorder) 
     assert blamed == ["model (HalfResidual)"]
 
 
+class ReshapedConv(nn.Module):
+    """A convolution whose output is regrouped before a BatchNorm: channel c of the BatchNorm mixes
+    several of the convolution's channels, so their biases do not cancel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        return self.bn(h.reshape(h.shape[0], 2, 4 * h.shape[2], h.shape[3]))
+
+
+@pytest.mark.parametrize("model,x,redundant", [
+    (lambda: nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8)), (16, 4), ["model.0.bias"]),
+    (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()), (4, 3, 8, 8), ["model.0.bias"]),
+    # (N, 8, 16) -> Linear -> (N, 8, 8): BatchNorm1d(8) takes dim 1 as channels, not the bias's features
+    (lambda: nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8)), (4, 8, 16), []),
+    (ReshapedConv, (4, 3, 8, 8), []),
+    (lambda: nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8)), (4, 3, 8, 8), []),
+], ids=["linear-bn1d", "conv-bn2d", "linear-3d-bn1d", "conv-reshaped-bn", "no-bias"])
+def test_a_bias_that_batchnorm_cancels_is_named_once(rec: Recorder, model: Any, x: tuple[int, ...],
+                                                      redundant: list[str]) -> None:
+    from tui_debug.events import RedundantBias
+
+    torch.manual_seed(0)
+    model = model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(*x)).pow(2).mean().backward()
+        optimizer.step()
+    assert [e.parameter for e in rec.events(RedundantBias)] == redundant
+
+
 class Huge(nn.Module):
     """Finite values so large that a sum of them overflows float32 (1e34 x 131072 > 3.4e38)."""
 

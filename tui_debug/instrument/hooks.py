@@ -760,15 +760,16 @@ class Instrumentation:
         return None
 
     def _redundant_bias(self, bn: Any, x: Any) -> None:
-        """Once per BatchNorm, at its first training forward: a Linear/Conv bias feeding it directly."""
-        idx = self._measured(x)
-        if idx < 0:
-            idx = self._sent_ids.get(id(x), -1)
-        if idx < 0:
+        """Once per BatchNorm, at its first training forward: a Linear/Conv bias feeding it directly
+        (the very tensor the module returned, with the bias's features on the BatchNorm's channel
+        dimension; a reshape or a Linear over a sequence would mix channels, so it is not flagged)."""
+        idx = self._sent_ids.get(id(x), -1)
+        if idx < 0 or self._refs[idx]() is not x:
             return
         producer = next((m for m, _, o in reversed(self._calls) if o == idx), None)
-        torch = self.torch
-        if not isinstance(producer, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)):  # type: ignore[union-attr]
+        nn = self.torch.nn  # type: ignore[union-attr]
+        if not ((isinstance(producer, nn.Linear) and x.dim() == 2)
+                or (isinstance(producer, nn.modules.conv._ConvNd) and x.dim() >= 3)):
             return
         bias = producer.bias
         name = self._param_names.get(id(bias)) if bias is not None and bias.requires_grad else None

@@ -168,7 +168,7 @@ class TuiDebugApp(App[int]):
             self.sys_mem = self._system_memory()
         if self.notice == "starting the script…" and self.session.steps > 0:
             self.notice = None
-        # Findings and acknowledgements every tick (<= 100 ms + the 50 ms flush); the heavy panes
+        # Findings and acknowledgements every tick (<= 100 ms + the 150 ms flush); the heavy panes
         # (gradients, loss, output, memory) at most every HEAVY_S: the UI's Python shares the GIL
         # with training, and a full repaint costs tens of ms on a small CPU.
         light = (len(self.monitor.tracker.errors), self.notice, self.state())
