@@ -67,6 +67,11 @@ GRAPH_UNARY = frozenset((
 GRAPH_SUM = frozenset(("AddBackward0", "SubBackward0"))
 GRAPH_DEPTH = 6  # nodes followed back from a tensor to a measured one
 VIRTUAL = 1 << 40  # sentinel indices from here name a sum of other sentinels (see _node_index)
+# Model forwards with gradients on whose output the script dropped with no backward (an evaluation
+# loop without torch.no_grad): after this many in a row, their sentinels are dropped unread. Kept, their
+# small tensors land in the holes the forwards' large activations leave, and glibc's heap then grows by
+# a forward's size each time. (An RNN cell called step by step keeps its output alive: not counted.)
+UNREAD_FORWARDS = 8
 _INF = float("inf")
 
 
@@ -255,6 +260,8 @@ class Instrumentation:
         self._amp_seen = False  # a GradScaler has scaled a loss
         self._orig_update: Callable[..., Any] | None = None
         self._boundaries = 0  # optimizer step boundaries seen (pre-step hooks run)
+        self._forwards_unread = 0  # see UNREAD_FORWARDS
+        self._root_out: Any = None  # weak reference to the last model forward's output
         self._scaler_marks: dict[int, int] = {}  # id(scaler) -> boundaries when it first scaled this iteration
         self.scaler_skips = 0
         self._skips_unsent = 0
@@ -471,8 +478,16 @@ class Instrumentation:
             if self._step_end is not None:
                 self._wait += time.perf_counter() - self._step_end  # data loading and anything between steps
                 self._step_end = None
-            if self._nodes and not isinstance(module, self._Loss):
-                self._nodes = {}  # a new forward pass: let the last one's graph go
+            if not isinstance(module, self._Loss):
+                if self._nodes:
+                    self._nodes = {}  # a new forward pass: let the last one's graph go
+                ref, self._root_out = self._root_out, None
+                if ref is not None and ref() is None and self._n_sent:
+                    self._forwards_unread += 1
+                    if self._forwards_unread >= UNREAD_FORWARDS:
+                        self._clear_step()
+                else:
+                    self._forwards_unread = 0
         if self._hot_pending is not None:
             self._bn_fill = None
             if not (args and isinstance(module, self._BatchNorm) and self._guarded(self._bn_takes, module, args[0])):
@@ -710,6 +725,8 @@ class Instrumentation:
                 return None
         if not out.is_floating_point():
             return None
+        if not stack:
+            self._root_out = self._weakref(out)  # a model's forward ended (see UNREAD_FORWARDS)
         in_idx = -1
         x = args[0] if args else None
         last = self._last_in
@@ -921,6 +938,7 @@ class Instrumentation:
             if isinstance(tensors, self._Tensor) and self.config.enable_loss_tracking:
                 self._unchecked_losses.append(tensors)
             return
+        self._forwards_unread = 0
         if self._nodes:
             self._nodes = {}  # the graph is being consumed: no forward of this pass is left to look it up
         if not self.config.enable_loss_tracking or self._is_compiling():
@@ -1306,6 +1324,7 @@ class Instrumentation:
         """Forget what this step's forward and backward queued (after its read, or a skipped iteration)."""
         self._losses = []
         self._last_in = None
+        self._forwards_unread = 0
         self._acts = []
         self._acts_cuda_elems = 0
         self._hot_pending = None
