@@ -615,6 +615,22 @@ def test_forwards_with_grad_and_no_backward_keep_no_graphs_alive(rec: Recorder) 
     assert grown < 64 * 2**20, f"RSS grew {grown / 2**20:.0f} MiB over 100 forwards"
 
 
+def test_a_validation_pass_between_backward_and_step_keeps_the_steps_loss(rec: Recorder) -> None:
+    """Ten forwards with gradients on and outputs dropped (a validation pass without no_grad) between
+    backward and optimizer.step: their sentinels are let go, the step's loss is not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        for _ in range(10):
+            model(torch.randn(8, 4)).sum().item()
+        optimizer.step()
+    records = rec.events(StepRecord)
+    assert [r.step for r in records] == [1, 2] and all(len(r.losses) == 1 for r in records)
+
+
 class Cell(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -485,7 +485,9 @@ class Instrumentation:
                 if ref is not None and ref() is None and self._n_sent:
                     self._forwards_unread += 1
                     if self._forwards_unread >= UNREAD_FORWARDS:
+                        losses = self._losses  # a backward's losses wait for the step's read
                         self._clear_step()
+                        self._losses = losses
                 else:
                     self._forwards_unread = 0
         if self._hot_pending is not None:
