@@ -415,6 +415,51 @@ def test_nan_fed_to_batchnorm_is_blamed_on_its_producer(rec: Recorder) -> None:
         assert not [f for f in rec.findings(step=step) if f.category == "model_error"], rec.findings(step=step)
 
 
+@pytest.mark.parametrize("poison", ["edit", "forward"])
+def test_batchnorm_statistics_poisoned_between_steps_blame_nobody(rec: Recorder, poison: str) -> None:
+    """After a healthy step the running statistics are known finite without a sync, as long as
+    nothing touched them since. Poisoned between steps, by an in-place edit or by a training-mode
+    forward under no_grad (which changes them without bumping their version), they are not taken as
+    the conv output's sentinel: no healthy module is blamed."""
+    model = _conv_bn(nan_maker=False)
+
+    def on_step(step: int) -> None:
+        if step != 3:
+            return
+        with torch.no_grad():
+            if poison == "edit":
+                model[1].running_var[2] = float("nan")
+            else:
+                model(torch.full((8, 3, 32, 32), float("nan")))
+
+    _train_cnn(model, 3, on_step)
+    assert not math.isfinite(float(model[1].running_var.sum()))
+    assert rec.findings(step=1) == [] and rec.findings(step=2) == []
+    assert not [f for f in rec.findings(step=3) if f.category in ("model_error", "input_validation")], \
+        rec.findings(step=3)
+
+
+def test_batchnorm_called_twice_in_a_step_keeps_each_calls_statistics(rec: Recorder) -> None:
+    """A BatchNorm's statistics wait in the chunk after its forward; its next forward updates them in
+    place (with no version bump), so they are read before it. Here the second call of the step gets
+    NaN data: that is what is reported, not the first call's conv (whose output the statistics tell)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in (1, 2):
+        optimizer.zero_grad()
+        first = model(torch.randn(8, 3, 32, 32)).pow(2).mean()  # a conv output large enough to go to the BatchNorm
+        second_input = torch.randn(1, 3, 32, 32)  # small: all of the second call's sentinels wait in the chunk
+        if step == 2:
+            second_input[0, 0, 0, 0] = float("nan")
+        (first + model(second_input).pow(2).mean()).backward()
+        optimizer.step()
+    assert rec.findings(step=1) == []
+    blamed = [(f.category, f.context["module"]) for f in rec.findings(step=2)
+              if f.category in ("model_error", "input_validation")]
+    assert blamed == [("input_validation", "model (Sequential)")], rec.findings(step=2)
+
+
 def test_nan_weight_in_a_batchnorm_is_blamed_on_the_batchnorm(rec: Recorder) -> None:
     """Finite input, non-finite output: the BatchNorm itself (its affine parameters), not the conv
     before it nor the one after it."""

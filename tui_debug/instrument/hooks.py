@@ -235,6 +235,15 @@ class Instrumentation:
         # forward starts, so no graph is kept alive past the pass that made it.
         self._nodes: dict[int, tuple[Any, int]] = {}
         self._virtual: list[tuple[int, ...]] = []  # sentinel index VIRTUAL + k: the sum of these
+        # (slot, parts): a real sentinel slot whose value is the sum of other sentinels (a BatchNorm's
+        # input, told by its running statistics; see _bn_sentinels)
+        self._alias: list[tuple[int, tuple[int, ...]]] = []
+        # BatchNorms whose running statistics a read found finite: id -> (weakref, versions of
+        # running_mean, running_var, num_batches_tracked then). Unchanged versions: still finite (a
+        # training forward bumps num_batches_tracked), so the next step needs no sync to know it.
+        self._bn_finite: dict[int, tuple[Any, tuple[int, int, int]]] = {}
+        self._bn_step: list[tuple[Any, tuple[int, int, int]]] = []  # this step's, for the read to confirm
+        self._bn_queued: set[int] = set()  # BatchNorms whose statistics wait in the chunk (_acts)
         self._node_kinds: dict[type, int] = {}  # grad_fn type -> 1 GRAPH_UNARY, 2 GRAPH_SUM, 0 other
         # (module, its input, the input's version, its sentinel index) from the latest pre-hook: a leaf
         # module's post-hook comes right after and need not look the input up again
@@ -329,6 +338,7 @@ class Instrumentation:
         self._find_optimized_module()
         self._is_grad_enabled = torch.is_grad_enabled
         self._float32 = torch.float32
+        self._zero = torch.zeros(())  # the read's placeholder for an aliased slot (see _alias)
         nn = torch.nn
         self._act_kinds = {nn.ReLU: "relu", nn.ReLU6: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
         self._safe_types = frozenset(getattr(nn, n) for n in FINITE_PRESERVING if hasattr(nn, n))
@@ -490,6 +500,8 @@ class Instrumentation:
                         self._losses = losses
                 else:
                     self._forwards_unread = 0
+        if self._bn_queued and id(module) in self._bn_queued:
+            self._reduce_acts()  # its statistics as its last forward left them, before this one updates them
         if self._hot_pending is not None:
             self._bn_fill = None
             if not (args and isinstance(module, self._BatchNorm) and self._guarded(self._bn_takes, module, args[0])):
@@ -636,44 +648,67 @@ class Instrumentation:
     def _bn_takes(self, module: Any, x: Any) -> bool:
         """A training BatchNorm fed with the pending activation, unchanged, and whose running
         statistics are finite now, will fold that activation into them: a NaN or Inf in any channel
-        makes its running mean or variance non-finite. Those C numbers, read after its forward, are
+        makes its running mean or variance non-finite. Those C numbers, queued after its forward, are
         the activation's sentinel (its exact re-check on overflow still has the tensor: BatchNorm
         keeps its input for backward)."""
         n, t, ver = self._hot_pending  # type: ignore[misc]
         if x is not t or t._version != ver or not module.training or not module.track_running_stats:
             return False
-        rm, rv = module.running_mean, module.running_var
+        buffers = module._buffers  # not module.running_mean: nn.Module.__getattr__ is slow
+        rm, rv = buffers.get("running_mean"), buffers.get("running_var")
         if rm is None or rv is None or isinstance(rm, self._Uninitialized) or not rm.is_cpu:
             return False  # no statistics, a lazy module before its first call, or not on the CPU (no sync)
-        if not math.isfinite(self.torch.cat([rm.reshape(-1), rv.reshape(-1)]).sum().item()):  # type: ignore[union-attr]
-            return False  # already non-finite (a sticky NaN from an earlier step): sum the tensor
+        known = self._bn_finite.get(id(module))
+        versions = _bn_versions(module)
+        if versions is None or known is None or known[0]() is not module or known[1] != versions:
+            # not known finite since the last read (first call, a forward in between, an edit)
+            if not math.isfinite(self.torch.cat([rm.reshape(-1), rv.reshape(-1)]).sum().item()):  # type: ignore[union-attr]
+                return False  # already non-finite (a sticky NaN from an earlier step): sum the tensor
         self._bn_fill = module
         return True
+
+    def _queue_small(self, t: Any) -> int:
+        """A small tensor (BatchNorm statistics, affine parameters) into the chunk: a sentinel slot
+        no lookup finds, so it costs no reduction of its own. -1 when the step's slots are used up."""
+        n = self._n_sent
+        if n >= self._max_sent:
+            self._sent_overflow += 1
+            return -1
+        self._n_sent = n + 1
+        self._ver.append(t._version)
+        self._refs.append(self._weakref(t))
+        acts = self._acts
+        acts.append(t.detach() if t.requires_grad else t)
+        if len(acts) >= SENTINEL_CHUNK:
+            self._reduce_acts()
+        return n
 
     def _bn_sentinels(self, module: Any, out: Any) -> int:
         """After the BatchNorm's forward: its input's sentinel is its running statistics; its
         output's adds its weight and bias (finite input, statistics and affine parameters make a
-        finite output). Returns the output's sentinel index."""
+        finite output). Both are sums of queued slots: no reduction now. Returns the output's index."""
         n = self._hot_pending[0]  # type: ignore[index]
         self._hot_pending = None
         self._bn_fill = None
-        torch = self.torch
-        stats = torch.cat([module.running_mean.reshape(-1), module.running_var.reshape(-1)]).sum(  # type: ignore[union-attr]
-            dtype=self._float32)
-        self._sent[n] = stats
-        affine = [p.detach().reshape(-1) for p in (module.weight, module.bias) if p is not None]
-        value = stats + torch.cat(affine).sum(dtype=self._float32) if affine else stats  # type: ignore[union-attr]
-        m = self._n_sent
-        if m >= self._max_sent or out.numel() == 0:
+        buffers, params = module._buffers, module._parameters
+        rm, rv = buffers["running_mean"], buffers["running_var"]
+        if out.numel() == 0 or self._n_sent + 4 > self._max_sent or len(self._virtual) >= self._max_sent:
+            self._sent[n] = self.torch.cat([rm.reshape(-1), rv.reshape(-1)]).sum(dtype=self._float32)  # type: ignore[union-attr]
             self._sent_overflow += 1
             return -1
         if self._acts:
-            self._reduce_acts()  # keep _sent in index order
-        self._n_sent = m + 1
-        self._ver.append(out._version)
-        self._refs.append(self._weakref(out))
-        self._sent_ids[id(out)] = m
-        self._sent.append(value)
+            self._reduce_acts()  # _sent stays in index order (slot n is already in it)
+        stats = (self._queue_small(rm), self._queue_small(rv))
+        self._bn_queued.add(id(module))
+        self._sent[n] = self._zero  # replaced by the statistics' value when a step goes bad
+        self._alias.append((n, stats))
+        versions = _bn_versions(module)
+        if versions is not None:
+            self._bn_step.append((module, versions))
+        parts = stats + tuple(self._queue_small(p) for p in (params.get("weight"), params.get("bias")) if p is not None)
+        self._virtual.append(parts)
+        m = VIRTUAL + len(self._virtual) - 1
+        self._derived[id(out)] = (self._weakref(out), out._version, m)
         g = out.grad_fn
         if g is not None:
             self._nodes[id(g)] = (g, m)
@@ -697,6 +732,8 @@ class Instrumentation:
             self._sent.extend(self._norms(acts))
             self._acts = []
             self._acts_cuda_elems = 0
+            if self._bn_queued:
+                self._bn_queued = set()
 
     def _post_hook(self, module: Any, args: tuple[Any, ...], output: Any) -> None:
         if self._get_ident() != self._tid or self.broken or self._is_compiling():
@@ -1278,13 +1315,14 @@ class Instrumentation:
             st.sites = sites
         read = (self.step, now, duration, st.index, sites, self._calls, self._root_inputs,
                 n_chunked, n_sent, self._stale, grad_names, recheck, wait, n_grads, extras, upd_names, late_meta,
-                self._virtual)
+                self._virtual, self._alias)
         self._observed_steps += 1
         every = self.config.activation_stats_every
         self._stats_now = every > 0 and self._observed_steps % every == 0
         every = self.config.update_ratio_every
         if every > 0 and self._observed_steps % every == 0 and groups and st.index >= 0:
             self._start_update_ratio(st)
+        bn_step = self._bn_step
         self._clear_step()
         if not flat:
             self._process(read, [])
@@ -1310,6 +1348,10 @@ class Instrumentation:
                     self._process(read, stacked.tolist())
                 finally:
                     self._immediate = False
+                if bn_step and self.last_step_finite:
+                    weakref_ = self._weakref
+                    for bn, versions in bn_step:
+                        self._bn_finite[id(bn)] = (weakref_(bn), versions)
                 if self._skip_now:
                     self._skip_step(st)
                 elif self.clip_norm is not None and groups:
@@ -1340,6 +1382,9 @@ class Instrumentation:
         self._derived = {}
         self._nodes = {}
         self._virtual = []
+        self._alias = []
+        self._bn_step = []
+        self._bn_queued = set()
         self._calls = []
         self._root_inputs = []
 
@@ -1390,7 +1435,7 @@ class Instrumentation:
 
     def _process(self, read: tuple[Any, ...], values: list[float]) -> None:
         (step, now, duration, opt_index, loss_sites, calls, root_inputs, n_chunked, n_sent, stale,
-         grad_names, recheck, wait, n_grads, extras, upd_names, late_meta, _virtual) = read
+         grad_names, recheck, wait, n_grads, extras, upd_names, late_meta, _virtual, _alias) = read
         nl = len(loss_sites)
         grad_norms = None
         g0 = nl + n_sent
@@ -1447,7 +1492,7 @@ class Instrumentation:
 
     def _check_nonfinite(self, read: tuple[Any, ...], values: list[float]) -> None:
         (step, now, duration, opt_index, loss_sites, calls, root_inputs, n_chunked, n_sent, stale,
-         grad_names, recheck, _wait, n_grads, _extras, _upd, _late, virtual) = read
+         grad_names, recheck, _wait, n_grads, _extras, _upd, _late, virtual, alias) = read
         nl = len(loss_sites)
         sentinels: list[float | None] = values[nl:nl + n_sent]
         others_finite = all(math.isfinite(v) for v in values[:nl]) and all(
@@ -1466,6 +1511,9 @@ class Instrumentation:
         for j in stale:
             if j < len(sentinels):
                 sentinels[j] = None
+        for j, parts in alias:  # a slot told by other sentinels (parts are real slots)
+            vals = [sentinels[i] for i in parts]
+            sentinels[j] = None if any(v is None for v in vals) else sum(vals)  # type: ignore[arg-type]
         if virtual:  # a derived sum: unknown if a part is, non-finite if a part is
             base = len(sentinels)
             for parts in virtual:
@@ -1525,6 +1573,16 @@ class Instrumentation:
                 if not math.isfinite(v):
                     self._late_nonfinite(s, site, v, self.step)
             self._pending.append(LateLosses(losses))
+
+
+def _bn_versions(bn: Any) -> tuple[int, int, int] | None:
+    """Version counters of a BatchNorm's statistics; None when a forward could change them unseen
+    (a training forward updates them in place without bumping their own counters)."""
+    buffers = bn._buffers
+    nbt = buffers.get("num_batches_tracked")
+    if nbt is None:
+        return None
+    return buffers["running_mean"]._version, buffers["running_var"]._version, nbt._version
 
 
 def _first_tensor(value: Any, tensor_type: type) -> Any:
