@@ -374,6 +374,39 @@ def test_report_after_a_signal_has_every_step_done_before_it(tmp_path: Path, sig
     assert report["gradients"]["model.weight"]["count"] == 3
 
 
+def test_a_monitor_line_waits_for_a_line_the_script_is_finishing(tmp_path: Path) -> None:
+    """Python prints a traceback's last line in two writes ("RuntimeError: ", then the message); a
+    finding due at that moment waits for the line to end instead of splitting it."""
+    program = textwrap.dedent("""
+        import os, threading
+        from tui_debug import capture
+
+        capture.MIDLINE_WAIT_S = 60  # the line does end while it waits, however slow the machine
+        cap = capture.OutputCapture()
+        cap.start()
+        os.write(2, b"RuntimeError: ")
+        while not any("RuntimeError: " in text for _, text in cap.tail.tail()):  # passed through
+            pass
+        waiting = threading.Event()
+        wait_for = cap._term_cond.wait_for
+
+        def waiting_for(predicate, timeout):
+            waiting.set()
+            return wait_for(predicate, timeout)
+
+        cap._term_cond.wait_for = waiting_for
+        writer = threading.Thread(target=lambda: (waiting.wait(), os.write(2, b"the message\\n")))
+        writer.start()
+        cap.write_monitor("tui_debug: ERROR a finding\\n")
+        writer.join()
+        cap.stop()
+    """)
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=RUN_TIMEOUT,
+                          stdin=subprocess.DEVNULL, env=td_env())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.decode() == "RuntimeError: the message\ntui_debug: ERROR a finding\n"
+
+
 def test_a_monitor_line_never_lands_in_the_middle_of_the_scripts_line(tmp_path: Path) -> None:
     """The script's stderr is mid-line (a traceback flushed in two pieces, a tqdm bar) when the monitor
     writes a finding: the finding starts on a line of its own, and the script's bytes are unchanged."""

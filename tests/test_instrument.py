@@ -40,6 +40,7 @@ def _hook_state() -> dict[str, int]:
         "forward_pre": len(nn_module._global_forward_pre_hooks),
         "forward": len(nn_module._global_forward_hooks),
         "forward_always": len(getattr(nn_module, "_global_forward_hooks_always_called", {})),
+        "module_call": id(nn_module.Module.__call__),
         "optimizer_pre": len(optim_module._global_optimizer_pre_hooks),
         "optimizer_post": len(optim_module._global_optimizer_post_hooks),
     }
@@ -306,6 +307,61 @@ def test_nan_gradients_of_a_hand_written_update_are_reported_and_left_in_place(r
                for f in found), [(f.category, f.message) for f in found]
 
 
+# -- the module-call wrapper: torch.compile, faults of our own ----------------------------------------
+
+def test_torch_compile_traces_the_instrumented_model_without_graph_breaks(
+        rec: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dynamo traces through the module-call wrapper (it asks is_compiling() first): one graph, no
+    break, and the steps are still counted with their loss."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from torch._dynamo.variables import nn_module as dynamo_nn_module
+
+    # As if dynamo had been imported before the wrapper (it then takes it for a custom __call__ and
+    # traces it; imported after, it would skip it): the case that used to break every graph.
+    monkeypatch.setattr(dynamo_nn_module, "unpatched_nn_module_call", nn_module.Module._wrapped_call_impl)
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Sequential(nn.Linear(16, 16), nn.GELU()), nn.Linear(16, 1))
+    compiled = torch.compile(model, backend="eager")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = compiled(torch.randn(4, 8)).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1
+    records = rec.events(StepRecord)
+    assert [r.step for r in records] == [1, 2, 3]
+    assert all(r.losses and math.isfinite(r.losses[0][1]) for r in records)
+    torch._dynamo.reset()
+
+
+def test_a_fault_of_the_monitor_switches_it_off_and_training_goes_on(rec: Recorder) -> None:
+    """A bug in our own code during a module call: the call still returns torch's result, the monitor
+    reports itself disabled and puts torch back as it was; later steps run unobserved."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(5, 4)
+
+    def broken(*args: Any) -> int:
+        raise KeyError("a bug of ours")
+
+    rec.inst._measured = broken  # type: ignore[method-assign]
+    expected = model[2](model[1](model[0](x)))
+    out = model(x)
+    assert torch.equal(out, expected)
+    out.sum().backward()
+    optimizer.step()
+    assert rec.inst.broken is not None and "a bug of ours" in rec.inst.broken
+    assert getattr(nn_module.Module.__call__, "__tui_debug__", False) is False
+    disabled = [f for f in rec.findings() if f.key == "monitor-disabled"]
+    assert len(disabled) == 1 and disabled[0].category == "system_error"
+
+
 # -- uninstall ----------------------------------------------------------------------------------------
 
 def test_uninstall_removes_every_hook_and_patch() -> None:
@@ -313,6 +369,7 @@ def test_uninstall_removes_every_hook_and_patch() -> None:
 
     before = _hook_state()
     assert before["forward"] == 0 and before["forward_pre"] == 0
+    orig_call = nn_module.Module.__call__
     orig_backward = torch.autograd.backward
     orig_scale = grad_scaler.GradScaler.scale
     orig_update = grad_scaler.GradScaler.update
@@ -321,13 +378,15 @@ def test_uninstall_removes_every_hook_and_patch() -> None:
     inst.install(torch)
     try:
         during = _hook_state()
-        assert during["forward"] == 1 and during["forward_pre"] == 1
+        assert nn_module.Module.__call__ is not orig_call  # module calls are observed through a wrapper
+        assert during["forward"] == 0 and during["forward_pre"] == 0  # not global hooks (torch's slow path)
         assert torch.autograd.backward is not orig_backward
         assert grad_scaler.GradScaler.scale is not orig_scale
         assert grad_scaler.GradScaler.update is not orig_update
     finally:
         inst.uninstall()
     assert _hook_state() == before
+    assert nn_module.Module.__call__ is orig_call
     assert len(nn_module._global_forward_hooks) == 0
     assert len(nn_module._global_forward_pre_hooks) == 0
     assert torch.autograd.backward is orig_backward
@@ -754,10 +813,11 @@ def test_sampled_out_steps_run_without_forward_hooks_and_still_name_a_failing_mo
     step()
     rec.inst._sampler.next = lambda observed, duration: False  # every later step is sampled out
     step()
-    assert not nn_module._global_forward_pre_hooks and not nn_module._global_forward_hooks
+    assert not rec.inst._fwd_on  # module calls go straight to torch
     model[1][1].on = True
     with pytest.raises(RuntimeError) as info:
         model(torch.randn(8, 4))
+    assert rec.inst._failing is None  # named from the traceback, not from a stack of observed calls
     assert rec.inst.failing_modules(info.value)[:2] == ["model.1.1 (Exploder)", "model.1 (Sequential)"]
 
 

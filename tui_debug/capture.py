@@ -22,6 +22,7 @@ from typing import Callable
 
 OutputListener = Callable[[str, str], None]  # (stream, text)
 MAX_PARTIAL = 8192
+MIDLINE_WAIT_S = 0.05  # how long a monitor line waits for the script to finish the line it is writing
 
 
 class OutputTail:
@@ -92,6 +93,7 @@ class OutputCapture:
         self._log_size = 0
         self._log_lock = threading.Lock()
         self._term_lock = threading.Lock()  # pass-through writes and the monitor's lines, whole
+        self._term_cond = threading.Condition(self._term_lock)  # a script's line completed
         self._streams: list[_Stream] = []
         self.listeners: list[OutputListener] = []
         self.active = False
@@ -142,9 +144,10 @@ class OutputCapture:
             if not data:
                 break
             if self.passthrough:
-                with self._term_lock:
+                with self._term_cond:
                     _write_all(st.saved, data)
                     st.midline = not data.endswith(b"\n")
+                    self._term_cond.notify_all()
             self._write_log(data)
             text = decoder.decode(data)
             if text:
@@ -176,10 +179,13 @@ class OutputCapture:
     def write_monitor(self, text: str) -> None:
         """A line of the monitor's own, straight to the real stderr (not into the captured output)."""
         data = text.encode("utf-8", "replace")
-        with self._term_lock:
-            # Never in the middle of the script's line (a traceback flushed in two pieces, a tqdm bar):
-            # start a new one.
-            if self.passthrough and any(st.midline and st.shares_terminal for st in self._streams):
+        with self._term_cond:
+            # Never in the middle of the script's line. A line written in pieces (Python prints a
+            # traceback's last line as "RuntimeError: " and then the message) is waited for, briefly;
+            # one that stays open (a tqdm bar) gets a new line started.
+            if self.passthrough:
+                self._term_cond.wait_for(self._line_ended, MIDLINE_WAIT_S)
+            if self.passthrough and not self._line_ended():
                 data = b"\n" + data
                 for st in self._streams:
                     if st.shares_terminal:
@@ -188,6 +194,9 @@ class OutputCapture:
                 _write_all(self.terminal_fd if self.active else 2, data)
             except OSError:
                 pass
+
+    def _line_ended(self) -> bool:
+        return not any(st.midline and st.shares_terminal for st in self._streams)
 
     def stop(self, timeout: float = 2.0) -> None:
         if not self.active:
