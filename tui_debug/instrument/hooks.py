@@ -1220,11 +1220,12 @@ class Instrumentation:
 
     def _grad_layout(self, st: _OptState) -> list[list[Any]]:
         params = st.params
-        present = [i for i, p in enumerate(params) if p.grad is not None]
+        grads = [p.grad for p in params]  # each .grad is a lookup in C: once
+        present = [i for i, g in enumerate(grads) if g is not None]
         if present != st.present or st.generation != self._generation:
             groups: dict[tuple[Any, Any], list[int]] = {}
             for i in present:
-                g = params[i].grad
+                g = grads[i]
                 if g.is_sparse:
                     continue
                 groups.setdefault((g.device, g.dtype), []).append(i)
@@ -1239,7 +1240,7 @@ class Instrumentation:
                     names.append(self._param_names.get(id(params[i])) or f"optimizer{st.index}.param{i}")
             st.names = names
             st.generation = self._generation
-        return [[params[i].grad for i in idxs] for idxs in st.groups]
+        return [[grads[i] for i in idxs] for idxs in st.groups]
 
     def _close_step(self, st: _OptState) -> None:
         """The step boundary: read the step, then let the sampler decide whether the next is checked.
@@ -1377,11 +1378,14 @@ class Instrumentation:
         if not flat:
             self._process(read, [])
         else:
-            try:
-                stacked = torch.stack(flat)
-            except RuntimeError:  # tensors on several devices: one read per device, in order
-                stacked = torch.cat([t.reshape(1).to("cpu") for t in flat])
-            if stacked.is_cuda:
+            if all(t.is_cpu for t in flat):
+                stacked = None  # nothing to wait for: item() each (cheaper than stack + tolist)
+            else:
+                try:
+                    stacked = torch.stack(flat)
+                except RuntimeError:  # tensors on several devices: one read per device, in order
+                    stacked = torch.cat([t.reshape(1).to("cpu") for t in flat])
+            if stacked is not None and stacked.is_cuda:
                 key = (stacked.shape[0], stacked.dtype, stacked.device)
                 pool = self._pinned.get(key)
                 if pool:
@@ -1395,7 +1399,7 @@ class Instrumentation:
             else:
                 self._immediate = True
                 try:
-                    self._process(read, stacked.tolist())
+                    self._process(read, [t.item() for t in flat] if stacked is None else stacked.tolist())
                 finally:
                     self._immediate = False
                 if bn_step and self.last_step_finite:
