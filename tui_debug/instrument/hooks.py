@@ -427,9 +427,7 @@ class Instrumentation:
         installed (``_fwd_on`` turns it into a pass-through on sampled-out steps): swapping
         ``Module.__call__`` per step could make compiled code recompile."""
         me = self
-        orig_call = module_type.__call__
-        if getattr(orig_call, "__tui_debug__", False):  # a wrapper of an earlier instance left behind
-            orig_call = orig_call.__wrapped__  # type: ignore[attr-defined]
+        orig_call = module_type.__call__  # torch's, or whoever wrapped it before: chained, not skipped
         is_compiling = self._is_compiling
         get_ident = threading.get_ident
         pre, post = self._pre_hook, self._post_hook
@@ -459,7 +457,7 @@ class Instrumentation:
             return result
 
         __call__.__wrapped__ = orig_call  # type: ignore[attr-defined]
-        __call__.__tui_debug__ = True  # type: ignore[attr-defined]
+        __call__.__tui_debug__ = True  # type: ignore[attr-defined]  # (tests tell ours apart by it)
         self._orig_call = orig_call
         self._call_wrapper = __call__
         module_type.__call__ = __call__  # type: ignore[method-assign]
