@@ -3,9 +3,10 @@
 Installed by the runner right after the script imports torch. Runs in the training thread and
 never blocks it: metrics leave as batched events through ``emit`` (the EventBus).
 
-- Global forward pre/post hooks: a stack of running modules (the innermost module when an
-  exception escapes), root-model discovery, and cheap finiteness sentinels (a float32 sum of each
-  module's output and, when it is not the previous output, its input).
+- A wrapper of ``nn.Module.__call__`` (not global forward hooks, which put every module call on
+  torch's slow path): a stack of running modules (the innermost module when an exception escapes),
+  root-model discovery, and cheap finiteness sentinels (a float32 sum of each module's output and,
+  when it is not the previous output, its input).
 - Patched ``torch.autograd.backward``: every loss, told apart by call site.
 - Global optimizer step hooks: the step boundary; per-parameter gradient norms with
   ``torch._foreach_norm`` grouped by (device, dtype); then everything the step needs is stacked
@@ -186,7 +187,7 @@ class _Sampler:
 
 
 class Instrumentation:
-    """Observes the script's training through torch's global hooks."""
+    """Observes the script's training: module calls, backward, optimizer steps."""
 
     def __init__(self, config: DebugConfig, emit: Callable[[list[Any]], None]) -> None:
         self.config = config
