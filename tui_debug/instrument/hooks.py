@@ -1402,6 +1402,8 @@ class Instrumentation:
                 finally:
                     self._immediate = False
                 if bn_step and self.last_step_finite:
+                    if len(self._bn_finite) > 4096:  # models made and dropped over a long run: forget them
+                        self._bn_finite = {}
                     weakref_ = self._weakref
                     for bn, versions in bn_step:
                         self._bn_finite[id(bn)] = (weakref_(bn), versions)
