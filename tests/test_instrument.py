@@ -821,6 +821,26 @@ def test_sampled_out_steps_run_without_forward_hooks_and_still_name_a_failing_mo
     assert rec.inst.failing_modules(info.value)[:2] == ["model.1.1 (Exploder)", "model.1 (Sequential)"]
 
 
+def test_a_nan_first_seen_on_a_sampled_out_step_is_named_on_the_next_with_that_step(rec: Recorder) -> None:
+    """The NaN starts on a step that was not checked (its loss shows it, its forward was not
+    observed): the next checked step names the module and says where the loss first went bad."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), NaNMaker(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    decisions = iter([False, True, True])  # after step 1: step 2 unchecked, then checked again
+    rec.inst._sampler.next = lambda observed, duration: next(decisions)
+    for step in (1, 2, 3):
+        model[1].on = step >= 2
+        optimizer.zero_grad()
+        model(torch.randn(8, 4)).sum().backward()
+        optimizer.step()
+    assert {f.category for f in rec.findings(step=2)} == {"loss_error", "gradient_error"}
+    named = [f for f in rec.findings(step=3) if f.category == "model_error"]
+    assert [f.context["module"] for f in named] == ["model.1 (NaNMaker)"]
+    assert named[0].context["loss_nonfinite_since_step"] == 2
+    assert "first went non-finite at step 2" in named[0].message
+
+
 def test_every_fast_step_is_counted_and_timed_when_most_are_sampled_out(tmp_path: Path) -> None:
     from tui_debug.errors import ErrorTracker
     from tui_debug.events import StepSpan

@@ -310,6 +310,7 @@ class Instrumentation:
         # (reading each at once would wait for the GPU).
         self._late: list[tuple[int, int, Any]] = []
         self._force_check = False
+        self._unobserved_bad: int | None = None  # an unchecked step whose loss was non-finite
         self._span: StepSpan | None = None
         self._sample_last: float | None = None
         self._last_site: int | None = None
@@ -1303,7 +1304,9 @@ class Instrumentation:
                     self.flush()
                 return
             # A non-finite loss on an unchecked step: check this step's gradients now (and skip it).
+            # Its forward was not observed: the next checked step names the module, and says so.
             self._sampler.alarm()
+            self._unobserved_bad = self.step
             site = self._last_site if self._last_site is not None else 0
             if not self._loss_site_names:
                 self._new_loss_site((None, 0), None)
@@ -1512,6 +1515,8 @@ class Instrumentation:
             for s, site, v in rec.late_losses:
                 if not math.isfinite(v):
                     self._late_nonfinite(s, site, v, step)
+                    if self._unobserved_bad is None:
+                        self._unobserved_bad = s  # this checked step may name the module (see _read_step)
         self._pending.append(rec)
         if grad_norms:
             self.recent_total_norms.append(math.sqrt(sum(v * v for v in grad_norms)))
@@ -1523,6 +1528,8 @@ class Instrumentation:
             self._observe = True  # the next step too, whatever the sampler had decided
             self._set_forward_hooks(True)
             self._guarded(self._check_nonfinite, read, values)
+        if self._unobserved_bad is not None and step > self._unobserved_bad:
+            self._unobserved_bad = None  # only the first checked step after it is about it
 
     def _late_nonfinite(self, step: int, site: int, value: float, read_at: int) -> None:
         name = self._loss_site_names[site] if site < len(self._loss_site_names) else "loss"
@@ -1584,6 +1591,12 @@ class Instrumentation:
             grad_names=grad_names or [], grad_norms=values[nl + n_sent:nl + n_sent + n_grads],
             sentinels=sentinels, calls=calls, module_label=self.module_label, root_inputs=root_inputs)
         findings = self.detector.check(obs)
+        bad = self._unobserved_bad
+        if bad is not None and bad < step:
+            for f in findings:
+                if f.category in ("model_error", "input_validation"):
+                    f.message += f" (the loss first went non-finite at step {bad}, which was not checked)"
+                    f.context["loss_nonfinite_since_step"] = bad
         grads_bad = grad_names is not None and not all(math.isfinite(v) for v in obs.grad_norms)
         # Only an optimizer's step is skipped; a hand-written update (pseudo-step) needs its gradients.
         if grads_bad and self._immediate and self.skip_nonfinite and opt_index >= 0:
