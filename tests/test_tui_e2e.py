@@ -7,6 +7,7 @@ import os
 import pty
 import re
 import select
+import signal
 import struct
 import subprocess
 import termios
@@ -90,3 +91,32 @@ def test_keys_under_the_ui_reach_the_run_and_the_report(tmp_path):
     assert report["run"]["status"] == "interrupted" and report["run"]["exit_code"] == 130
     actions = report.get("actions") or []
     assert any(a["action"] == "lower_lr" and a.get("ok") for a in actions), actions
+
+
+def test_a_hangup_on_the_final_screen_closes_the_app_and_keeps_the_scripts_report(tmp_path):
+    """The script ended and the app shows its final state; the SSH connection drops (the terminal goes
+    away, SIGHUP). The report was written when the script ended, the app exits instead of waiting for
+    a key that will never come, and the report keeps the script's own status."""
+    script = tmp_path / "short.py"
+    script.write_text("import torch\n"
+                      "m = torch.nn.Linear(2, 1)\n"
+                      "o = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+                      "for _ in range(5):\n"
+                      "    o.zero_grad()\n"
+                      "    m(torch.randn(4, 2)).sum().backward()\n"
+                      "    o.step()\n")
+    out = tmp_path / "run"
+    term = Terminal(["--out", out, script], cwd=tmp_path)
+    try:
+        term.wait_for(r"script finished \(exit 0\)")
+        report = load_report(out)  # on disk while the app still shows the final state
+        assert report["run"]["status"] == "finished", report["run"]
+        os.close(term.master)  # the terminal goes away...
+        term.proc.send_signal(signal.SIGHUP)  # ... with the hangup that comes with it
+        code = term.proc.wait(DEADLINE_S)
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
+    assert code in (-signal.SIGHUP, 128 + signal.SIGHUP), code
+    report = load_report(out)
+    assert report["run"]["status"] == "finished" and report["run"]["exit_code"] == 0, report["run"]

@@ -205,6 +205,9 @@ class Monitor:
 
     def _on_default_signal(self, signum: int) -> None:
         if self.session.ended is not None:
+            # The UI left open on the final state: a hangup (SSH dropped) or a kill closes it. The
+            # process then dies by the signal; the report keeps the script's own status.
+            self._terminate = signum
             return
         if signum == signal.SIGINT:
             self._sigints += 1
@@ -283,7 +286,7 @@ class Monitor:
         self.watcher.uninstall()
         self.forwarder.uninstall()
         backlog = self.bus.detach()  # from now on emits wait in the backlog
-        if self._terminate is not None:
+        if self._terminate is not None and self.session.ended is None:  # (after the end: the script's own)
             self.session.mark_interrupted(self._terminate)
             self.instr.flush()  # steps the (idle or busy) training thread has not handed over yet
         q = self._queue

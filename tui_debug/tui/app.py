@@ -182,6 +182,10 @@ class TuiDebugApp(App[int]):
         ended = self.session.ended is not None
         if ended and not self._ended_seen:
             self._ended_seen = True
+            try:  # on disk now, not only when the user quits: the app may stay open for hours
+                self.monitor.dump_report()
+            except Exception:
+                pass
             s = self.session
             self.notice = Text.assemble(
                 (f"script {s.status} (exit {s.exit_code}). ", "bold"),

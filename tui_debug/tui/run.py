@@ -31,7 +31,7 @@ def make_driver(term_fd: int) -> type:
 
         def __init__(self, app: Any, **kw: Any) -> None:
             super().__init__(app, **kw)
-            self._file = open(os.dup(term_fd), "w", encoding="utf-8", errors="replace", closefd=True)
+            self._file = _HangupSafeFile(open(os.dup(term_fd), "w", encoding="utf-8", errors="replace", closefd=True))
 
         def _get_terminal_size(self) -> tuple[int, int]:
             try:
@@ -41,6 +41,31 @@ def make_driver(term_fd: int) -> type:
                 return 80, 24
 
     return TerminalDriver
+
+
+class _HangupSafeFile:
+    """The terminal file Textual's writer thread writes to, minus the errors of a terminal that went
+    away (SSH dropped, tmux killed): Textual's writer thread dies on the first EIO, its queue fills and
+    the app's thread blocks on it for good, so the SIGHUP that follows is never acted on (the process
+    spun at 100% CPU and never wrote its report). Writes to a dead terminal are dropped instead."""
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+
+    def write(self, text: str) -> int:
+        try:
+            return self._file.write(text)
+        except (OSError, ValueError):
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._file.flush()
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, close, encoding...
+        return getattr(self._file, name)
 
 
 class TerminalGuard:
