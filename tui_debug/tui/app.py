@@ -172,7 +172,7 @@ class TuiDebugApp(App[int]):
         # (gradients, loss, output, memory) at most every HEAVY_S: the UI's Python shares the GIL
         # with training, and a full repaint costs tens of ms on a small CPU.
         light = (len(self.monitor.tracker.errors), self.notice, self.state())
-        if now >= self._next_heavy or self.session.ended is not None:
+        if now >= self._next_heavy or (self.session.ended is not None and not self._ended_seen):
             self._next_heavy = now + self._pace(now)
             self._light = light
             self.refresh_panes()
