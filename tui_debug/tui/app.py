@@ -32,7 +32,7 @@ TICK_S = 0.1  # at most ~10 repaints per second
 MEMORY_S = 1.0
 HEAVY_S = 0.5  # full repaints at most twice a second
 HEAVY_MAX_S = 2.0  # ... and at least every 2 s
-UI_BUDGET = 0.03  # share of one core the UI thread may use while training runs (it shares the GIL)
+UI_BUDGET = 0.015  # share of one core the UI thread may use while training runs (it shares the GIL)
 ACTION_TEXT = {
     "clear_cache": "clear cache", "lower_lr": "lower LR x0.5", "raise_lr": "raise LR x2",
     "toggle_clipping": "toggle clipping", "rollback": "roll back", "checkpoint": "save checkpoint",
