@@ -1019,3 +1019,50 @@ def test_the_sampler_takes_steps_of_a_few_ms_on_a_gpu_but_not_on_the_cpu() -> No
         for _ in range(200):
             checked = s.next(checked, 0.003 if checked else 0.0022)
         assert (s.every > 1) is sampled, (fast_s, s.every)
+
+
+def test_the_sampler_times_a_gpu_that_the_host_runs_ahead_of() -> None:
+    """Until the launch queue fills, the host runs ahead of the GPU: an 8 ms GPU step "takes" its
+    0.3 ms of launches, and a check's 0.3 ms of Python looks like doubling it. The probe's steps are
+    timed by CUDA events too: a check that costs the GPU 1% is not sampled; one that costs the host's
+    (GPU-idle, host-bound) step 100% still is."""
+    from tui_debug.instrument.hooks import _Sampler
+
+    for gpu_checked, gpu_unchecked, sampled in ((0.00808, 0.008, False), (0.0006, 0.0003, True)):
+        s = _Sampler(0.03)
+        s.fast_s = _Sampler.FAST_S_GPU
+        marks: list[tuple[int, bool]] = []
+
+        def durations() -> tuple[list[float], list[float]]:
+            timed = [(n, obs) for (n0, _), (n, obs) in zip(marks, marks[1:]) if n == n0 + 1]
+            marks.clear()
+            return ([gpu_checked for _, obs in timed if obs], [gpu_unchecked for _, obs in timed if not obs])
+
+        s.gpu_durations = durations
+        checked, timed_steps = True, []
+        for _ in range(200):
+            if s.timed():
+                marks.append((s.n + 1, checked))
+                timed_steps.append(checked)
+            checked = s.next(checked, 0.0006 if checked else 0.0003)  # the host's clock
+        assert timed_steps.count(True) >= _Sampler.PROBE and timed_steps.count(False) == _Sampler.PROBE
+        assert (s.every > 1) is sampled, (gpu_checked, s.every)
+
+
+def test_the_sampler_decides_on_its_probe_not_on_unchecked_steps_of_long_ago() -> None:
+    """Unchecked steps of an earlier, slower phase (another model, a bigger batch) must not make
+    today's checks look free: a probe compares its own unchecked steps with recent checked ones."""
+    from tui_debug.instrument.hooks import _Sampler
+
+    s = _Sampler(0.03)
+    s.fast_s = _Sampler.FAST_S_GPU
+    checked = True
+    for _ in range(100):  # phase 1: 7.5 ms steps whose checks cost 2 ms: sampled
+        checked = s.next(checked, 0.0095 if checked else 0.0075)
+    assert s.every > 1
+    for _ in range(3 * s.every + 3):  # phase 2: another model, its first steps slow (cudnn autotuning)
+        checked = s.next(checked, 0.05)
+    assert s.every == 1
+    for _ in range(100):  # then 2.6 ms steps whose checks cost 1.1 ms: sampled again after the next probe
+        checked = s.next(checked, 0.0037 if checked else 0.0026)
+    assert s.every > 10, s.every

@@ -108,6 +108,11 @@ class _Sampler:
     without checks (medians of recent steps: robust to an evaluation pass or a GC pause) and, only
     when a check costs more than ``budget``, checks every k-th step (k <= 64). A non-finite value seen
     switches back to checking every step. ``budget`` 0 disables sampling.
+
+    On a GPU the host's clock alone misleads: until the launch queue fills (the first tens of steps, or
+    a whole short run) the host runs ahead, and a step "takes" its launch time, not the GPU's. So the
+    steps around a probe are also timed by CUDA events at the boundaries (``gpu_durations``, one wait
+    per probe), and a step's time is the larger of the two clocks.
     """
 
     WARMUP = 32  # checked steps before the first probe
@@ -129,6 +134,15 @@ class _Sampler:
         self.probe_left = 0
         self.next_probe = self.WARMUP
         self.quiet_until = 0
+        # () -> (checked, unchecked) GPU step times of the timed window (see ``timed``), or None
+        self.gpu_durations: Callable[[], tuple[list[float], list[float]]] | None = None
+
+    def timed(self) -> bool:
+        """Whether the step ending now is in a probe's timing window: the PROBE checked steps before
+        it (plus one, the first's start) and the probe's own."""
+        if self.budget <= 0:
+            return False
+        return self.probe_left > 0 or self.next_probe - self.PROBE - 1 <= self.n + 1 <= self.next_probe
 
     def alarm(self) -> None:
         self.every = 1
@@ -166,6 +180,7 @@ class _Sampler:
             self.next_probe = n + self.REPROBE
             if self.recent_obs and _median(self.recent_obs) < self.fast_s and n >= self.quiet_until:
                 self.probe_left = self.PROBE
+                self.recent_skip.clear()  # the decision compares with this probe's steps, not older ones
                 return False
         every = self.every
         return every == 1 or n % every == 0
@@ -176,6 +191,10 @@ class _Sampler:
             return
         d_obs = _median(self.recent_obs)
         d_skip = _median(self.recent_skip)
+        gpu_obs, gpu_skip = self.gpu_durations() if self.gpu_durations is not None else ([], [])
+        if len(gpu_obs) >= 4 and len(gpu_skip) >= 4:
+            d_obs = max(d_obs, _median(gpu_obs))
+            d_skip = max(d_skip, _median(gpu_skip))
         if d_skip <= 0:
             self.every = 1
             return
@@ -323,6 +342,8 @@ class Instrumentation:
         self._upd_done: tuple[list[str], list[Any]] | None = None
         self._act_kinds: dict[type, str] = {}
         self._sampler = _Sampler(config.max_overhead if config.sample_fast_steps else 0.0)
+        self._sampler.gpu_durations = self._gpu_durations
+        self._gpu_marks: list[tuple[int, bool, Any, Any]] = []  # (sampler step, checked, CUDA event) in a probe window
 
     # -- install / uninstall --------------------------------------------------------------
     def install(self, torch: ModuleType) -> None:
@@ -463,7 +484,7 @@ class Instrumentation:
         self._orig_call = orig_call
         self._call_wrapper = __call__
         module_type.__call__ = __call__  # type: ignore[method-assign]
-        self._fwd_on = True
+        self._fwd_on = self._observe  # re-installed on a sampled-out step: its calls stay unobserved
 
     def uninstall(self) -> None:
         """Remove every hook and patch (also run in forked DataLoader workers)."""
@@ -1150,7 +1171,7 @@ class Instrumentation:
             self._pending.append(self._span)
         if now - self._last_flush >= FLUSH_INTERVAL_S:
             self.flush()
-        self._sample(False)
+        self._sample(False, st)
 
     def _defer_losses(self, st: _OptState, losses: list[Any]) -> None:
         """Keep a sampled-out step's GPU losses for the next checked step's read, named by the sites
@@ -1249,14 +1270,17 @@ class Instrumentation:
         cost of reading a checked step is charged to that step."""
         observed = self._observe
         self._read_step(st)
-        self._sample(observed)
+        self._sample(observed, st)
 
-    def _sample(self, observed: bool) -> None:
+    def _sample(self, observed: bool, st: _OptState) -> None:
         end = time.perf_counter()
         last, self._sample_last = self._sample_last, end
-        self._sampler.optimizers = len(self._opts)
+        sampler = self._sampler
+        sampler.optimizers = len(self._opts)
         self.observed_last = observed
-        observe = self._sampler.next(observed, 0.0 if last is None else end - last)
+        if not st.on_cpu and sampler.timed() and st.devices[0].type == "cuda":
+            self._gpu_mark(observed, st)
+        observe = sampler.next(observed, 0.0 if last is None else end - last)
         if self._force_check:
             self._force_check = False
             observe = True
@@ -1268,6 +1292,34 @@ class Instrumentation:
         post = observed or observe or self.wake or self.paused or self._upd_start is not None
         if post is not (self._post_handle is not None):
             self._set_post_hook(post)
+
+    def _gpu_mark(self, observed: bool, st: _OptState) -> None:
+        """A timing event at this step's boundary on its GPU's stream (only in a probe's window)."""
+        torch = self.torch
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(st.devices[0]))
+        marks = self._gpu_marks
+        if marks and marks[-1][0] != self._sampler.n:  # a window with no probe after it (slow steps): stale
+            marks.clear()
+        marks.append((self._sampler.n + 1, observed, event, st.devices[0]))
+        if len(marks) > 2 * _Sampler.PROBE + 2:
+            del marks[0]
+
+    def _gpu_durations(self) -> tuple[list[float], list[float]]:
+        """GPU times of the window's steps, checked and unchecked: one wait, for its last event."""
+        marks, self._gpu_marks = self._gpu_marks, []
+        checked: list[float] = []
+        unchecked: list[float] = []
+        if len(marks) < 2:
+            return checked, unchecked
+        try:
+            marks[-1][2].synchronize()
+            for (n0, _, e0, d0), (n1, obs, e1, d1) in zip(marks, marks[1:]):
+                if n1 == n0 + 1 and d0 == d1:
+                    (checked if obs else unchecked).append(e0.elapsed_time(e1) / 1e3)
+        except RuntimeError:  # e.g. the script's own kernel failed: its next sync will say so; use the host's clock
+            return [], []
+        return checked, unchecked
 
     def _set_post_hook(self, on: bool) -> None:
         if on and self._post_handle is None and self._installed:
