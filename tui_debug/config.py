@@ -65,6 +65,7 @@ class DebugConfig:
     progress_interval_s: float = 5.0
     max_sentinels_per_step: int = 4_096
     sample_fast_steps: bool = True
+    freeze_gc_at_import: bool = True  # gc.collect() + gc.freeze() once torch is imported (see monitor.py)
     max_overhead: float = 0.02
     # Detector thresholds (README: "Detectors" explains each number).
     loss_explosion_factor: float = 100.0

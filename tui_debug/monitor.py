@@ -7,6 +7,7 @@ training thread only emits batches and applies queued actions at step boundaries
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import os
 import queue
@@ -89,6 +90,15 @@ class Monitor:
                 severity="warning", category="system_error", step=None, key="install-failed",
                 message=f"could not instrument torch {getattr(torch, '__version__', '?')}: {exc}; "
                         "the script runs unmonitored", context={})])
+        if self.config.freeze_gc_at_import:
+            # Importing torch leaves ~300K objects (its modules, functions, classes; and the UI's
+            # widgets) for the cyclic GC to traverse. Their first full collection (~100 ms, the
+            # GIL held) would land in the first seconds of training, sooner under the UI, whose
+            # allocations drive young collections; every later one would traverse them again.
+            # Collect once now and take what is left out of later collections: it lives as long
+            # as the process.
+            gc.collect()
+            gc.freeze()
 
     def _on_thread_start(self) -> None:
         """The instrumentation watches the training thread (torch may have been imported elsewhere)."""
