@@ -168,3 +168,35 @@ def test_page_faults_per_step_are_reported_and_advised_on(monkeypatch: pytest.Mo
         assert not [r for r in recommendations(quiet, []) if r.startswith("[performance]")]
     short = Session(DebugConfig(), ErrorTracker(DebugConfig()))
     assert build_report(short)["performance"]["page_faults_per_step"] is None
+
+
+TOY = """
+import torch
+model = torch.nn.Linear(4, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+x, y = torch.randn(8, 4), torch.randn(8, 1)
+for _ in range(3000):
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+"""
+
+
+@pytest.mark.parametrize("sample", [True, False])
+def test_the_report_says_how_many_steps_were_checked(tmp_path: Path, sample: bool) -> None:
+    """Sub-millisecond steps are sampled: a user reading "no findings" must be told it covers only
+    the checked steps."""
+    (tmp_path / "toy.py").write_text(TOY)
+    (tmp_path / "td.toml").write_text(f"sample_fast_steps = {str(sample).lower()}\n")
+    proc = run_td("--headless", "--out", tmp_path / "run", "--config", tmp_path / "td.toml", "toy.py", cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    report = load_report(tmp_path / "run")
+    validate(report)
+    steps, checked = report["summary"]["steps"], report["performance"]["checked_steps"]
+    assert steps == 3000
+    if sample:
+        assert 32 <= checked < steps // 2, checked
+        assert f"(exit 0; {checked} checked: fast steps are sampled)" in proc.stderr
+    else:
+        assert checked == steps
+        assert "sampled" not in proc.stderr

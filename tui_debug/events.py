@@ -30,6 +30,7 @@ class StepRecord:
     update_ratios: list[tuple[str, float]] | None = None  # sampled: (parameter, |update| / |weight|)
     # losses of earlier sampled-out GPU steps, read with this one: (step, loss site index, value)
     late_losses: list[tuple[int, int, float]] | None = None
+    checked: bool = True  # False: a sampled-out step (its time only)
 
 
 @dataclasses.dataclass(slots=True)

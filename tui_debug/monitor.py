@@ -316,8 +316,10 @@ class Monitor:
             by_sev[info.severity.value] = by_sev.get(info.severity.value, 0) + 1
         counts = (f"{len(findings)} finding{'s' if len(findings) != 1 else ''} ("
                   + ", ".join(f"{n} {k}" for k, n in sorted(by_sev.items())) + ")") if findings else "no findings"
-        self.printer.line(f"{self.session.status} after {self.session.steps} steps "
-                          f"(exit {self.session.exit_code}); {counts}; {where}")
+        steps, checked = self.session.steps, self.session.checked_steps
+        sampled = f"; {checked} checked: fast steps are sampled" if 0 < checked < steps else ""
+        self.printer.line(f"{self.session.status} after {steps} steps "
+                          f"(exit {self.session.exit_code}{sampled}); {counts}; {where}")
         self.tracker.stop()
         if self._terminate is not None:
             sys.stdout.flush()

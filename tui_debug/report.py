@@ -128,6 +128,7 @@ def build_report(session: Session) -> dict[str, Any]:
             "step_time_p95_s": step_times.percentile(95),
             "steps_per_second": session.steps_per_second(),
             "measured_steps": step_times.count,
+            "checked_steps": session.checked_steps,
             "scaler_skipped_steps": session.scaler_skips,
             "page_faults_per_step": session.page_faults_per_step(),
         },

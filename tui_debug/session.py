@@ -76,6 +76,9 @@ class Session:
         self.status = "running"
         self.exit_code: int | None = None
         self.steps = 0
+        # steps whose forward, gradients and loss were checked (fast steps may be sampled: see hooks._Sampler)
+        self.checked_steps = 0
+        self._last_checked_step = -1
         self.losses: dict[int, LossStats] = {}
         self.grads: dict[str, GradStats] = {}
         self.grad_order: list[str] = []
@@ -163,6 +166,9 @@ class Session:
     def _on_step(self, rec: StepRecord) -> None:
         if rec.step > self.steps:
             self.steps = rec.step
+        if rec.checked and rec.step != self._last_checked_step:  # several optimizers: one step
+            self._last_checked_step = rec.step
+            self.checked_steps += 1
         if self._first_step_time is None:
             self._first_step_time = rec.time
             self._steps_at_first = rec.step

@@ -1165,7 +1165,7 @@ class Instrumentation:
             span.durations.append(duration)
         elif duration > SPAN_BREAK_S:
             self._span = None
-            self._pending.append(StepRecord(self.step, now, duration, st.index, [], None, None, 0.0))
+            self._pending.append(StepRecord(self.step, now, duration, st.index, [], None, None, 0.0, checked=False))
         else:
             self._span = StepSpan(self.step, self.step, now, st.index, [duration])
             self._pending.append(self._span)
@@ -1351,7 +1351,8 @@ class Instrumentation:
                 self._defer_losses(st, on_device)
             bad = [t for t in unchecked if t.is_cpu and not math.isfinite(t.item())]
             if not bad:
-                self._pending.append(StepRecord(self.step, now, duration, st.index, [], None, None, wait))
+                self._pending.append(StepRecord(self.step, now, duration, st.index, [], None, None, wait,
+                                                checked=False))
                 if now - self._last_flush >= FLUSH_INTERVAL_S:
                     self.flush()
                 return
