@@ -1066,3 +1066,54 @@ def test_the_sampler_decides_on_its_probe_not_on_unchecked_steps_of_long_ago() -
     for _ in range(100):  # then 2.6 ms steps whose checks cost 1.1 ms: sampled again after the next probe
         checked = s.next(checked, 0.0037 if checked else 0.0026)
     assert s.every > 10, s.every
+
+
+def test_gpu_step_times_pair_consecutive_boundaries_of_one_device() -> None:
+    """The CUDA events of a probe window become step times: each from the step's start mark (the last
+    boundary) to its end mark, split by checked/unchecked; a gap (a window no probe followed) and a
+    change of device are no step."""
+    import types
+
+    from tui_debug.config import DebugConfig
+    from tui_debug.instrument.hooks import Instrumentation, _OptState
+
+    clock = [0.0]
+
+    class Event:
+        def __init__(self, enable_timing: bool = False) -> None:
+            assert enable_timing
+            self.t: float | None = None
+
+        def record(self, stream: object) -> None:
+            self.t = clock[0]
+
+        def synchronize(self) -> None:
+            pass
+
+        def elapsed_time(self, end: "Event") -> float:
+            return (end.t - self.t) * 1e3  # milliseconds, as torch's
+
+    cuda = types.SimpleNamespace(Event=Event, current_stream=lambda device: device)
+    inst = Instrumentation(DebugConfig(), lambda batch: None)
+    inst.torch = types.SimpleNamespace(cuda=cuda)
+    gpu0, gpu1 = types.SimpleNamespace(type="cuda", index=0), types.SimpleNamespace(type="cuda", index=1)
+    st = _OptState(0, None, [], devices=[gpu0], on_cpu=False)
+
+    def boundary(observed: bool, step_s: float, n: int, device: object = gpu0) -> None:
+        clock[0] += step_s
+        st.devices = [device]
+        inst._sampler.n = n - 1  # the step ending now is n
+        inst._gpu_mark(observed, st)
+
+    boundary(True, 0.010, 5)  # a window no probe followed: dropped at the gap below
+    boundary(True, 0.010, 6)
+    boundary(True, 0.008, 40)  # the first mark of a new window: no step time yet
+    for n in range(41, 45):
+        boundary(True, 0.008, n)
+    boundary(False, 0.007, 45)
+    boundary(False, 0.007, 46, gpu1)  # another device: its time is not this device's
+    boundary(False, 0.007, 47, gpu1)
+    checked, unchecked = inst._gpu_durations()
+    assert [round(d, 6) for d in checked] == [0.008] * 4
+    assert [round(d, 6) for d in unchecked] == [0.007, 0.007]
+    assert inst._gpu_marks == [] and inst._gpu_durations() == ([], [])

@@ -1296,8 +1296,11 @@ class Instrumentation:
     def _gpu_mark(self, observed: bool, st: _OptState) -> None:
         """A timing event at this step's boundary on its GPU's stream (only in a probe's window)."""
         torch = self.torch
-        event = torch.cuda.Event(enable_timing=True)
-        event.record(torch.cuda.current_stream(st.devices[0]))
+        try:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(torch.cuda.current_stream(st.devices[0]))
+        except RuntimeError:  # a CUDA error of the script's: the sampler goes by the host's clock
+            return
         marks = self._gpu_marks
         if marks and marks[-1][0] != self._sampler.n:  # a window with no probe after it (slow steps): stale
             marks.clear()
