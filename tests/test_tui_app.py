@@ -73,6 +73,21 @@ async def test_panes_show_steps_losses_gradients_and_memory(tmp_path):
 
 
 @aio
+async def test_status_says_how_often_sampled_fast_steps_are_checked(tmp_path):
+    """"No findings" on a sampled run covers the checked steps only: the header says how many."""
+    app, mon = make_app(tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        mon.setup(("loss",))
+        mon.steps(1, 50, lambda s: [1.0], GRADS)
+        await settle(app, pilot)
+        assert "checks 1 step" not in text_of(app.status_bar)  # every step checked so far
+        mon.steps(51, 1900, lambda s: [1.0], GRADS, checked_every=19)
+        await settle(app, pilot)
+        assert mon.session.checked_steps == 50 + 100
+        assert "checks 1 step in 13" in text_of(app.status_bar)  # 1950 steps, 150 checked
+
+
+@aio
 async def test_nonfinite_loss_and_gradient_are_flagged(tmp_path):
     app, mon = make_app(tmp_path)
     async with app.run_test(size=(120, 40)) as pilot:

@@ -212,14 +212,18 @@ class TuiDebugApp(App[int]):
                 self._interval = max(self._heavy_s, self._interval / 1.5)
         return self._interval
 
+    def _show_status(self, findings: list) -> None:
+        s = self.session
+        self.status_bar.show(self.monitor.target.display, self.state(), s.steps, s.steps_per_second(),
+                             self.elapsed(), getattr(self.monitor.config, "recover", "?"), s.exit_code,
+                             len(findings), self.notice, checked=s.checked_steps)
+
     def refresh_light(self) -> None:
         """Status line and findings only."""
         s = self.session
         with self.batch_update():
             findings = self.monitor.tracker.snapshot()
-            self.status_bar.show(self.monitor.target.display, self.state(), s.steps, s.steps_per_second(),
-                                 self.elapsed(), getattr(self.monitor.config, "recover", "?"), s.exit_code,
-                                 len(findings), self.notice)
+            self._show_status(findings)
             self.errors.sync(findings)
 
     def refresh_panes(self) -> None:
@@ -227,9 +231,7 @@ class TuiDebugApp(App[int]):
         with self.batch_update():
             self.frames += 1
             findings = self.monitor.tracker.snapshot()
-            self.status_bar.show(self.monitor.target.display, self.state(), s.steps, s.steps_per_second(),
-                                 self.elapsed(), getattr(self.monitor.config, "recover", "?"), s.exit_code,
-                                 len(findings), self.notice)
+            self._show_status(findings)
             self.errors.sync(findings)
             self.gradients.sync(s.grads, s.grad_order, s.steps, redundant=s.redundant)
             self.loss.sync(list(s.losses.values()))

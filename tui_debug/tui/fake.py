@@ -79,11 +79,16 @@ class FakeMonitor:
                   *(LossSiteEvent(i, n, f"train.py:{40 + i}") for i, n in enumerate(losses)))
 
     def steps(self, start: int, n: int, losses: Any, grads: dict[str, Any] | None = None,
-              dt: float = 0.01) -> None:
-        """``losses(step) -> list of values`` (one per loss site); ``grads(step) -> {name: norm}``."""
+              dt: float = 0.01, checked_every: int = 1) -> None:
+        """``losses(step) -> list of values`` (one per loss site); ``grads(step) -> {name: norm}``;
+        with ``checked_every`` k > 1, only steps that are multiples of k are checked (fast steps sampled)."""
         batch = []
         for s in range(start, start + n):
             self._t += dt
+            if s % checked_every:
+                batch.append(StepRecord(step=s, time=self._t, duration=dt, optimizer=0, losses=[], grad_names=None,
+                                        grad_norms=None, checked=False))
+                continue
             g = grads(s) if callable(grads) else grads
             batch.append(StepRecord(step=s, time=self._t, duration=dt, optimizer=0,
                                     losses=list(enumerate(losses(s))),

@@ -22,9 +22,11 @@ class StatusBar(Static):
         self._last: tuple | None = None
 
     def show(self, script: str, state: str, step: int, sps: float | None, elapsed: float, recover: str,
-             exit_code: int | None, findings: int, notice: Text | str | None) -> None:
+             exit_code: int | None, findings: int, notice: Text | str | None, checked: int = 0) -> None:
+        # fast steps sampled: say how often a step is checked ("no findings" covers those steps only)
+        every = round(step / checked) if 0 < checked < step else 1
         key = (script, state, step, None if sps is None else round(sps, 1), int(elapsed), recover, exit_code,
-               findings, str(notice))
+               findings, str(notice), every)
         if key == self._last:
             return
         self._last = key
@@ -41,6 +43,8 @@ class StatusBar(Static):
             t.append(f"  {findings} finding{'s' if findings != 1 else ''}", "red")
         if exit_code is not None:
             t.append(f"  exit {exit_code}", "bold green" if exit_code == 0 else "bold red")
+        if every > 1:  # last: the first thing a narrow terminal cuts
+            t.append(f"  checks 1 step in {every}", "dim")
         t.append("\n")
         if notice:
             t.append(" ")
