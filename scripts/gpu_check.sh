@@ -9,7 +9,9 @@
 #   5. a GradScaler's skipped fp16 steps are neither findings nor broken by the monitor;
 # and prints, for information, what is named when the non-finite step is a sub-millisecond one.
 # Usage: scripts/gpu_check.sh [--bench]   (prints PASS/FAIL/INFO lines; exit status 0 when all pass)
-#   --bench  then runs the overhead benchmark on the GPU (bench/overhead.py --device cuda, ~5 minutes).
+#   --bench  then the monitor's per-step cost in one process (bench/modes.py: off / sampled / every step
+#            checked, ~1 minute) and the overhead benchmark on the GPU (bench/overhead.py --device cuda,
+#            ~5 minutes a round for the two workloads).
 # textual is not in every CUDA image: install it (and its pure-Python dependencies) first, e.g. from wheels.
 set -u
 cd "$(dirname "$0")/.."
@@ -125,7 +127,8 @@ for label, width, batch, exact in (("slow steps (4096x4096, batch 4096)", 4096, 
     first = min(errs, key=lambda e: (e["first_step"], e["category"] != "model_error")) if errs else None
     info = (f"step {first['first_step']}: {first['category']}: {first['message'][:120]}" if first
             else f"no finding; exit {p.returncode}; {p.stderr[-400:]}")
-    step_s = rep.get("performance", {}).get("step_time_p50_s") or rep.get("performance", {})
+    perf = rep.get("performance", {})
+    step_s = f"{perf.get('step_time_p50_s')} s, {perf.get('checked_steps')} of {rep['summary']['steps']} steps checked"
     if exact:
         check(f"CUDA NaN named on its step, {label}",
               first and first["first_step"] == 60 and "model.2" in first["message"], info)
@@ -141,6 +144,7 @@ sys.exit(0 if ok else 1)
 PY
 rc=$?
 if [ "${1:-}" = "--bench" ]; then
+    "$PY" -m tui_debug --headless --out "$(mktemp -d)" bench/modes.py transformer cnn --device cuda || rc=1
     "$PY" bench/overhead.py --device cuda --rounds 3 --workloads cnn,transformer --ui --no-anomaly || rc=1
 fi
 exit $rc

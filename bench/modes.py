@@ -1,0 +1,76 @@
+"""Per-step cost of the monitor in one process: off, sampled (as it runs) and every step checked.
+
+    python -m tui_debug --headless bench/modes.py transformer cnn [--device cuda] [--rounds 6] [--steps 100]
+
+Each round runs ``--steps`` steps with the instrumentation uninstalled, then installed with the
+sampler deciding, then installed with every step checked (after a few steps to settle each switch),
+and prints the medians over the rounds. On a GPU this separates what a checked step costs from what
+the sampled-out steps between checks cost (session 7: the transformer paid ~1 ms a step at 1 check
+in 12, which the checked steps alone did not explain).
+"""
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+import workloads
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("workloads", nargs="+", choices=["cnn", "transformer", "toy"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--steps", type=int, default=100)
+    args = p.parse_args()
+    from tui_debug import monitor
+
+    if monitor.ACTIVE_MONITOR is None:
+        sys.exit("run it under the monitor: python -m tui_debug --headless bench/modes.py ...")
+    instr = monitor.ACTIVE_MONITOR.instr
+    budget = instr._sampler.budget
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    torch.set_num_threads(1)
+    for name in args.workloads:
+        torch.manual_seed(0)
+        model, opt, loss_fn, x, y = getattr(workloads, name)()
+        model.to(args.device)
+        x, y = x.to(args.device), y.to(args.device)
+        opt = type(opt)(model.parameters(), lr=opt.defaults["lr"])  # its state on the device
+
+        def steps(n: int) -> float:
+            sync()
+            t = time.perf_counter()
+            for _ in range(n):
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+            sync()
+            return (time.perf_counter() - t) / n
+
+        steps(400 if cuda else 60)  # warm-up, and the sampler's first probe
+        every, modes = instr._sampler.every, {}
+        for _ in range(args.rounds):
+            for mode in ("off", "sampled", "every step"):
+                if mode == "off":
+                    instr.uninstall()
+                else:
+                    instr.install(torch)
+                    instr._sampler.budget = 0.0 if mode == "every step" else budget
+                steps(20 if cuda else 3)
+                modes.setdefault(mode, []).append(steps(args.steps))
+        instr.install(torch)
+        instr._sampler.budget = budget
+        med = {m: statistics.median(v) * 1e3 for m, v in modes.items()}
+        print(f"MODES {name} on {args.device}: sampler checks 1 step in {every}; ms a step: "
+              + ", ".join(f"{m} {v:.3f}" for m, v in med.items())
+              + f"; sampled/off {med['sampled'] / med['off']:.3f}x, every step/off {med['every step'] / med['off']:.3f}x",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
