@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
 import math
 import os
 import sys
@@ -66,6 +67,20 @@ GRAPH_UNARY = frozenset((
 # Element-wise sums of two tensors: finite when both are, unless the sum overflows, which float32,
 # float64 and bfloat16 do only above ~3.4e38 (float16 overflows at 65504: its sums are read).
 GRAPH_SUM = frozenset(("AddBackward0", "SubBackward0"))
+# The other way round, what a finite value tells about where it came from. These keep every element
+# of their input, so a non-finite input makes a non-finite output: views and copies among the nodes,
+# and, among modules, the matrix products and normalisations below (a NaN or Inf in a row reaches
+# every output of that row: 0 x Inf is NaN) and the finite-preserving ones that drop nothing.
+# ReLU is not one (-Inf -> 0), nor are pooling, slicing or attention (masking drops values).
+# tests/test_instrument.py checks each against the installed torch.
+GRAPH_PROPAGATING = frozenset((
+    "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "AliasBackward0", "CloneBackward0",
+    "TransposeBackward0", "TransposeBackward1", "TBackward0", "PermuteBackward0", "ExpandBackward0",
+    "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "UnsqueezeBackward0"))
+PROPAGATING_MODULES = ("Linear", "LayerNorm", "RMSNorm", "GroupNorm")
+PROPAGATING_SAFE = ("Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "Identity", "Flatten", "Unflatten")
+DEFER_MAX = 64
+LIGHT_MAX = 64  # finite-preserving module calls waiting for the next hook to record what they derive  # large activations held at once waiting for a later sum to tell their finiteness
 GRAPH_DEPTH = 6  # nodes followed back from a tensor to a measured one
 VIRTUAL = 1 << 40  # sentinel indices from here name a sum of other sentinels (see _node_index)
 # Model forwards with gradients on whose output the script dropped with no backward (an evaluation
@@ -233,8 +248,28 @@ class Instrumentation:
         self._acts_cuda_elems = 0
         # A large CPU activation whose sum waits one hook: if the next module is a training BatchNorm
         # fed with it, its running statistics tell its finiteness (C numbers instead of the tensor).
-        # (sentinel index, tensor, its version), and the BatchNorm that will fill it in.
-        self._hot_pending: tuple[int, Any, int] | None = None
+        # (sentinel index, tensor, its version, the module that made it), and the BatchNorm that will
+        # fill it in.
+        self._hot_pending: tuple[int, Any, int, Any] | None = None
+        # A large CPU activation that reaches, through operations keeping every element, the input of
+        # a module whose output is summed anyway (PROPAGATING_MODULES) needs no sum of its own: that
+        # output finite proves it finite (see _settle). Its producer is learned on a step that summed
+        # both; from then on the activation waits here, held, until the later sum says finite (no
+        # read) or not (summed then, so the first module to go non-finite is still named exactly).
+        self._deferred: dict[int, tuple[Any, int]] = {}  # slot -> (tensor, its version when made)
+        self._implies: dict[int, tuple[int, ...]] = {}  # hot slot -> slots its being finite proves finite
+        self._hot_mod: dict[int, Any] = {}  # hot slot -> the module that made it
+        self._defer_ok: set[int] = set()  # id(module) whose large output a later sum proved finite
+        self._impl: tuple[int, ...] = ()  # set by _measured/_from_graph: slots the tensor's being finite proves
+        self._prop_types: frozenset[type] = frozenset()
+        self._prop_safe: frozenset[type] = frozenset()
+        # Calls of finite-preserving leaf modules (exact types, not in place) inside a model: no hooks
+        # run, only (type, input, its version, output, its version) is kept for the next hook to record
+        # the output as derived from the input (see _absorb_light). Hooks cost ~10-20 us a call on a
+        # CPU whose caches the last kernel flushed; this costs ~1 us.
+        self._light: list[tuple[type, Any, int, Any, int]] = []
+        self._light_plain: frozenset[type] = frozenset()
+        self._light_inplace: frozenset[type] = frozenset()  # those with an ``inplace`` option
         self._bn_fill: Any = None
         self._BatchNorm: type | tuple[type, ...] = ()
         self._Uninitialized: type | tuple[type, ...] = ()
@@ -250,13 +285,15 @@ class Instrumentation:
         self._get_ident = threading.get_ident
         self._sent_ids: dict[int, int] = {}  # id(tensor) -> index in _sent
         # Outputs of finite-preserving modules (ReLU, pooling, dropout...), not measured: finite when
-        # their input was. id(tensor) -> (weak reference, version, the input's sentinel index).
-        self._derived: dict[int, tuple[Any, int, int]] = {}
+        # their input was. id(tensor) -> (weak reference, version, the input's sentinel index, the
+        # slots its being finite proves finite: see _impl).
+        self._derived: dict[int, tuple[Any, int, int, tuple[int, ...]]] = {}
         self._safe_types: frozenset[type] = frozenset()
-        # id(grad_fn) -> (that grad_fn, sentinel index) of the tensors measured or derived this forward.
+        # id(grad_fn) -> (that grad_fn, sentinel index, slots proven) of the tensors measured or derived
+        # this forward.
         # Holding the node keeps its id from being reused; cleared when a backward or a model's
         # forward starts, so no graph is kept alive past the pass that made it.
-        self._nodes: dict[int, tuple[Any, int]] = {}
+        self._nodes: dict[int, tuple[Any, int, tuple[int, ...]]] = {}
         self._virtual: list[tuple[int, ...]] = []  # sentinel index VIRTUAL + k: the sum of these
         # (slot, parts): a real sentinel slot whose value is the sum of other sentinels (a BatchNorm's
         # input, told by its running statistics; see _bn_sentinels)
@@ -267,10 +304,11 @@ class Instrumentation:
         self._bn_finite: dict[int, tuple[Any, tuple[int, int, int]]] = {}
         self._bn_step: list[tuple[Any, tuple[int, int, int]]] = []  # this step's, for the read to confirm
         self._bn_queued: set[int] = set()  # BatchNorms whose statistics wait in the chunk (_acts)
-        self._node_kinds: dict[type, int] = {}  # grad_fn type -> 1 GRAPH_UNARY, 2 GRAPH_SUM, 0 other
-        # (module, its input, the input's version, its sentinel index) from the latest pre-hook: a leaf
-        # module's post-hook comes right after and need not look the input up again
-        self._last_in: tuple[Any, Any, int, int] | None = None
+        # grad_fn type -> 3 GRAPH_UNARY and GRAPH_PROPAGATING, 1 GRAPH_UNARY only, 2 GRAPH_SUM, 0 other
+        self._node_kinds: dict[type, int] = {}
+        # (module, its input, the input's version, its sentinel index, slots proven) from the latest
+        # pre-hook: a leaf module's post-hook comes right after and need not look the input up again
+        self._last_in: tuple[Any, Any, int, int, tuple[int, ...]] | None = None
         self._sum_dtypes: frozenset[Any] = frozenset()
         self._calls: list[ActivationCall] = []
         self._root_inputs: list[tuple[Any, int]] = []
@@ -368,6 +406,10 @@ class Instrumentation:
         nn = torch.nn
         self._act_kinds = {nn.ReLU: "relu", nn.ReLU6: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
         self._safe_types = frozenset(getattr(nn, n) for n in FINITE_PRESERVING if hasattr(nn, n))
+        self._prop_types = frozenset(getattr(nn, n) for n in PROPAGATING_MODULES if hasattr(nn, n))
+        self._prop_safe = frozenset(getattr(nn, n) for n in PROPAGATING_SAFE if hasattr(nn, n))
+        self._light_inplace = frozenset(t for t in self._safe_types if "inplace" in inspect.signature(t.__init__).parameters)
+        self._light_plain = self._safe_types - self._light_inplace
         self._sum_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16))
         self._BatchNorm = nn.modules.batchnorm._BatchNorm
         self._Uninitialized = getattr(nn.parameter, "UninitializedTensorMixin", ())
@@ -390,7 +432,7 @@ class Instrumentation:
                     me._unchecked_losses.append(t)
                 return orig_backward(*args, **kwargs)
             if get_ident() == me._tid and not me.broken:
-                me._on_backward(args[0] if args else kwargs.get("tensors"))
+                me._guarded(me._on_backward, args[0] if args else kwargs.get("tensors"))
             result = orig_backward(*args, **kwargs)
             # No optimizer has stepped yet: a script updating parameters by hand makes each backward a
             # step. Not so under a GradScaler, whose skipped steps (non-finite scaled gradients) call no
@@ -454,12 +496,20 @@ class Instrumentation:
         is_compiling = self._is_compiling
         get_ident = threading.get_ident
         pre, post = self._pre_hook, self._post_hook
+        light_plain, light_inplace, tensor_type = self._light_plain, self._light_inplace, self._Tensor
 
         def __call__(module: Any, *args: Any, **kwargs: Any) -> Any:
             if is_compiling() or not me._fwd_on or get_ident() != me._tid:
                 return orig_call(module, *args, **kwargs)
+            t = type(module)
+            # A finite-preserving leaf inside a model runs without hooks (see _light).
+            light = ((t in light_plain or (t in light_inplace and not module.inplace)) and me._stack
+                     and not me._stats_now and args)
             try:
-                pre(module, args)
+                if not light:
+                    pre(module, args)
+                elif me._hot_pending is not None:
+                    me._resolve_hot()  # as a hook would (the sum while the tensor is in cache)
             except Exception as exc:  # a bug of ours: switch off, never fail the call
                 me._disable(exc)
                 return orig_call(module, *args, **kwargs)
@@ -468,10 +518,21 @@ class Instrumentation:
             except BaseException:
                 if me._fwd_on:
                     try:
-                        post(module, args, None)  # sees the exception through sys.exc_info()
+                        if light:
+                            me._light_raised(module)
+                        else:
+                            post(module, args, None)  # sees the exception through sys.exc_info()
                     except Exception as exc:
                         me._disable(exc)
                 raise
+            if light:
+                x = args[0]
+                if isinstance(result, tensor_type) and isinstance(x, tensor_type) and result is not x:
+                    pending = me._light
+                    pending.append((t, x, x._version, result, result._version))
+                    if len(pending) >= LIGHT_MAX:
+                        me._guarded(me._absorb_light)
+                return result
             if me._fwd_on:
                 try:
                     post(module, args, result)
@@ -550,6 +611,8 @@ class Instrumentation:
     # -- forward hooks ------------------------------------------------------------------------
     def _pre_hook(self, module: Any, args: tuple[Any, ...]) -> None:
         """Before a module's forward, in the training thread (see _install_module_call)."""
+        if self._light:
+            self._absorb_light()
         stack = self._stack
         is_root = not stack
         if is_root and id(module) not in self._known_modules:
@@ -563,6 +626,8 @@ class Instrumentation:
             if not isinstance(module, self._Loss):
                 if self._nodes:
                     self._nodes = {}  # a new forward pass: let the last one's graph go
+                if self._deferred:
+                    self._flush_deferred()  # held no longer than the forward that made them
                 ref, self._root_out = self._root_out, None
                 if ref is not None and ref() is None and self._n_sent:
                     self._forwards_unread += 1
@@ -592,8 +657,39 @@ class Instrumentation:
                         self._resolve_hot()  # an input is read before its module can change it in place
                     if is_root and idx >= 0:  # data entering a model (not another module's output)
                         self._root_inputs.append((module, idx))
-                self._last_in = (module, x, x._version, idx)
+                    self._impl = (idx,) if idx >= 0 else ()
+                self._last_in = (module, x, x._version, idx, self._impl)
         return None
+
+    def _absorb_light(self) -> None:
+        """Record the outputs of the finite-preserving calls made since the last hook as derived from
+        their inputs, as their post-hooks would have (see _light). One changed in place since, or whose
+        input is unknown, is left for the module it feeds to measure."""
+        light, self._light = self._light, []
+        if not (self._observe and self._track_acts):
+            return
+        for t, x, xv, r, rv in light:
+            if x._version != xv or r._version != rv or not r.is_floating_point():
+                continue
+            idx = self._measured(x)
+            if idx < 0 and self._nodes:
+                idx = self._from_graph(x)
+            if idx < 0 or len(self._derived) >= 4 * self._max_sent:
+                continue
+            impl = self._impl if t in self._prop_safe else ()
+            self._derived[id(r)] = (self._weakref(r), rv, idx, impl)
+            g = r.grad_fn
+            if g is not None:
+                self._nodes[id(g)] = (g, idx, impl)
+
+    def _light_raised(self, module: Any) -> None:
+        exc = sys.exc_info()[1]
+        if exc is not None:
+            self._stack.append(module)  # the innermost running module, as a hook would have had it
+            try:
+                self._on_forward_exception(exc)
+            finally:
+                self._stack.pop()
 
     def _measured(self, t: Any) -> int:
         """The sentinel index already holding ``t``'s current value, else -1.
@@ -607,7 +703,9 @@ class Instrumentation:
             d = self._derived.get(key)
             if d is None or d[0]() is not t or t._version != d[1]:
                 return -1
+            self._impl = d[3]
             return d[2]
+        self._impl = (idx,)
         return idx
 
     def _from_graph(self, t: Any) -> int:
@@ -617,17 +715,21 @@ class Instrumentation:
         g = t.grad_fn
         if g is None:
             return -1
+        self._impl = ()
         idx = self._node_index(g, GRAPH_DEPTH, t.dtype in self._sum_dtypes)
         if idx >= 0 and len(self._derived) < 4 * self._max_sent:
-            self._derived[id(t)] = (self._weakref(t), t._version, idx)
-            self._nodes[id(g)] = (g, idx)
+            self._derived[id(t)] = (self._weakref(t), t._version, idx, self._impl)
+            self._nodes[id(g)] = (g, idx, self._impl)
         return idx
 
     def _node_index(self, g: Any, depth: int, sums: bool) -> int:
+        """Sets ``_impl`` too: the slots proven finite by the node's output being finite."""
         nodes, kinds = self._nodes, self._node_kinds
+        keeps = True  # every node so far passes a non-finite input on (GRAPH_PROPAGATING)
         while True:  # along a chain of one-input nodes
             hit = nodes.get(id(g))
             if hit is not None and hit[0] is g:
+                self._impl = hit[2] if keeps else ()
                 return hit[1]
             if depth <= 0:
                 return -1
@@ -635,9 +737,12 @@ class Instrumentation:
             kind = kinds.get(type(g))
             if kind is None:
                 name = type(g).__name__
-                kind = kinds[type(g)] = 1 if name in GRAPH_UNARY else 2 if name in GRAPH_SUM else 0
-            if kind != 1:
+                kind = kinds[type(g)] = ((3 if name in GRAPH_PROPAGATING else 1) if name in GRAPH_UNARY
+                                         else 2 if name in GRAPH_SUM else 0)
+            if kind & 1 == 0:
                 break
+            if kind == 1:
+                keeps = False
             nf = g.next_functions
             if len(nf) != 1:
                 return -1
@@ -647,14 +752,17 @@ class Instrumentation:
         if kind != 2 or not sums:
             return -1
         idxs: list[int] = []
+        impl: tuple[int, ...] = ()
         for nxt, _ in g.next_functions:
             if nxt is None:  # a constant or a tensor that needs no gradient: not known to be finite
                 return -1
             i = self._node_index(nxt, depth, sums)
             if i < 0:
                 return -1
+            impl += self._impl  # a sum is non-finite when a term is
             if i not in idxs:
                 idxs.append(i)
+        self._impl = impl if keeps else ()
         if len(idxs) == 1:
             return idxs[0]
         if not idxs or len(self._virtual) >= self._max_sent:
@@ -662,7 +770,7 @@ class Instrumentation:
         self._virtual.append(tuple(idxs))
         return VIRTUAL + len(self._virtual) - 1
 
-    def _sentinel(self, t: Any) -> int:
+    def _sentinel(self, t: Any, module: Any = None) -> int:
         """Queue ``t`` for a finiteness check; returns its sentinel index (-1 when not measured).
 
         Small tensors are reduced in chunks with one ``_foreach_norm`` (L2, the vectorised fast path:
@@ -687,7 +795,7 @@ class Instrumentation:
         self._sent_ids[id(t)] = n
         g = t.grad_fn
         if g is not None:
-            self._nodes[id(g)] = (g, n)  # bounded: one per sentinel
+            self._nodes[id(g)] = (g, n, (n,))  # bounded: one per sentinel
         if hot:
             # Read it at the next hook, while it is in cache, with a plain sum (a third cheaper than
             # L2 on the CPU): NaN/Inf propagate; an overflow to +-inf is re-checked exactly (see
@@ -695,7 +803,9 @@ class Instrumentation:
             if self._hot_pending is not None:
                 self._resolve_hot()
             self._sent.append(None)
-            self._hot_pending = (n, t, t._version)
+            self._hot_pending = (n, t, t._version, module)
+            if module is not None:
+                self._hot_mod[n] = module
             return n
         acts = self._acts
         acts.append(t.detach())  # shares t's version counter
@@ -712,10 +822,59 @@ class Instrumentation:
         pending, self._hot_pending = self._hot_pending, None
         self._bn_fill = None
         if pending is not None:
-            n, t, ver = pending
+            n, t, ver, module = pending
             if t._version != ver:  # changed in place since its module made it: unknown, not evidence
                 self._stale.add(n)
-            self._sent[n] = t.detach().sum(dtype=self._float32)
+            elif module is not None and id(module) in self._defer_ok and len(self._deferred) < DEFER_MAX:
+                self._deferred[n] = (t, ver)  # a later sum is likely to prove it finite (see _settle)
+                return
+            s = self._sent[n] = t.detach().sum(dtype=self._float32)
+            if n in self._implies:
+                self._settle(n, math.isfinite(s.item()))
+
+    def _settle(self, m: int, finite: bool) -> None:
+        """Slot ``m``'s value is known: what it proves. Finite: the slots it implies (see _impl) are
+        finite, and the held ones need no sum; their producers' outputs wait from the next step on.
+        Not finite: the held ones are summed now, while they are alive, so that the first module to
+        produce a non-finite value is named as if every output had been summed."""
+        todo = [(m, finite)]
+        implies, deferred = self._implies, self._deferred
+        while todo:
+            m, finite = todo.pop()
+            for k in implies.pop(m, ()):
+                d = deferred.pop(k, None)
+                if finite:
+                    if d is not None:
+                        self._sent[k] = self._zero
+                    else:
+                        module = self._hot_mod.get(k)
+                        if module is not None:
+                            if len(self._defer_ok) > 4096:  # models made and dropped: forget them
+                                self._defer_ok.clear()
+                            self._defer_ok.add(id(module))
+                    todo.append((k, True))
+                elif d is not None:
+                    todo.append((k, math.isfinite(self._sum_deferred(k, d).item())))
+                elif k in implies and self._sent[k] is not None:
+                    todo.append((k, math.isfinite(self._sent[k].item())))
+
+    def _sum_deferred(self, k: int, d: tuple[Any, int]) -> Any:
+        t, ver = d
+        if t._version != ver:  # changed in place since: unknown (its proof did not come)
+            self._stale.add(k)
+        s = self._sent[k] = t.detach().sum(dtype=self._float32)
+        return s
+
+    def _flush_deferred(self) -> None:
+        """The forward is over and these were not proven finite: sum them, and sum their producers'
+        outputs at once from now on."""
+        while self._deferred:
+            k = min(self._deferred)
+            d = self._deferred.pop(k)
+            module = self._hot_mod.get(k)
+            if module is not None:
+                self._defer_ok.discard(id(module))
+            self._settle(k, math.isfinite(self._sum_deferred(k, d).item()))
 
     def _bn_takes(self, module: Any, x: Any) -> bool:
         """A training BatchNorm fed with the pending activation, unchanged, and whose running
@@ -723,7 +882,7 @@ class Instrumentation:
         makes its running mean or variance non-finite. Those C numbers, queued after its forward, are
         the activation's sentinel (its exact re-check on overflow still has the tensor: BatchNorm
         keeps its input for backward)."""
-        n, t, ver = self._hot_pending  # type: ignore[misc]
+        n, t, ver, _ = self._hot_pending  # type: ignore[misc]
         if x is not t or t._version != ver or not module.training or not module.track_running_stats:
             return False
         buffers = module._buffers  # not module.running_mean: nn.Module.__getattr__ is slow
@@ -780,10 +939,10 @@ class Instrumentation:
         parts = stats + tuple(self._queue_small(p) for p in (params.get("weight"), params.get("bias")) if p is not None)
         self._virtual.append(parts)
         m = VIRTUAL + len(self._virtual) - 1
-        self._derived[id(out)] = (self._weakref(out), out._version, m)
+        self._derived[id(out)] = (self._weakref(out), out._version, m, ())
         g = out.grad_fn
         if g is not None:
-            self._nodes[id(g)] = (g, m)
+            self._nodes[id(g)] = (g, m, ())
         return m
 
     def _norms(self, tensors: list[Any]) -> Any:
@@ -809,6 +968,8 @@ class Instrumentation:
 
     def _post_hook(self, module: Any, args: tuple[Any, ...], output: Any) -> None:
         """After a module's forward (``output`` None when it raised), in the training thread."""
+        if self._light:
+            self._absorb_light()
         if isinstance(module, self._OptimizedModule):
             return None
         if self._hot_pending is not None and (self._bn_fill is not module or output is None):
@@ -838,16 +999,20 @@ class Instrumentation:
         if not stack:
             self._root_out = self._weakref(out)  # a model's forward ended (see UNREAD_FORWARDS)
         in_idx = -1
+        in_impl: tuple[int, ...] = ()
         x = args[0] if args else None
         last = self._last_in
         if last is not None and last[0] is module and last[1] is x and x._version == last[2]:
             in_idx = last[3]  # as the pre-hook found it (nothing ran in between that changed it)
+            in_impl = last[4]
         elif x is not None and isinstance(x, self._Tensor):
             in_idx = self._measured(x)
             if in_idx < 0:
                 idx = self._sent_ids.get(id(x))
                 if idx is not None and self._refs[idx]() is x:
                     in_idx = idx  # modified in place by this module: possibly stale (see _reduce_acts)
+            else:
+                in_impl = self._impl
         self._last_in = None
         key = id(out)
         out_idx = self._sent_ids.get(key, -1)
@@ -861,10 +1026,11 @@ class Instrumentation:
             if type(module) in self._safe_types and in_idx >= 0 and out is not x:
                 # finite if its input was: no read (and it cannot be the first to go non-finite)
                 if len(self._derived) < 4 * self._max_sent:
-                    self._derived[id(out)] = (self._weakref(out), out._version, in_idx)
+                    impl = in_impl if type(module) in self._prop_safe else ()
+                    self._derived[id(out)] = (self._weakref(out), out._version, in_idx, impl)
                     g = out.grad_fn
                     if g is not None:
-                        self._nodes[id(g)] = (g, in_idx)
+                        self._nodes[id(g)] = (g, in_idx, impl)
                 out_idx = -2
             elif self._bn_fill is module and self._hot_pending is not None and out is not x:
                 out_idx = self._guarded(self._bn_sentinels, module, out)
@@ -873,9 +1039,12 @@ class Instrumentation:
             else:  # new, or modified in place by this module: measure what it produced
                 if self._hot_pending is not None:
                     self._resolve_hot()
-                out_idx = self._sentinel(out)
+                out_idx = self._sentinel(out, module)
                 if out_idx < 0:
                     return None
+                if in_impl and type(module) in self._prop_types and self._hot_pending is not None \
+                        and self._hot_pending[0] == out_idx and out is not x:
+                    self._implies[out_idx] = in_impl  # its input passed on every non-finite value
         elif out_idx == in_idx:  # identity modules (Dropout in eval, Identity) add nothing
             return None
         if out_idx >= 0:
@@ -953,6 +1122,11 @@ class Instrumentation:
                           list(torch._foreach_norm(params, 2)))  # type: ignore[union-attr]
 
     def _on_forward_exception(self, exc: BaseException) -> None:
+        for k in self._deferred:  # let them go now (a script may retry, e.g. after an out-of-memory)
+            self._sent[k] = self._zero
+            self._stale.add(k)  # unknown
+        self._deferred = {}
+        self._light = []
         if self._failing is not None and self._failing[0] == id(exc):
             return
         names = [self.module_label(m) for m in reversed(self._stack)]
@@ -1051,6 +1225,10 @@ class Instrumentation:
         self._forwards_unread = 0
         if self._nodes:
             self._nodes = {}  # the graph is being consumed: no forward of this pass is left to look it up
+        if self._hot_pending is not None:
+            self._resolve_hot()
+        if self._deferred:
+            self._flush_deferred()  # before autograd frees what they are
         if not self.config.enable_loss_tracking or self._is_compiling():
             return
         loss = tensors
@@ -1369,6 +1547,8 @@ class Instrumentation:
             self._losses = [(site, t.detach().float().reshape(())) for t in bad]
         if self._hot_pending is not None:
             self._resolve_hot()
+        if self._deferred:
+            self._flush_deferred()
         losses = self._losses
         flat: list[Any] = [v for _, v in losses]
         tail = self._acts  # last partial chunk of activations
@@ -1487,6 +1667,10 @@ class Instrumentation:
         self._acts_cuda_elems = 0
         self._hot_pending = None
         self._bn_fill = None
+        self._deferred = {}
+        self._implies = {}
+        self._hot_mod = {}
+        self._light = []
         self._sent = []
         self._n_sent = 0
         self._ver = []
