@@ -764,17 +764,18 @@ def test_a_cell_called_step_by_step_keeps_every_steps_sentinels(rec: Recorder) -
 
 
 class Spike(nn.Module):
-    """A copy until switched on; then one output value is inf."""
+    """A copy until switched on; then one output value is ``value``."""
 
     def __init__(self) -> None:
         super().__init__()
         self.on = False
+        self.value = float("inf")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.on:
             return x * 1.0
         out = x.clone()
-        out.view(-1)[7] = float("inf")
+        out.view(-1)[7] = self.value
         return out
 
 
@@ -796,13 +797,18 @@ class ProvenChain(nn.Module):
         return self.head(h)
 
 
-@pytest.mark.parametrize("bad", ["model.attn (NaNMaker)", "model.spike (Spike)"])
-def test_outputs_proven_finite_by_later_sums_still_name_the_first_bad_module(rec: Recorder, bad: str) -> None:
+@pytest.mark.parametrize("bad,value", [("model.attn (NaNMaker)", "nan"), ("model.spike (Spike)", "inf"),
+                                       ("model.spike (Spike)", "-inf")])
+def test_outputs_proven_finite_by_later_sums_still_name_the_first_bad_module(
+        rec: Recorder, bad: str, value: str) -> None:
     """A NaN made in a module whose output is no longer summed (the LayerNorm and Linear after it
-    would show it) is named on its step; so is an inf made before a ReLU (which would turn a -inf
-    into 0: a finite output after it proves nothing, so that output is summed as before)."""
+    would show it) is named on its step; so is an inf made before a ReLU (a finite output after a
+    ReLU proves nothing, so that output is summed as before). A lone -inf, which the ReLU turns into
+    0 (loss and gradients stay finite, the tensor is gone by the step's read), is told apart from a
+    sum overflowing when it is summed."""
     torch.manual_seed(0)
     model = ProvenChain()
+    model.spike.value = float(value)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     maker = model.attn if "attn" in bad else model.spike
     for step in range(1, 6):

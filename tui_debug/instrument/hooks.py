@@ -259,6 +259,7 @@ class Instrumentation:
         self._deferred: dict[int, tuple[Any, int]] = {}  # slot -> (tensor, its version when made)
         self._implies: dict[int, tuple[int, ...]] = {}  # hot slot -> slots its being finite proves finite
         self._hot_mod: dict[int, Any] = {}  # hot slot -> the module that made it
+        self._inf_kept: dict[int, Any] = {}  # hot slot -> its tensor, which holds an inf (see _sum_hot)
         self._defer_ok: set[int] = set()  # id(module) whose large output a later sum proved finite
         self._impl: tuple[int, ...] = ()  # set by _measured/_from_graph: slots the tensor's being finite proves
         self._prop_types: frozenset[type] = frozenset()
@@ -828,9 +829,23 @@ class Instrumentation:
             elif module is not None and id(module) in self._defer_ok and len(self._deferred) < DEFER_MAX:
                 self._deferred[n] = (t, ver)  # a later sum is likely to prove it finite (see _settle)
                 return
-            s = self._sent[n] = t.detach().sum(dtype=self._float32)
+            finite = self._sum_hot(n, t)
             if n in self._implies:
-                self._settle(n, math.isfinite(s.item()))
+                self._settle(n, finite)
+
+    def _sum_hot(self, n: int, t: Any) -> bool:
+        """Sum a large CPU activation into slot ``n``; whether it is finite. The value is looked at now
+        (~1 us): a sum of +-inf is an inf in the tensor or finite values summing past ~3.4e38, and
+        only the tensor, alive now but maybe not at the read, tells which."""
+        s = self._sent[n] = t.detach().sum(dtype=self._float32)
+        v = s.item()
+        if v == _INF or v == -_INF:
+            if bool(self.torch.isfinite(t).all()):  # type: ignore[union-attr]
+                self._sent[n] = self._zero  # an overflow of finite values
+                return True
+            self._inf_kept[n] = t  # a real inf: the read's exact check finds it alive
+            return False
+        return v == v
 
     def _settle(self, m: int, finite: bool) -> None:
         """Slot ``m``'s value is known: what it proves. Finite: the slots it implies (see _impl) are
@@ -854,16 +869,15 @@ class Instrumentation:
                             self._defer_ok.add(id(module))
                     todo.append((k, True))
                 elif d is not None:
-                    todo.append((k, math.isfinite(self._sum_deferred(k, d).item())))
+                    todo.append((k, self._sum_deferred(k, d)))
                 elif k in implies and self._sent[k] is not None:
                     todo.append((k, math.isfinite(self._sent[k].item())))
 
-    def _sum_deferred(self, k: int, d: tuple[Any, int]) -> Any:
+    def _sum_deferred(self, k: int, d: tuple[Any, int]) -> bool:
         t, ver = d
         if t._version != ver:  # changed in place since: unknown (its proof did not come)
             self._stale.add(k)
-        s = self._sent[k] = t.detach().sum(dtype=self._float32)
-        return s
+        return self._sum_hot(k, t)
 
     def _flush_deferred(self) -> None:
         """The forward is over and these were not proven finite: sum them, and sum their producers'
@@ -874,7 +888,7 @@ class Instrumentation:
             module = self._hot_mod.get(k)
             if module is not None:
                 self._defer_ok.discard(id(module))
-            self._settle(k, math.isfinite(self._sum_deferred(k, d).item()))
+            self._settle(k, self._sum_deferred(k, d))
 
     def _bn_takes(self, module: Any, x: Any) -> bool:
         """A training BatchNorm fed with the pending activation, unchanged, and whose running
@@ -1566,6 +1580,8 @@ class Instrumentation:
         # For an inf sentinel (a real inf, or an L2 overflow above ~1e19) the exact check needs the tensor:
         # weak references to the reduced ones, strong ones to the last chunk.
         recheck: list[Any] = self._refs[:n_chunked] + tail
+        for k, t in self._inf_kept.items():
+            recheck[k] = t
         merged = 0
         if tail:
             f32 = self._float32
@@ -1670,6 +1686,7 @@ class Instrumentation:
         self._deferred = {}
         self._implies = {}
         self._hot_mod = {}
+        self._inf_kept = {}
         self._light = []
         self._sent = []
         self._n_sent = 0
