@@ -240,6 +240,28 @@ def test_nan_in_the_input_data_is_an_input_validation_finding(rec: Recorder) -> 
     assert not [f for f in at_2 if f.category == "model_error"], "no module produced the NaN"
 
 
+@pytest.mark.parametrize("n", [8, 70_000], ids=["small", "large"])
+def test_nan_in_a_loss_target_is_bad_data_not_the_models_doing(rec: Recorder, n: int) -> None:
+    """Regression labels with a NaN: the loss and gradients go bad with no module to blame; the
+    finding says the loss function's target was not finite."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    loss_fn = nn.MSELoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(1, 3):
+        y = torch.randn(n, 1)
+        if step == 2:
+            y[n // 2, 0] = float("nan")
+        optimizer.zero_grad()
+        loss_fn(model(torch.randn(n, 4)), y).backward()
+        optimizer.step()
+    assert rec.findings(step=1) == []
+    at_2 = rec.findings(step=2)
+    bad_data = [f for f in at_2 if f.category == "input_validation"]
+    assert [f.message for f in bad_data] == ["the target given to loss_fn (MSELoss) contains nan values"], at_2
+    assert not [f for f in at_2 if f.category == "model_error"]
+
+
 def test_nan_input_in_a_reused_buffer_with_gradient_accumulation(rec: Recorder) -> None:
     """Two micro-batches per step copied into one preallocated input tensor (a common pattern):
     the second micro-batch carries a NaN, which is bad data, not a module's doing."""

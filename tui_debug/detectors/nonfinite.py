@@ -26,7 +26,7 @@ class StepObservation:
     sentinels: list[float | None]  # None: modified in place after it was measured (unknown)
     calls: list[ActivationCall]
     module_label: Callable[[Any], str]
-    root_inputs: list[tuple[Any, int]]
+    root_inputs: list[tuple[Any, int, str]]  # (module, sentinel index, "input" | "target" of a loss)
 
 
 def _kind(value: float) -> str:
@@ -82,14 +82,15 @@ class NonFiniteDetector:
                 recommendation=f"Inspect {label}: its weights may have blown up (lower the learning rate, "
                                "clip gradients) or its forward divides, exponentiates or takes a log "
                                "without a guard.")
-        for module, idx in obs.root_inputs:
+        for module, idx, role in obs.root_inputs:
             if sent[idx] is not None and not math.isfinite(sent[idx]):
                 label = obs.module_label(module)
+                what = "the target given to" if role == "target" else "the input to"
                 return FindingEvent(
                     severity="error", category="input_validation", step=obs.step,
-                    key=f"nonfinite-input|{label}",
-                    message=f"the input to {label} contains {_kind(sent[idx])} values",
-                    context={"module": label},
+                    key=f"nonfinite-{role}|{label}",
+                    message=f"{what} {label} contains {_kind(sent[idx])} values",
+                    context={"module": label, "argument": role},
                     recommendation="Check the data pipeline: NaN/Inf in the dataset or produced by a "
                                    "transform (normalisation by a zero std, log of zero).")
         return None

@@ -312,7 +312,7 @@ class Instrumentation:
         self._last_in: tuple[Any, Any, int, int, tuple[int, ...]] | None = None
         self._sum_dtypes: frozenset[Any] = frozenset()
         self._calls: list[ActivationCall] = []
-        self._root_inputs: list[tuple[Any, int]] = []
+        self._root_inputs: list[tuple[Any, int, str]] = []  # (module, sentinel, "input" | "target")
         self._sent_overflow = 0
         self._failing: tuple[int, list[str]] | None = None
         # models
@@ -657,10 +657,23 @@ class Instrumentation:
                     if self._hot_pending is not None:
                         self._resolve_hot()  # an input is read before its module can change it in place
                     if is_root and idx >= 0:  # data entering a model (not another module's output)
-                        self._root_inputs.append((module, idx))
+                        self._root_inputs.append((module, idx, "input"))
                     self._impl = (idx,) if idx >= 0 else ()
                 self._last_in = (module, x, x._version, idx, self._impl)
+            if len(args) > 1 and isinstance(module, self._Loss):
+                self._loss_target(module, args[1])
         return None
+
+    def _loss_target(self, module: Any, y: Any) -> None:
+        """A loss's floating-point target (regression labels, a reconstruction's reference) not
+        measured yet: data too, so a NaN in it is bad data, not the model's doing."""
+        if not isinstance(y, self._Tensor) or not y.is_floating_point() or self._measured(y) >= 0:
+            return
+        idx = self._sentinel(y)
+        if self._hot_pending is not None:
+            self._resolve_hot()
+        if idx >= 0:
+            self._root_inputs.append((module, idx, "target"))
 
     def _absorb_light(self) -> None:
         """Record the outputs of the finite-preserving calls made since the last hook as derived from
@@ -997,6 +1010,9 @@ class Instrumentation:
             stack.pop()
         elif module in stack:
             del stack[len(stack) - 1 - stack[::-1].index(module):]
+        # (module, input, ...) from the pre-hook: dropped now, on every path, or it would keep that input
+        # (a loss module's: the logits) alive until the step's read
+        last, self._last_in = self._last_in, None
         if (output is None or not self._observe or not self._track_acts or not self._is_grad_enabled()
                 or isinstance(module, self._Loss)):
             return None  # a loss module's output is the loss, checked at backward
@@ -1015,7 +1031,6 @@ class Instrumentation:
         in_idx = -1
         in_impl: tuple[int, ...] = ()
         x = args[0] if args else None
-        last = self._last_in
         if last is not None and last[0] is module and last[1] is x and x._version == last[2]:
             in_idx = last[3]  # as the pre-hook found it (nothing ran in between that changed it)
             in_impl = last[4]
@@ -1027,7 +1042,6 @@ class Instrumentation:
                     in_idx = idx  # modified in place by this module: possibly stale (see _reduce_acts)
             else:
                 in_impl = self._impl
-        self._last_in = None
         key = id(out)
         out_idx = self._sent_ids.get(key, -1)
         if out_idx >= 0 and (self._refs[out_idx]() is not out or out._version != self._ver[out_idx]):
