@@ -847,6 +847,33 @@ def test_outputs_proven_finite_by_later_sums_still_name_the_first_bad_module(
     assert [f.context["module"] for f in at_4 if f.category == "model_error"] == [bad], at_4
 
 
+def test_activation_checkpointing_recomputes_hold_nothing_through_backward(rec: Recorder) -> None:
+    """A checkpointed segment's forward runs again inside backward, so that its activations can be
+    freed as backward goes: none of them is held there waiting for a proof of finiteness (the
+    forwards outside backward do wait)."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    block = ProvenChain()
+    optimizer = torch.optim.SGD(block.parameters(), lr=1e-3)
+    held = {True: 0, False: 0}  # new waits, inside / outside backward
+    resolve = rec.inst._resolve_hot
+
+    def counting_resolve() -> None:
+        before = len(rec.inst._deferred)
+        resolve()
+        held[bool(rec.inst._in_backward)] += len(rec.inst._deferred) > before
+
+    rec.inst._resolve_hot = counting_resolve  # type: ignore[method-assign]
+    for _ in range(4):
+        optimizer.zero_grad()
+        x = torch.randn(64, 4, 256, requires_grad=True)
+        checkpoint(block, x, use_reentrant=False).pow(2).mean().backward()
+        optimizer.step()
+    assert held[False] > 0 and held[True] == 0, held
+    assert rec.findings() == []
+
+
 @pytest.mark.parametrize("make,shape", [
     (lambda: nn.Linear(64, 32), (4, 8, 64)), (lambda: nn.Linear(64, 1, bias=False), (16, 64)),
     (lambda: nn.LayerNorm(64), (4, 8, 64)), (lambda: nn.LayerNorm(64, elementwise_affine=False), (4, 8, 64)),

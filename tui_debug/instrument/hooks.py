@@ -260,6 +260,7 @@ class Instrumentation:
         self._implies: dict[int, tuple[int, ...]] = {}  # hot slot -> slots its being finite proves finite
         self._hot_mod: dict[int, Any] = {}  # hot slot -> the module that made it
         self._inf_kept: dict[int, Any] = {}  # hot slot -> its tensor, which holds an inf (see _sum_hot)
+        self._in_backward = 0  # inside torch.autograd.backward (activation checkpointing recomputes there)
         self._defer_ok: set[int] = set()  # id(module) whose large output a later sum proved finite
         self._impl: tuple[int, ...] = ()  # set by _measured/_from_graph: slots the tensor's being finite proves
         self._prop_types: frozenset[type] = frozenset()
@@ -434,7 +435,11 @@ class Instrumentation:
                 return orig_backward(*args, **kwargs)
             if get_ident() == me._tid and not me.broken:
                 me._guarded(me._on_backward, args[0] if args else kwargs.get("tensors"))
-            result = orig_backward(*args, **kwargs)
+            me._in_backward += 1
+            try:
+                result = orig_backward(*args, **kwargs)
+            finally:
+                me._in_backward -= 1
             # No optimizer has stepped yet: a script updating parameters by hand makes each backward a
             # step. Not so under a GradScaler, whose skipped steps (non-finite scaled gradients) call no
             # optimizer at all: those backwards belong to a real optimizer's step.
@@ -839,7 +844,8 @@ class Instrumentation:
             n, t, ver, module = pending
             if t._version != ver:  # changed in place since its module made it: unknown, not evidence
                 self._stale.add(n)
-            elif module is not None and id(module) in self._defer_ok and len(self._deferred) < DEFER_MAX:
+            elif (module is not None and id(module) in self._defer_ok and len(self._deferred) < DEFER_MAX
+                  and not self._in_backward):  # (a checkpointed segment's recompute: let it free its activations)
                 self._deferred[n] = (t, ver)  # a later sum is likely to prove it finite (see _settle)
                 return
             finite = self._sum_hot(n, t)
