@@ -29,6 +29,12 @@ class StepObservation:
     root_inputs: list[tuple[Any, int, str]]  # (module, sentinel index, "input" | "target" of a loss)
 
 
+_BAD_INPUT = ("Check the data pipeline: NaN/Inf in the dataset or produced by a transform (normalisation by "
+              "a zero std, log of zero).")
+_BAD_TARGET = ("Check the labels in the data pipeline, or the code that computes the target if it is not "
+               "data (a teacher or EMA model run without gradients, a target transform).")
+
+
 def _kind(value: float) -> str:
     return "nan" if value != value else ("inf" if value > 0 else "-inf")
 
@@ -91,6 +97,5 @@ class NonFiniteDetector:
                     key=f"nonfinite-{role}|{label}",
                     message=f"{what} {label} contains {_kind(sent[idx])} values",
                     context={"module": label, "argument": role},
-                    recommendation="Check the data pipeline: NaN/Inf in the dataset or produced by a "
-                                   "transform (normalisation by a zero std, log of zero).")
+                    recommendation=_BAD_TARGET if role == "target" else _BAD_INPUT)
         return None

@@ -79,6 +79,10 @@ GRAPH_PROPAGATING = frozenset((
     "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "UnsqueezeBackward0"))
 PROPAGATING_MODULES = ("Linear", "LayerNorm", "RMSNorm", "GroupNorm")
 PROPAGATING_SAFE = ("Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "Identity", "Flatten", "Unflatten")
+# Modules that read their input without changing it (torch's own, exact types): a large activation
+# handed to one may wait for its proof (see _resolve_hot); any other module might change it in place.
+SAFE_READERS = ("MultiheadAttention", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
+                "ConvTranspose3d", "Bilinear", "Embedding", "EmbeddingBag", "LSTM", "GRU", "RNN")
 DEFER_MAX = 64
 LIGHT_MAX = 64  # finite-preserving module calls waiting for the next hook to record what they derive  # large activations held at once waiting for a later sum to tell their finiteness
 GRAPH_DEPTH = 6  # nodes followed back from a tensor to a measured one
@@ -258,10 +262,15 @@ class Instrumentation:
         # read) or not (summed then, so the first module to go non-finite is still named exactly).
         self._deferred: dict[int, tuple[Any, int]] = {}  # slot -> (tensor, its version when made)
         self._implies: dict[int, tuple[int, ...]] = {}  # hot slot -> slots its being finite proves finite
-        self._hot_mod: dict[int, Any] = {}  # hot slot -> the module that made it
-        self._inf_kept: dict[int, Any] = {}  # hot slot -> its tensor, which holds an inf (see _sum_hot)
+        # hot slot -> (id of the module that made it, which of that module's large outputs this step it
+        # is): a module called at two places (one feeding a Linear, one a ReLU) is learned per place
+        self._hot_mod: dict[int, tuple[int, int]] = {}
+        self._hot_calls: dict[int, int] = {}  # id(module) -> large outputs it made this step
+        self._inf_kept: set[int] = set()  # hot slots whose sum was a real inf (see _sum_hot)
         self._in_backward = 0  # inside torch.autograd.backward (activation checkpointing recomputes there)
-        self._defer_ok: set[int] = set()  # id(module) whose large output a later sum proved finite
+        self._graph_task: Callable[[], int] | None = None  # torch's: -1 outside any backward
+        self._defer_ok: set[tuple[int, int]] = set()  # _hot_mod keys whose output a later sum proved finite
+        self._safe_readers: frozenset[type] = frozenset()
         self._impl: tuple[int, ...] = ()  # set by _measured/_from_graph: slots the tensor's being finite proves
         self._prop_types: frozenset[type] = frozenset()
         self._prop_safe: frozenset[type] = frozenset()
@@ -410,6 +419,9 @@ class Instrumentation:
         self._safe_types = frozenset(getattr(nn, n) for n in FINITE_PRESERVING if hasattr(nn, n))
         self._prop_types = frozenset(getattr(nn, n) for n in PROPAGATING_MODULES if hasattr(nn, n))
         self._prop_safe = frozenset(getattr(nn, n) for n in PROPAGATING_SAFE if hasattr(nn, n))
+        self._safe_readers = frozenset(getattr(nn, n) for n in PROPAGATING_MODULES + SAFE_READERS if hasattr(nn, n))
+        self._graph_task = getattr(torch._C, "_current_graph_task_id", None)
+        self._inf_marker = torch.tensor(_INF)  # the read's re-check value of a slot found to hold an inf
         self._light_inplace = frozenset(t for t in self._safe_types if "inplace" in inspect.signature(t.__init__).parameters)
         self._light_plain = self._safe_types - self._light_inplace
         self._sum_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16))
@@ -514,8 +526,8 @@ class Instrumentation:
             try:
                 if not light:
                     pre(module, args)
-                elif me._hot_pending is not None:
-                    me._resolve_hot()  # as a hook would (the sum while the tensor is in cache)
+                elif me._hot_pending is not None:  # as a hook would (the sum while the tensor is in cache)
+                    me._resolve_hot(module if args[0] is me._hot_pending[1] else None)
             except Exception as exc:  # a bug of ours: switch off, never fail the call
                 me._disable(exc)
                 return orig_call(module, *args, **kwargs)
@@ -648,7 +660,8 @@ class Instrumentation:
         if self._hot_pending is not None:
             self._bn_fill = None
             if not (args and isinstance(module, self._BatchNorm) and self._guarded(self._bn_takes, module, args[0])):
-                self._resolve_hot()
+                pending = self._hot_pending
+                self._resolve_hot(module if pending is not None and args and args[0] is pending[1] else None)
         stack.append(module)
         self._last_in = None
         if args and self._observe and self._track_acts and self._is_grad_enabled():
@@ -805,7 +818,7 @@ class Instrumentation:
             self._sent_overflow += 1
             return -1
         cuda = t.is_cuda
-        hot = numel >= SENTINEL_HOT and not cuda
+        hot = numel >= SENTINEL_HOT and t.is_cpu  # (other devices: a read would wait for them)
         if hot and self._acts:
             self._reduce_acts()  # keep _sent in index order
         self._n_sent = n + 1
@@ -822,9 +835,12 @@ class Instrumentation:
             if self._hot_pending is not None:
                 self._resolve_hot()
             self._sent.append(None)
-            self._hot_pending = (n, t, t._version, module)
+            key = None
             if module is not None:
-                self._hot_mod[n] = module
+                calls = self._hot_calls.get(id(module), 0)
+                self._hot_calls[id(module)] = calls + 1
+                key = self._hot_mod[n] = (id(module), calls)
+            self._hot_pending = (n, t, t._version, key)
             return n
         acts = self._acts
         acts.append(t.detach())  # shares t's version counter
@@ -836,21 +852,42 @@ class Instrumentation:
             self._reduce_acts()
         return n
 
-    def _resolve_hot(self) -> None:
-        """Sum the pending large activation now (it was not handed to a BatchNorm)."""
+    def _resolve_hot(self, reader: Any = None) -> None:
+        """Sum the pending large activation now (it was not handed to a BatchNorm), or let it wait
+        for a later sum to prove it finite (see _settle): only when ``reader``, the module whose
+        call comes next, takes it as its input and is known not to change it in place, and only
+        outside backward (a checkpointed segment's recompute must free its activations)."""
         pending, self._hot_pending = self._hot_pending, None
         self._bn_fill = None
         if pending is not None:
-            n, t, ver, module = pending
-            if t._version != ver:  # changed in place since its module made it: unknown, not evidence
+            n, t, ver, key = pending
+            stale = t._version != ver
+            if stale:  # changed in place since its module made it: unknown, not evidence
                 self._stale.add(n)
-            elif (module is not None and id(module) in self._defer_ok and len(self._deferred) < DEFER_MAX
-                  and not self._in_backward):  # (a checkpointed segment's recompute: let it free its activations)
-                self._deferred[n] = (t, ver)  # a later sum is likely to prove it finite (see _settle)
+            elif (reader is not None and key in self._defer_ok and len(self._deferred) < DEFER_MAX
+                  and self._reads_only(reader) and not self._in_backward
+                  and (self._graph_task is None or self._graph_task() == -1)):
+                self._deferred[n] = (t, ver)
                 return
             finite = self._sum_hot(n, t)
             if n in self._implies:
-                self._settle(n, finite)
+                self._settle(n, finite and not stale)
+
+    def _reads_only(self, module: Any) -> bool:
+        t = type(module)
+        if t in self._light_inplace:
+            if module.inplace:
+                return False
+        elif t not in self._safe_readers and t not in self._light_plain:
+            return False
+        return self._plain(module)
+
+    def _plain(self, module: Any) -> bool:
+        """Runs its class's forward on its arguments: no hooks that could swap or change its input or
+        output, no forward of its own."""
+        nm = self._nn_module
+        return not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
+                    or nm._global_forward_hooks or nm._global_forward_pre_hooks)
 
     def _sum_hot(self, n: int, t: Any) -> bool:
         """Sum a large CPU activation into slot ``n``; whether it is finite. The value is looked at now
@@ -862,7 +899,7 @@ class Instrumentation:
             if bool(self.torch.isfinite(t).all()):  # type: ignore[union-attr]
                 self._sent[n] = self._zero  # an overflow of finite values
                 return True
-            self._inf_kept[n] = t  # a real inf: the read's exact check finds it alive
+            self._inf_kept.add(n)  # a real inf: the read's exact check must not re-decide on a changed tensor
             return False
         return v == v
 
@@ -881,22 +918,28 @@ class Instrumentation:
                     if d is not None:
                         self._sent[k] = self._zero
                     else:
-                        module = self._hot_mod.get(k)
-                        if module is not None:
+                        key = self._hot_mod.get(k)
+                        if key is not None and k not in self._stale:
                             if len(self._defer_ok) > 4096:  # models made and dropped: forget them
                                 self._defer_ok.clear()
-                            self._defer_ok.add(id(module))
+                            self._defer_ok.add(key)
                     todo.append((k, True))
                 elif d is not None:
                     todo.append((k, self._sum_deferred(k, d)))
-                elif k in implies and self._sent[k] is not None:
-                    todo.append((k, math.isfinite(self._sent[k].item())))
+                elif k in implies:
+                    # Summed already (its proof is in _implies[k] still only if it never came), or a
+                    # BatchNorm's placeholder (its statistics are read at the step's end), or stale:
+                    # what it implies is summed unless its own sum says finite.
+                    v = self._sent[k]
+                    todo.append((k, v is not None and v is not self._zero and k not in self._stale
+                                 and math.isfinite(v.item())))
 
     def _sum_deferred(self, k: int, d: tuple[Any, int]) -> bool:
         t, ver = d
-        if t._version != ver:  # changed in place since: unknown (its proof did not come)
+        stale = t._version != ver
+        if stale:  # changed in place since: unknown (its proof did not come)
             self._stale.add(k)
-        return self._sum_hot(k, t)
+        return self._sum_hot(k, t) and not stale
 
     def _flush_deferred(self) -> None:
         """The forward is over and these were not proven finite: sum them, and sum their producers'
@@ -904,9 +947,9 @@ class Instrumentation:
         while self._deferred:
             k = min(self._deferred)
             d = self._deferred.pop(k)
-            module = self._hot_mod.get(k)
-            if module is not None:
-                self._defer_ok.discard(id(module))
+            key = self._hot_mod.get(k)
+            if key is not None:
+                self._defer_ok.discard(key)
             self._settle(k, self._sum_deferred(k, d))
 
     def _bn_takes(self, module: Any, x: Any) -> bool:
@@ -1077,7 +1120,7 @@ class Instrumentation:
                 if out_idx < 0:
                     return None
                 if in_impl and type(module) in self._prop_types and self._hot_pending is not None \
-                        and self._hot_pending[0] == out_idx and out is not x:
+                        and self._hot_pending[0] == out_idx and out is not x and self._plain(module):
                     self._implies[out_idx] = in_impl  # its input passed on every non-finite value
         elif out_idx == in_idx:  # identity modules (Dropout in eval, Identity) add nothing
             return None
@@ -1156,10 +1199,8 @@ class Instrumentation:
                           list(torch._foreach_norm(params, 2)))  # type: ignore[union-attr]
 
     def _on_forward_exception(self, exc: BaseException) -> None:
-        for k in self._deferred:  # let them go now (a script may retry, e.g. after an out-of-memory)
-            self._sent[k] = self._zero
-            self._stale.add(k)  # unknown
-        self._deferred = {}
+        if self._deferred:  # summed and let go now (a script may catch it and go on, or retry after an OOM)
+            self._flush_deferred()
         self._light = []
         if self._failing is not None and self._failing[0] == id(exc):
             return
@@ -1600,8 +1641,8 @@ class Instrumentation:
         # For an inf sentinel (a real inf, or an L2 overflow above ~1e19) the exact check needs the tensor:
         # weak references to the reduced ones, strong ones to the last chunk.
         recheck: list[Any] = self._refs[:n_chunked] + tail
-        for k, t in self._inf_kept.items():
-            recheck[k] = t
+        for k in self._inf_kept:
+            recheck[k] = self._inf_marker
         merged = 0
         if tail:
             f32 = self._float32
@@ -1706,7 +1747,8 @@ class Instrumentation:
         self._deferred = {}
         self._implies = {}
         self._hot_mod = {}
-        self._inf_kept = {}
+        self._hot_calls = {}
+        self._inf_kept = set()
         self._light = []
         self._sent = []
         self._n_sent = 0
