@@ -113,7 +113,7 @@ def main():
     print(f"{'workload':<12} {'plain step':>11} {'headless':>9} {'(on/off)':>9} {'target':>7} {'UI':>7} "
           f"{'(on/off)':>9} {'target':>7} {'detect_anomaly':>15}")
     for w in args.workloads.split(","):
-        ratios, ab, ui, ui_ab, anomaly, plain, noise = [], [], [], [], [], [], []
+        ratios, ab, ui, ui_ab, anomaly, plain, noise, ui_gc = [], [], [], [], [], [], [], []
         for _ in range(args.rounds):
             a = run("plain", w, dev)
             b = run("monitor", w, dev)
@@ -122,7 +122,9 @@ def main():
             ratios.append(b["step_s"] / a["step_s"])
             ab.append(run("monitor", w, ab_args[w] + dev)["ab_ratio"])
             if args.ui:
-                ui.append(run("ui", w, dev)["step_s"] / a["step_s"])
+                c = run("ui", w, dev)
+                ui.append(c["step_s"] / a["step_s"])
+                ui_gc.append(sum(c.get("gc_s", [0.0])) * 1e3)  # ms of cyclic GC in the timed window
                 ui_ab.append(run("ui", w, ab_args[w] + dev)["ab_ratio"])
             if not args.no_anomaly:
                 anomaly.append(run("anomaly", w, dev)["step_s"] / a["step_s"])
@@ -133,7 +135,9 @@ def main():
         print(f"{w:<12} {med(plain) * 1e3:>9.3f}ms {med(ratios):>8.3f}x {med(ab):>8.3f}x {TARGETS[w]:>6.2f}x "
               f"{u:>7} {uab:>9} {UI_TARGETS[w]:>6.2f}x {an:>15}   (headless ratios: "
               f"{', '.join(f'{r:.3f}' for r in ratios)}; on/off: {', '.join(f'{r:.3f}' for r in ab)}; "
-              f"plain/plain noise: {', '.join(f'{r:.3f}' for r in noise)})", flush=True)
+              f"plain/plain noise: {', '.join(f'{r:.3f}' for r in noise)}"
+              + (f"; UI: {', '.join(f'{r:.3f}' for r in ui)}, UI on/off: {', '.join(f'{r:.3f}' for r in ui_ab)}, "
+                 f"UI runs' GC ms: {', '.join(f'{g:.0f}' for g in ui_gc)}" if ui else "") + ")", flush=True)
     if args.memory:
         r = run("monitor", "toy", ["--steps", "1000000", "--warmup", "0", "--rss-at", "10000"])
         growth = (r["rss_peak"] - r["rss_early"]) / 2**20

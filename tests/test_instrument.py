@@ -983,6 +983,22 @@ def test_modules_taken_to_pass_on_non_finite_inputs_do_so(make: Any, shape: tupl
             assert not bool(torch.isfinite(y).all()), (module, dtype, where, value)
 
 
+def test_evaluation_under_inference_mode_between_steps_breaks_nothing(rec: Recorder) -> None:
+    """Inference tensors have no version counter; the module calls that record one must not fail on
+    them (an evaluation pass under torch.inference_mode() is common)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.1), nn.ReLU(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        optimizer.step()
+        with torch.inference_mode():
+            assert model(torch.randn(8, 4)).shape == (8, 1)
+    assert rec.inst.broken is None
+    assert rec.findings() == []
+
+
 def test_an_exception_in_a_module_run_without_hooks_still_names_it(rec: Recorder) -> None:
     """Finite-preserving leaves (Softmax here) run without hooks inside a model; the innermost module
     named for an exception raised in one is still that module."""

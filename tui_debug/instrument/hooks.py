@@ -83,8 +83,8 @@ PROPAGATING_SAFE = ("Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "Identity"
 # handed to one may wait for its proof (see _resolve_hot); any other module might change it in place.
 SAFE_READERS = ("MultiheadAttention", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
                 "ConvTranspose3d", "Bilinear", "Embedding", "EmbeddingBag", "LSTM", "GRU", "RNN")
-DEFER_MAX = 64
-LIGHT_MAX = 64  # finite-preserving module calls waiting for the next hook to record what they derive  # large activations held at once waiting for a later sum to tell their finiteness
+DEFER_MAX = 64  # large activations held at once, waiting for a later sum to prove them finite
+LIGHT_MAX = 64  # finite-preserving module calls waiting for the next hook to record what they derive
 GRAPH_DEPTH = 6  # nodes followed back from a tensor to a measured one
 VIRTUAL = 1 << 40  # sentinel indices from here name a sum of other sentinels (see _node_index)
 # Model forwards with gradients on whose output the script dropped with no backward (an evaluation
@@ -252,9 +252,9 @@ class Instrumentation:
         self._acts_cuda_elems = 0
         # A large CPU activation whose sum waits one hook: if the next module is a training BatchNorm
         # fed with it, its running statistics tell its finiteness (C numbers instead of the tensor).
-        # (sentinel index, tensor, its version, the module that made it), and the BatchNorm that will
-        # fill it in.
-        self._hot_pending: tuple[int, Any, int, Any] | None = None
+        # (sentinel index, tensor, its version, its producer's _hot_mod key or None), and the BatchNorm
+        # that will fill it in.
+        self._hot_pending: tuple[int, Any, int, tuple[int, int] | None] | None = None
         # A large CPU activation that reaches, through operations keeping every element, the input of
         # a module whose output is summed anyway (PROPAGATING_MODULES) needs no sum of its own: that
         # output finite proves it finite (see _settle). Its producer is learned on a step that summed
@@ -267,6 +267,7 @@ class Instrumentation:
         self._hot_mod: dict[int, tuple[int, int]] = {}
         self._hot_calls: dict[int, int] = {}  # id(module) -> large outputs it made this step
         self._inf_kept: set[int] = set()  # hot slots whose sum was a real inf (see _sum_hot)
+        self._inf_marker: Any = None  # a 0-d inf tensor: what the read's exact re-check sees for those
         self._in_backward = 0  # inside torch.autograd.backward (activation checkpointing recomputes there)
         self._graph_task: Callable[[], int] | None = None  # torch's: -1 outside any backward
         self._defer_ok: set[tuple[int, int]] = set()  # _hot_mod keys whose output a later sum proved finite
@@ -421,7 +422,7 @@ class Instrumentation:
         self._prop_safe = frozenset(getattr(nn, n) for n in PROPAGATING_SAFE if hasattr(nn, n))
         self._safe_readers = frozenset(getattr(nn, n) for n in PROPAGATING_MODULES + SAFE_READERS if hasattr(nn, n))
         self._graph_task = getattr(torch._C, "_current_graph_task_id", None)
-        self._inf_marker = torch.tensor(_INF)  # the read's re-check value of a slot found to hold an inf
+        self._inf_marker = torch.tensor(_INF)
         self._light_inplace = frozenset(t for t in self._safe_types if "inplace" in inspect.signature(t.__init__).parameters)
         self._light_plain = self._safe_types - self._light_inplace
         self._sum_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16))
@@ -546,8 +547,12 @@ class Instrumentation:
             if light:
                 x = args[0]
                 if isinstance(result, tensor_type) and isinstance(x, tensor_type) and result is not x:
+                    try:
+                        entry = (t, x, x._version, result, result._version)
+                    except RuntimeError:  # inference tensors have no version counter: nothing to derive
+                        return result
                     pending = me._light
-                    pending.append((t, x, x._version, result, result._version))
+                    pending.append(entry)
                     if len(pending) >= LIGHT_MAX:
                         me._guarded(me._absorb_light)
                 return result
