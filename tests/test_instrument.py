@@ -1362,3 +1362,95 @@ def test_gpu_step_times_pair_consecutive_boundaries_of_one_device() -> None:
     assert [round(d, 6) for d in checked] == [0.008] * 4
     assert [round(d, 6) for d in unchecked] == [0.007, 0.007]
     assert inst._gpu_marks == [] and inst._gpu_durations() == ([], [])
+
+
+class TinyLM(nn.Module):
+    """The bench's transformer LM, smaller: torch's TransformerEncoder (containers run without hooks)
+    over 65,536-value activations (large: summed, or held for a later sum's proof)."""
+
+    def __init__(self, d: int = 128) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(128, d)
+        layer = nn.TransformerEncoderLayer(d, 4, 2 * d, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 128)  # 65,536 logits: large too
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.emb(idx)))
+
+
+@pytest.mark.parametrize("param,bad", [
+    ("emb.weight", "model.emb (Embedding)"),
+    ("encoder.layers.0.norm2.weight", "model.encoder.layers.0.norm2 (LayerNorm)"),
+    ("encoder.layers.1.norm2.weight", "model.encoder.layers.1.norm2 (LayerNorm)"),
+    ("encoder.layers.1.linear1.bias", "model.encoder.layers.1.linear1 (Linear)")])
+def test_outputs_passing_through_torch_containers_still_name_the_first_bad_module(
+        monkeypatch: pytest.MonkeyPatch, param: str, bad: str) -> None:
+    """The embedding's and each layer's last output leave through TransformerEncoderLayer and
+    TransformerEncoder (run without hooks) to the module that reads them, and wait there for a
+    later sum's proof; a NaN put in their parameter before step 4 is still named on its module."""
+    calls: collections.Counter[str] = collections.Counter()
+    pre = Instrumentation._pre_hook
+
+    def counting_pre(self: Instrumentation, *hook_args: Any) -> None:  # (no local names the module)
+        calls[type(hook_args[0]).__name__] += 1
+        pre(self, *hook_args)
+
+    monkeypatch.setattr(Instrumentation, "_pre_hook", counting_pre)
+    batches: list[list[Any]] = []
+    rec = Recorder(Instrumentation(DebugConfig(), batches.append), batches)
+    rec.inst.install(torch)
+    try:
+        _train_lm(rec, param, calls)
+    finally:
+        rec.inst.uninstall()
+    assert [f for f in rec.findings() if f.step < 4] == []
+    blamed = [f.context["module"] for f in rec.findings(step=4) if f.category in ("model_error", "input_validation")]
+    assert blamed == [bad], rec.findings(step=4)
+
+
+def _train_lm(rec: Recorder, param: str, calls: collections.Counter[str]) -> None:
+    torch.manual_seed(0)
+    model = TinyLM()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    idx, target = torch.randint(0, 128, (8, 64)), torch.randint(0, 128, (8, 64))
+    for step in range(1, 6):
+        if step == 4:
+            with torch.no_grad():
+                model.get_parameter(param).view(-1)[0] = float("nan")
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(idx).reshape(-1, 128), target.reshape(-1)).backward()
+        optimizer.step()
+        if step == 3:  # the cheaper path is in use
+            learned = {module_id for module_id, _ in rec.inst._defer_ok}
+            names = {rec.inst.module_label(m) for m in model.modules() if id(m) in learned}
+            assert {"model.emb (Embedding)", "model.encoder.layers.0.norm2 (LayerNorm)",
+                    "model.encoder.layers.1.norm2 (LayerNorm)"} <= names, names
+            assert calls["LayerNorm"] and not {"TransformerEncoder", "TransformerEncoderLayer"} & set(calls)
+
+
+def test_a_container_whose_hook_changes_its_output_keeps_its_hooks(rec: Recorder) -> None:
+    """A Sequential with a user hook runs hooked: the NaN its hook puts in the output is its own."""
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+    state = {"on": False}
+    inner.register_forward_hook(lambda mod, inp, out: torch.log(out - 1e3) if state["on"] else out)
+    model = nn.Sequential(nn.Linear(4, 8), inner, nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(1, 4):
+        state["on"] = step == 2
+        optimizer.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        optimizer.step()
+    blamed = [f.context["module"] for f in rec.findings(step=2) if f.category == "model_error"]
+    assert blamed == ["model.1 (Sequential)"], rec.findings(step=2)
+
+
+def test_an_exception_inside_a_transformer_layer_names_every_running_module(rec: Recorder) -> None:
+    model = TinyLM()
+    model.encoder.layers[1].linear2 = Raiser()
+    with pytest.raises(RuntimeError) as info:
+        model(torch.randint(0, 128, (2, 8)))
+    assert rec.inst.failing_modules(info.value) == [
+        "model.encoder.layers.1.linear2 (Raiser)", "model.encoder.layers.1 (TransformerEncoderLayer)",
+        "model.encoder (TransformerEncoder)", "model (TinyLM)"]

@@ -264,14 +264,19 @@ class Monitor:
                 batch = await asyncio.wait_for(q.get(), timeout=0.25)
             except (asyncio.TimeoutError, TimeoutError):
                 batch = None
+            got = batch is not None
             while batch is not None:
                 self.session.handle(batch)
                 batch = q.get_nowait() if not q.empty() else None
             now = time.monotonic()
-            if now >= next_memory and self.config.enable_memory_tracking:
+            # Periodic work right after a batch: batches come as a backward starts, when the
+            # training thread runs without the GIL (see Instrumentation._slice_over). Without batches
+            # (data loading, a stall) it runs anyway, one period late.
+            late = 0.0 if got else MEMORY_SAMPLE_S
+            if now >= next_memory + late and self.config.enable_memory_tracking:
                 self.session.sample_memory()
                 next_memory = now + MEMORY_SAMPLE_S
-            if now >= next_progress:
+            if now >= next_progress + late:
                 next_progress = now + self.config.progress_interval_s
                 if self.session.steps != last_progress_step:
                     last_progress_step = self.session.steps
