@@ -349,3 +349,24 @@ async def test_gpu_pane_shows_devices(tmp_path):
         gpu = text_of(app.gpu)
         assert "cuda:0" in gpu and "H100" in gpu and "2.0 GiB/80.0 GiB" in gpu and "util 37%" in gpu
         assert "process 1.0 GiB" in gpu and "alloc 512.0 MiB" in gpu and "resv 768.0 MiB" in gpu
+
+
+@aio
+async def test_a_batch_is_drawn_when_it_comes_and_the_timer_waits_while_batches_flow(tmp_path):
+    """Batches come as a backward starts, when training runs without the GIL: the app folds and
+    draws each at once (no timer tick here: tick_s is an hour), and its timer does nothing while
+    they flow, so the UI's Python does not land between two of the training thread's kernels."""
+    app, mon = make_app(tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        mon.setup()
+        mon.steps(1, 20, lambda s: [1.0 / s], GRADS)
+        await pilot.pause()
+        assert "step 20" in text_of(app.status_bar)
+        ticks = []
+        real_tick = app.tick
+        app.tick = lambda: (ticks.append(1), real_tick())  # type: ignore[method-assign]
+        app._on_timer()
+        assert ticks == []  # a batch came less than BATCH_QUIET_S ago: the timer leaves it to them
+        app._batch_at -= 10
+        app._on_timer()
+        assert ticks == [1]  # none for a while (paused, a slow step): the timer ticks

@@ -29,6 +29,10 @@ from .screens import ConfirmQuit, FindingDetail, HelpScreen
 from .status import StatusBar
 
 TICK_S = 0.1  # at most ~10 repaints per second
+# While batches come (the instrumentation hands them over as a backward starts, when the training
+# thread runs without the GIL), the app works right after each one; the timer only when none came
+# for this long (paused, ended, a slow step, data loading).
+BATCH_QUIET_S = 0.5
 MEMORY_S = 1.0
 HEAVY_S = 0.5  # full repaints at most twice a second
 HEAVY_MAX_S = 2.0  # ... and at least every 2 s
@@ -47,6 +51,18 @@ def system_memory() -> tuple[int | None, int | None]:
         return int(vm.total), int(vm.available)
     except Exception:
         return None, None
+
+
+class _BatchQueue(asyncio.Queue):  # type: ignore[type-arg]
+    """The event queue, telling the app that a batch came."""
+
+    def __init__(self, on_put: Callable[[], None]) -> None:
+        super().__init__()
+        self._on_put = on_put
+
+    def put_nowait(self, item: Any) -> None:
+        super().put_nowait(item)
+        self._on_put()
 
 
 class TuiDebugApp(App[int]):
@@ -98,6 +114,8 @@ class TuiDebugApp(App[int]):
         self._interval = heavy_s  # adapted to what repainting costs on this machine (see _pace)
         self._cpu_mark = (time.monotonic(), time.thread_time())
         self._light: tuple[Any, ...] | None = None
+        self._batch_at = float("-inf")  # when the last batch came (see BATCH_QUIET_S)
+        self._tick_soon = False
         self.notice: Text | str | None = "starting the script…"
         self.stopping = False
         self.requests: dict[int, str] = {}
@@ -140,12 +158,12 @@ class TuiDebugApp(App[int]):
         capture = getattr(self.monitor, "capture", None)
         if capture is not None:
             capture.listeners.append(self.output_buffer.feed)
-        self.queue = asyncio.Queue()
+        self.queue = _BatchQueue(self._on_batch)
         self.monitor.start(asyncio.get_running_loop(), self.queue)
         if self._start_gpu:
             self.gpu_poller.start()
         self.errors.focus()
-        self.set_interval(self._tick_s, self.tick)
+        self.set_interval(self._tick_s, self._on_timer)
         self.tick()
         self.call_after_refresh(self._relayout)  # widths are known after the first layout
 
@@ -153,6 +171,20 @@ class TuiDebugApp(App[int]):
         self.gpu_poller.stop()
 
     # -- the timer: drain, fold, repaint once ------------------------------------------------------
+    def _on_batch(self) -> None:
+        self._batch_at = time.monotonic()
+        if not self._tick_soon:
+            self._tick_soon = True
+            asyncio.get_running_loop().call_soon(self._batch_tick)
+
+    def _batch_tick(self) -> None:
+        self._tick_soon = False
+        self.tick()
+
+    def _on_timer(self) -> None:
+        if time.monotonic() - self._batch_at >= BATCH_QUIET_S or self.session.ended is not None:
+            self.tick()
+
     def tick(self) -> None:
         q = self.queue
         while q is not None and not q.empty():
