@@ -1913,7 +1913,7 @@ class Instrumentation:
                         self._unobserved_bad = s  # this checked step may name the module (see _read_step)
         self._pending.append(rec)
         if grad_norms:
-            self.recent_total_norms.append(math.sqrt(sum(v * v for v in grad_norms)))
+            self.recent_total_norms.append(math.hypot(*grad_norms))
         self.last_step_finite = not values or math.isfinite(sum(values))
         if self.last_step_finite:
             self.consecutive_skips = 0
