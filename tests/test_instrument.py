@@ -1454,3 +1454,97 @@ def test_an_exception_inside_a_transformer_layer_names_every_running_module(rec:
     assert rec.inst.failing_modules(info.value) == [
         "model.encoder.layers.1.linear2 (Raiser)", "model.encoder.layers.1 (TransformerEncoderLayer)",
         "model.encoder (TransformerEncoder)", "model (TinyLM)"]
+
+
+class HeadAfterOwnCode(nn.Module):
+    """The parent's own code makes the NaN, then hands it to a Sequential whose first child runs
+    without hooks (a classifier head: dropout, then a Linear)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head, self.bad = nn.Linear(4, 8), nn.Sequential(nn.Dropout(0.1), nn.Linear(8, 1)), False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        if self.bad:
+            h = h / torch.zeros_like(h) * 0
+        return self.head(h)
+
+
+class InplaceAfterBlock(nn.Module):
+    """A container's large output changed in place by the parent (a ResNet-style ``out += h``)."""
+
+    def __init__(self, d: int = 256) -> None:
+        super().__init__()
+        self.inp, self.block, self.head = nn.Linear(d, d), nn.Sequential(nn.Linear(d, d)), nn.Linear(d, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        out = self.block(h)
+        out += h
+        return self.head(out)
+
+
+def test_a_container_without_hooks_still_measures_its_input(rec: Recorder) -> None:
+    """What a container's hooks did, it still does: its input, made by its parent's code, is
+    measured as it enters (the NaN is the parent's); a large output leaving it for its parent's code
+    is summed on the way out (next test: the parent's in-place add would hide who made the NaN)."""
+    torch.manual_seed(0)
+    model = HeadAfterOwnCode()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(1, 4):
+        model.bad = step == 2
+        optimizer.zero_grad()
+        model(torch.randn(16, 4)).pow(2).mean().backward()
+        optimizer.step()
+    blamed = [f.context["module"] for f in rec.findings(step=2) if f.category == "model_error"]
+    assert blamed == ["model (HeadAfterOwnCode)"], rec.findings(step=2)
+
+
+def test_a_containers_large_output_is_summed_before_its_parent_edits_it_in_place(rec: Recorder) -> None:
+    torch.manual_seed(0)
+    model = InplaceAfterBlock()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(256, 256)
+    for step in range(1, 5):
+        if step == 3:
+            with torch.no_grad():
+                model.block[0].weight[0, 0] = float("nan")
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+    blamed = [f.context["module"] for f in rec.findings(step=3) if f.category == "model_error"]
+    assert blamed == ["model.block.0 (Linear)"], rec.findings(step=3)
+
+
+def test_step_records_wait_for_the_next_backward_but_never_longer_than_one_more_slice(rec: Recorder) -> None:
+    """A due slice of fast steps is handed over as the next backward starts; an evaluation loop
+    (no backward) gets it at its next module call once another slice has passed; a slow step at once."""
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(8, 4)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+
+    step()
+    rec.inst.flush()
+    handed = len(rec.batches)
+    rec.inst._last_flush -= 0.2  # a slice is due at the next step boundary (0.15 s)
+    rec.inst._last_step_time = time.perf_counter()  # and the step was fast
+    step()
+    assert rec.inst._flush_due and len(rec.batches) == handed  # waiting for a backward
+    with torch.no_grad():
+        model(x)
+    assert len(rec.batches) == handed  # an evaluation forward right away: still waiting
+    rec.inst._last_flush -= 0.2
+    with torch.no_grad():
+        model(x)  # one more slice later: handed over
+    assert len(rec.batches) == handed + 1 and not rec.inst._flush_due
+    assert any(isinstance(e, StepRecord) and e.step == 2 for e in rec.batches[-1])
+    rec.inst._last_flush -= 0.2
+    rec.inst._last_step_time = time.perf_counter() - 0.2  # a slow step: at once
+    step()
+    assert len(rec.batches) == handed + 2 and not rec.inst._flush_due

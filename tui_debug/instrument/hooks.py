@@ -529,7 +529,11 @@ class Instrumentation:
         containers, call_container, plain = self._containers, self._call_container, self._plain
 
         def __call__(module: Any, *args: Any, **kwargs: Any) -> Any:
-            if is_compiling() or not me._fwd_on or get_ident() != me._tid:
+            if is_compiling():
+                return orig_call(module, *args, **kwargs)
+            if me._flush_due and get_ident() == me._tid:
+                me._guarded(me._late_slice)  # see _slice_over
+            if not me._fwd_on or get_ident() != me._tid:
                 return orig_call(module, *args, **kwargs)
             t = type(module)
             # A finite-preserving leaf inside a model runs without hooks (see _light).
@@ -743,10 +747,17 @@ class Instrumentation:
 
     def _call_container(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """One of torch's containers (CONTAINERS, exact type, no hooks) inside a model: no pre- or
-        post-hook. Its children measure what they take and make; it is only on the stack (an exception
-        names it as running), and its call is recorded after its children's, as its post-hook would
-        (a value its own code made non-finite is named on it). A large output pending its sum passes
-        through it to the module that reads it. ~20 us a call on this VM's cold caches."""
+        post-hook. Its input is measured as its pre-hook did (its parent's code may have made it),
+        its children measure what they take and make, it is on the stack (an exception names it as
+        running), and its call is recorded after its children's, as its post-hook would (a value its
+        own code made non-finite is named on it). A large output pending its sum passes through it
+        to the module that reads it when what runs next is another such container's code (which
+        changes nothing in place); into other code it is summed on the way out, as before."""
+        try:
+            in_idx = self._container_input(args[0])
+        except Exception as exc:  # a bug of ours: switch off, never fail the call
+            self._disable(exc)
+            return self._orig_call(module, *args, **kwargs)
         stack = self._stack
         stack.append(module)
         try:
@@ -768,12 +779,27 @@ class Instrumentation:
             del stack[len(stack) - 1 - stack[::-1].index(module):]
         if self._fwd_on:
             try:
-                self._container_done(module, args, result)
+                self._container_done(module, args, result, in_idx)
             except Exception as exc:
                 self._disable(exc)
         return result
 
-    def _container_done(self, module: Any, args: tuple[Any, ...], result: Any) -> None:
+    def _container_input(self, x: Any) -> int:
+        if not (self._observe and self._track_acts and isinstance(x, self._Tensor) and self._is_grad_enabled()
+                and x.is_floating_point()):
+            return -1
+        if self._light:
+            self._absorb_light()
+        idx = self._measured(x)
+        if idx < 0 and self._nodes:
+            idx = self._from_graph(x)
+        if idx < 0:
+            idx = self._sentinel(x)
+            if self._hot_pending is not None:
+                self._resolve_hot()  # an input is read before its module can change it in place
+        return idx
+
+    def _container_done(self, module: Any, args: tuple[Any, ...], result: Any, in_idx: int) -> None:
         if not (self._observe and self._track_acts and self._is_grad_enabled()):
             return
         out = result if isinstance(result, self._Tensor) else _first_tensor(result, self._Tensor)
@@ -787,8 +813,12 @@ class Instrumentation:
             self._last_in = None
             self._post_hook(module, args, result)
             return
-        x = args[0]
-        in_idx = self._measured(x) if isinstance(x, self._Tensor) else -1
+        pending = self._hot_pending
+        if pending is not None and pending[1] is out:
+            stack = self._stack
+            parent = stack[-1] if stack else None
+            if parent is None or type(parent) not in self._containers or not self._plain(parent):
+                self._resolve_hot()  # into code that may change it in place before any hook sees it
         if in_idx != out_idx:
             self._calls.append((module, in_idx, out_idx))
 
@@ -1498,7 +1528,7 @@ class Instrumentation:
             self._span = StepSpan(self.step, self.step, now, st.index, [duration])
             self._pending.append(self._span)
         if now - self._last_flush >= FLUSH_INTERVAL_S:
-            self._slice_over(now)
+            self._slice_over(now, duration)
         self._sample(False, st)
 
     def _defer_losses(self, st: _OptState, losses: list[Any]) -> None:
@@ -1685,7 +1715,7 @@ class Instrumentation:
                 self._pending.append(StepRecord(self.step, now, duration, st.index, [], None, None, wait,
                                                 checked=False))
                 if now - self._last_flush >= FLUSH_INTERVAL_S:
-                    self._slice_over(now)
+                    self._slice_over(now, duration)
                 return
             # A non-finite loss on an unchecked step: check this step's gradients now (and skip it).
             # Its forward was not observed: the next checked step names the module, and says so.
@@ -1808,7 +1838,7 @@ class Instrumentation:
         if self._reads:
             self._drain_reads(block=False)
         if self._pending and now - self._last_flush >= FLUSH_INTERVAL_S:
-            self._slice_over(now)
+            self._slice_over(now, duration)
 
     def _clear_step(self) -> None:
         """Forget what this step's forward and backward queued (after its read, or a skipped iteration)."""
@@ -2002,13 +2032,19 @@ class Instrumentation:
             self._pending.extend(findings)
             self.flush()
 
-    def _slice_over(self, now: float) -> None:
+    def _late_slice(self) -> None:
+        """A due slice still waiting after another interval (an evaluation loop, no backward)."""
+        if time.perf_counter() - self._last_flush >= 2 * FLUSH_INTERVAL_S:
+            self.flush()
+
+    def _slice_over(self, now: float, duration: float) -> None:
         """A time slice of step records is due. It is handed over when the next backward starts:
         the autograd engine then runs without the GIL for most of the step, and the consumer's
         Python (~75 us a step on this VM) runs beside it instead of taking the GIL from the
         training thread between two kernels (which cost 0.5% of the bench transformer's step).
-        A script with no backward hands it over one slice later."""
-        if now - self._last_flush >= 2 * FLUSH_INTERVAL_S:
+        Slow steps (a slice or longer) hand it over at once: the consumer's share of them is small.
+        Without a backward, the next module call or step boundary one slice later hands it over."""
+        if duration >= FLUSH_INTERVAL_S or now - self._last_flush >= 2 * FLUSH_INTERVAL_S:
             self.flush()
         else:
             self._flush_due = True

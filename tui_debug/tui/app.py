@@ -33,6 +33,7 @@ TICK_S = 0.1  # at most ~10 repaints per second
 # thread runs without the GIL), the app works right after each one; the timer only when none came
 # for this long (paused, ended, a slow step, data loading).
 BATCH_QUIET_S = 0.5
+BATCH_TICK_S = 0.05  # ... at most this often (a finding every step sends a batch every step)
 MEMORY_S = 1.0
 HEAVY_S = 0.5  # full repaints at most twice a second
 HEAVY_MAX_S = 2.0  # ... and at least every 2 s
@@ -116,6 +117,7 @@ class TuiDebugApp(App[int]):
         self._light: tuple[Any, ...] | None = None
         self._batch_at = float("-inf")  # when the last batch came (see BATCH_QUIET_S)
         self._tick_soon = False
+        self._batch_tick_at = float("-inf")
         self.notice: Text | str | None = "starting the script…"
         self.stopping = False
         self.requests: dict[int, str] = {}
@@ -174,11 +176,17 @@ class TuiDebugApp(App[int]):
     def _on_batch(self) -> None:
         self._batch_at = time.monotonic()
         if not self._tick_soon:
-            self._tick_soon = True
-            asyncio.get_running_loop().call_soon(self._batch_tick)
+            # through Textual's queue: the tick runs in the app's context, not in the one the
+            # training thread's hand-over was scheduled in (a timer started there never fires)
+            self._tick_soon = self.call_later(self._batch_tick)
 
     def _batch_tick(self) -> None:
+        wait = self._batch_tick_at + BATCH_TICK_S - time.monotonic()
+        if wait > 0:
+            self.set_timer(wait, self._batch_tick)
+            return
         self._tick_soon = False
+        self._batch_tick_at = time.monotonic()
         self.tick()
 
     def _on_timer(self) -> None:
