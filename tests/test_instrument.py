@@ -1429,6 +1429,17 @@ def _train_lm(rec: Recorder, param: str, calls: collections.Counter[str]) -> Non
             assert calls["LayerNorm"] and not {"TransformerEncoder", "TransformerEncoderLayer"} & set(calls)
 
 
+def _train_switched(model: nn.Module, before: Any, steps: int = 3) -> None:
+    """``steps`` SGD steps on random (8, 4) inputs; ``before(step)`` runs before each."""
+    torch.manual_seed(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(1, steps + 1):
+        before(step)
+        optimizer.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        optimizer.step()
+
+
 def test_a_container_whose_hook_changes_its_output_keeps_its_hooks(rec: Recorder) -> None:
     """A Sequential with a user hook runs hooked: the NaN its hook puts in the output is its own."""
     torch.manual_seed(0)
@@ -1436,12 +1447,7 @@ def test_a_container_whose_hook_changes_its_output_keeps_its_hooks(rec: Recorder
     state = {"on": False}
     inner.register_forward_hook(lambda mod, inp, out: torch.log(out - 1e3) if state["on"] else out)
     model = nn.Sequential(nn.Linear(4, 8), inner, nn.Linear(8, 1))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    for step in range(1, 4):
-        state["on"] = step == 2
-        optimizer.zero_grad()
-        model(torch.randn(8, 4)).pow(2).mean().backward()
-        optimizer.step()
+    _train_switched(model, lambda step: state.update(on=step == 2))
     blamed = [f.context["module"] for f in rec.findings(step=2) if f.category == "model_error"]
     assert blamed == ["model.1 (Sequential)"], rec.findings(step=2)
 
@@ -1489,14 +1495,8 @@ def test_a_container_without_hooks_still_measures_its_input(rec: Recorder) -> No
     """What a container's hooks did, it still does: its input, made by its parent's code, is
     measured as it enters (the NaN is the parent's); a large output leaving it for its parent's code
     is summed on the way out (next test: the parent's in-place add would hide who made the NaN)."""
-    torch.manual_seed(0)
     model = HeadAfterOwnCode()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    for step in range(1, 4):
-        model.bad = step == 2
-        optimizer.zero_grad()
-        model(torch.randn(16, 4)).pow(2).mean().backward()
-        optimizer.step()
+    _train_switched(model, lambda step: setattr(model, "bad", step == 2))
     blamed = [f.context["module"] for f in rec.findings(step=2) if f.category == "model_error"]
     assert blamed == ["model (HeadAfterOwnCode)"], rec.findings(step=2)
 

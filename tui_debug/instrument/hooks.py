@@ -689,13 +689,8 @@ class Instrumentation:
         if args and self._observe and self._track_acts and self._is_grad_enabled():
             x = args[0]
             if isinstance(x, self._Tensor) and x.is_floating_point():
-                idx = self._measured(x)
-                if idx < 0 and self._nodes:
-                    idx = self._from_graph(x)
-                if idx < 0:
-                    idx = self._sentinel(x)
-                    if self._hot_pending is not None:
-                        self._resolve_hot()  # an input is read before its module can change it in place
+                idx, new = self._measure_input(x)
+                if new:
                     if is_root and idx >= 0:  # data entering a model (not another module's output)
                         self._root_inputs.append((module, idx, "input"))
                     self._impl = (idx,) if idx >= 0 else ()
@@ -790,14 +785,19 @@ class Instrumentation:
             return -1
         if self._light:
             self._absorb_light()
+        return self._measure_input(x)[0]
+
+    def _measure_input(self, x: Any) -> tuple[int, bool]:
+        """``x``'s sentinel: known already, derived through the autograd graph, or queued now (True)."""
         idx = self._measured(x)
         if idx < 0 and self._nodes:
             idx = self._from_graph(x)
-        if idx < 0:
-            idx = self._sentinel(x)
-            if self._hot_pending is not None:
-                self._resolve_hot()  # an input is read before its module can change it in place
-        return idx
+        if idx >= 0:
+            return idx, False
+        idx = self._sentinel(x)
+        if self._hot_pending is not None:
+            self._resolve_hot()  # an input is read before its module can change it in place
+        return idx, True
 
     def _container_done(self, module: Any, args: tuple[Any, ...], result: Any, in_idx: int) -> None:
         if not (self._observe and self._track_acts and self._is_grad_enabled()):
