@@ -317,3 +317,21 @@ def test_cli_config_file_is_applied(tmp_path: Path) -> None:
     assert config["max_errors"] == 5
     assert config["recover"] == "off"
     assert config["debug_level"] == "basic"
+
+
+def test_a_new_tracker_never_logs_through_a_dropped_trackers_handlers(tmp_path: Path) -> None:
+    """A tracker dropped without stop() keeps its log handlers on its logger; a later tracker (which
+    may get the same memory address) must log through its own handlers only, never into the first
+    one's files."""
+    import gc
+
+    config = DebugConfig(enable_console_output=False)
+    for i in range(20):
+        ErrorTracker(config, log_dir=tmp_path / f"dropped{i}")  # never stopped
+    gc.collect()
+    for i in range(20):
+        t = ErrorTracker(config, log_dir=tmp_path / f"later{i}")
+        try:
+            assert len(t.logger.handlers) == 1, "a dropped tracker's handlers are attached too"
+        finally:
+            t.stop()

@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 from .config import DebugConfig
 
+_TRACKER_NUMBERS = itertools.count(1)
+
 
 class ErrorSeverity(enum.Enum):
     DEBUG = "debug"
@@ -158,7 +160,9 @@ class ErrorTracker:
         self.dropped_errors = 0
         self.recovery_manager: Any = None
         self._listeners: list[Listener] = []
-        self.logger = logging.getLogger(logger_name or f"tui_debug.tracker.{id(self):x}")
+        # a number, not id(self): a tracker dropped without stop() leaves its handlers on its logger,
+        # and a new tracker at the same address would write into the old one's files too
+        self.logger = logging.getLogger(logger_name or f"tui_debug.tracker.{next(_TRACKER_NUMBERS)}")
         self.logger.setLevel(logging.DEBUG)
         self.logger.propagate = False
         self._listener: logging.handlers.QueueListener | None = None
