@@ -79,13 +79,13 @@ GRAPH_PROPAGATING = frozenset((
     "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "UnsqueezeBackward0"))
 PROPAGATING_MODULES = ("Linear", "LayerNorm", "RMSNorm", "GroupNorm")
 PROPAGATING_SAFE = ("Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "Identity", "Flatten", "Unflatten")
-# Modules that read their input without changing it (torch's own, exact types): a large activation
-# handed to one may wait for its proof (see _resolve_hot); any other module might change it in place.
 # torch's containers whose own code only hands a tensor from one child to the next (the layers' residual
 # adds aside, which the autograd graph shows): called inside a model, they run without hooks (see
 # _call_container), and a large output passes through them to the module that reads it.
 CONTAINERS = ("Sequential", "TransformerEncoder", "TransformerDecoder", "TransformerEncoderLayer",
               "TransformerDecoderLayer", "Transformer")
+# Modules that read their input without changing it (torch's own, exact types): a large activation
+# handed to one may wait for its proof (see _resolve_hot); any other module might change it in place.
 SAFE_READERS = ("MultiheadAttention", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
                 "ConvTranspose3d", "Bilinear", "Embedding", "EmbeddingBag", "LSTM", "GRU", "RNN")
 DEFER_MAX = 64  # large activations held at once, waiting for a later sum to prove them finite
