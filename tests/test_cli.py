@@ -244,6 +244,29 @@ def test_pickle_and_spawn_dataloader_over_classes_defined_in_the_script(tmp_path
     assert load_report(tmp_path / "run")["run"]["status"] == "finished"
 
 
+PROFILER_SCRIPT = """
+import torch, torch.nn as nn
+from torch.profiler import profile, ProfilerActivity
+model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+with profile(activities=[ProfilerActivity.CPU], with_stack=True, with_modules=True) as prof:
+    for _ in range(4):
+        opt.zero_grad(); model(torch.randn(4, 8)).pow(2).mean().backward(); opt.step()
+print("PROFILED", sum(1 for e in prof.events() if e.name == "aten::addmm") > 0)
+"""
+
+
+def test_torch_profiler_with_python_stacks_runs_under_the_monitor(tmp_path: Path) -> None:
+    """torch.profiler(with_stack=True) takes the module-call wrapper for Module.__call__ and reads its
+    frame's ``self``: a wrapper naming it otherwise killed the run with SIGSEGV."""
+    write(tmp_path / "train.py", PROFILER_SCRIPT)
+    proc = run_td("--headless", "--out", tmp_path / "run", "train.py", cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    assert "PROFILED True" in proc.stdout, describe(proc)
+    report = load_report(tmp_path / "run")
+    assert report["summary"]["steps"] == 4 and report["summary"]["total_errors"] == 0
+
+
 # -- output -------------------------------------------------------------------------------------------
 
 def test_output_passes_through_unchanged_and_is_captured(tmp_path: Path) -> None:
@@ -427,6 +450,43 @@ def test_a_monitor_line_never_lands_in_the_middle_of_the_scripts_line(tmp_path: 
                           stdin=subprocess.DEVNULL, env=td_env())
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.decode() == "RuntimeError: half a line\ntui_debug: ERROR a finding\n and the rest\n"
+
+
+SEGFAULT_SCRIPT = """
+import ctypes
+def crash():
+    ctypes.string_at(0)  # reads address 0: SIGSEGV in C code
+crash()
+"""
+
+
+def test_a_native_crash_prints_the_crashing_threads_python_stack_and_dies_by_its_signal(tmp_path: Path) -> None:
+    """A segfault in C code kills the process, the reader threads of the script's fd 2 with it:
+    faulthandler writes the training thread's stack to the real stderr, and the exit is the signal's."""
+    write(tmp_path / "train.py", SEGFAULT_SCRIPT)
+    proc = run_td("--headless", "--out", tmp_path / "run", "train.py", cwd=tmp_path)
+    assert proc.returncode == -signal.SIGSEGV, describe(proc)
+    assert "Fatal Python error: Segmentation fault" in proc.stderr, describe(proc)
+    assert f'File "{tmp_path / "train.py"}", line 4 in crash' in proc.stderr, describe(proc)
+
+
+def test_the_capture_gives_faulthandler_back_as_it_found_it() -> None:
+    program = textwrap.dedent("""
+        import faulthandler
+        from tui_debug.capture import OutputCapture
+
+        for before in (False, True):
+            faulthandler.enable() if before else faulthandler.disable()
+            cap = OutputCapture()
+            cap.start()
+            during = faulthandler.is_enabled()
+            cap.stop()
+            print(before, during, faulthandler.is_enabled())
+    """)
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=RUN_TIMEOUT,
+                          stdin=subprocess.DEVNULL, env=td_env())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode().split("\n")[:2] == ["False True False", "True True True"]
 
 
 GC_SCRIPT = """

@@ -361,6 +361,62 @@ def test_torch_compile_traces_the_instrumented_model_without_graph_breaks(
     torch._dynamo.reset()
 
 
+def test_jit_trace_of_an_observed_model_passes_its_check_and_training_is_still_observed(rec: Recorder) -> None:
+    """torch.jit.trace runs the model twice and compares the graphs, named after the variables in the
+    frames it runs through: module calls under its tracer go straight to torch. Not steps either."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 8)
+    optimizer.zero_grad()
+    model(x).pow(2).mean().backward()
+    optimizer.step()
+    traced = torch.jit.trace(model, x)  # its check trace raises TracingCheckError on a mismatch
+    assert torch.equal(traced(x), model(x))
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+    assert rec.inst.broken is None
+    assert [r.step for r in rec.events(StepRecord)] == [1, 2, 3]
+    assert rec.findings() == []
+
+
+def test_torch_func_transforms_inside_and_outside_a_model_leave_the_monitor_on(rec: Recorder) -> None:
+    """vmap/grad from torch.func run module calls on functorch's wrapper tensors; a reduction of ours
+    under vmap has no batching rule and used to switch the monitor off for the rest of the run."""
+    from torch.func import functional_call, grad, stack_module_state, vmap
+
+    class Ensemble(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.members = nn.ModuleList(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+                                         for _ in range(3))
+            self.base = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            params, buffers = stack_module_state(list(self.members))
+            outs = vmap(lambda p, b: functional_call(self.base, (p, b), (x,)))(params, buffers)
+            return outs.mean(0) + self.base(x)
+
+    torch.manual_seed(0)
+    model = Ensemble()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(32, 8)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+    base_params = dict(model.base.named_parameters())
+    grads = grad(lambda p: functional_call(model.base, p, (x,)).pow(2).mean())(base_params)
+    assert set(grads) == set(base_params)
+    assert rec.inst.broken is None
+    records = rec.events(StepRecord)
+    assert [r.step for r in records] == [1, 2, 3]
+    assert all(r.losses and math.isfinite(r.losses[0][1]) for r in records)
+    assert rec.findings() == []
+
+
 def test_a_fault_of_the_monitor_switches_it_off_and_training_goes_on(rec: Recorder) -> None:
     """A bug in our own code during a module call: the call still returns torch's result, the monitor
     reports itself disabled and puts torch back as it was; later steps run unobserved."""

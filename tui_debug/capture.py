@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import collections
 import ctypes
+import faulthandler
 import fcntl
 import os
 import pty
@@ -97,6 +98,7 @@ class OutputCapture:
         self._streams: list[_Stream] = []
         self.listeners: list[OutputListener] = []
         self.active = False
+        self._fault_was_on = False
 
     def start(self) -> None:
         if self.log_path:
@@ -115,6 +117,14 @@ class OutputCapture:
             for st in self._streams:
                 st.shares_terminal = os.path.samestat(os.fstat(st.saved), term)
         except OSError:
+            pass
+        self._fault_was_on = faulthandler.is_enabled()
+        try:
+            # A native crash (SIGSEGV, an abort in C++ code) kills the reader threads with the process,
+            # and whatever the script's fd 2 got last with them. The crashing thread's Python stack
+            # goes straight to the original stderr instead (plain Python prints nothing at all).
+            faulthandler.enable(self.terminal_fd, all_threads=False)
+        except (OSError, ValueError, RuntimeError):
             pass
         self.active = True
 
@@ -205,6 +215,13 @@ class OutputCapture:
         _flush_all()
         for st in self._streams:
             os.dup2(st.saved, st.fd)  # closes our write end held by fd 1/2
+        try:  # before the fd it writes to is closed
+            if self._fault_was_on:
+                faulthandler.enable(2, all_threads=True)  # as -X faulthandler had it
+            else:
+                faulthandler.disable()
+        except (OSError, ValueError, RuntimeError):
+            pass
         for st in self._streams:
             if st.thread is not None:
                 st.thread.join(timeout)  # a child that still holds the pipe must not hang us

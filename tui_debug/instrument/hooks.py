@@ -527,37 +527,46 @@ class Instrumentation:
         pre, post = self._pre_hook, self._post_hook
         light_plain, light_inplace, tensor_type = self._light_plain, self._light_inplace, self._Tensor
         containers, call_container, plain = self._containers, self._call_container, self._plain
+        tracing_state = getattr(self.torch._C, "_get_tracing_state", lambda: None)
+        functorch_level = getattr(getattr(self.torch._C, "_functorch", None), "peek_interpreter_stack", lambda: None)
 
-        def __call__(module: Any, *args: Any, **kwargs: Any) -> Any:
+        # ``self`` by name: torch.profiler(with_stack=True) takes this code for Module.__call__'s and
+        # reads the frame's local ``self`` (another name crashed the process with SIGSEGV).
+        def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
             if is_compiling():
-                return orig_call(module, *args, **kwargs)
+                return orig_call(self, *args, **kwargs)
             if me._flush_due and get_ident() == me._tid:
                 me._guarded(me._late_slice)  # see _slice_over
             if not me._fwd_on or get_ident() != me._tid:
-                return orig_call(module, *args, **kwargs)
-            t = type(module)
+                return orig_call(self, *args, **kwargs)
+            if tracing_state() is not None or functorch_level() is not None:
+                # Not training steps. torch.jit.trace: names in our frames would end up in its graph
+                # (its check trace then differs: TracingCheckError). torch.func (vmap, grad): tensors
+                # are its wrappers, and a reduction of ours under vmap has no batching rule.
+                return orig_call(self, *args, **kwargs)
+            t = type(self)
             # A finite-preserving leaf inside a model runs without hooks (see _light).
-            light = ((t in light_plain or (t in light_inplace and not module.inplace)) and me._stack
+            light = ((t in light_plain or (t in light_inplace and not self.inplace)) and me._stack
                      and not me._stats_now and args)
-            if not light and t in containers and me._stack and not me._stats_now and args and plain(module):
-                return call_container(module, args, kwargs)
+            if not light and t in containers and me._stack and not me._stats_now and args and plain(self):
+                return call_container(self, args, kwargs)
             try:
                 if not light:
-                    pre(module, args)
+                    pre(self, args)
                 elif me._hot_pending is not None:  # as a hook would (the sum while the tensor is in cache)
-                    me._resolve_hot(module if args[0] is me._hot_pending[1] else None)
+                    me._resolve_hot(self if args[0] is me._hot_pending[1] else None)
             except Exception as exc:  # a bug of ours: switch off, never fail the call
                 me._disable(exc)
-                return orig_call(module, *args, **kwargs)
+                return orig_call(self, *args, **kwargs)
             try:
-                result = orig_call(module, *args, **kwargs)
+                result = orig_call(self, *args, **kwargs)
             except BaseException:
                 if me._fwd_on:
                     try:
                         if light:
-                            me._light_raised(module)
+                            me._light_raised(self)
                         else:
-                            post(module, args, None)  # sees the exception through sys.exc_info()
+                            post(self, args, None)  # sees the exception through sys.exc_info()
                     except Exception as exc:
                         me._disable(exc)
                 raise
@@ -575,7 +584,7 @@ class Instrumentation:
                 return result
             if me._fwd_on:
                 try:
-                    post(module, args, result)
+                    post(self, args, result)
                 except Exception as exc:
                     me._disable(exc)
             return result
