@@ -258,7 +258,8 @@ print("PROFILED", sum(1 for e in prof.events() if e.name == "aten::addmm") > 0)
 
 def test_torch_profiler_with_python_stacks_runs_under_the_monitor(tmp_path: Path) -> None:
     """torch.profiler(with_stack=True) takes the module-call wrapper for Module.__call__ and reads its
-    frame's ``self``: a wrapper naming it otherwise killed the run with SIGSEGV."""
+    frame's ``self``: a wrapper naming it otherwise killed the run with SIGSEGV. And the module torch
+    imports in its first record_function is imported before: its freed code gave garbage event names."""
     write(tmp_path / "train.py", PROFILER_SCRIPT)
     proc = run_td("--headless", "--out", tmp_path / "run", "train.py", cwd=tmp_path)
     assert proc.returncode == 0, describe(proc)

@@ -437,6 +437,14 @@ class Instrumentation:
         self._BatchNorm = nn.modules.batchnorm._BatchNorm
         self._Uninitialized = getattr(nn.parameter, "UninitializedTensorMixin", ())
         self._nn_module = nn_module
+        try:
+            # torch.profiler(with_stack=True) keeps pointers into the code objects it saw, and the
+            # module code of an import made while it runs is freed at once (a latent torch bug that
+            # our allocations expose: garbage event names, UnicodeDecodeError from prof.events()).
+            # torch imports this module lazily in its first record_function (an optimizer's step).
+            getattr(torch.autograd.profiler, "_maybe_cupti_monitor", lambda: None)()
+        except Exception:
+            pass
         self._install_module_call(nn_module.Module)
         self._optim_module = optim_module
         self._handles.append(optim_module.register_optimizer_step_pre_hook(self._pre_step))
