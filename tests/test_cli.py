@@ -268,6 +268,47 @@ def test_torch_profiler_with_python_stacks_runs_under_the_monitor(tmp_path: Path
     assert report["summary"]["steps"] == 4 and report["summary"]["total_errors"] == 0
 
 
+RANKED_SCRIPT = """
+import torch
+model = torch.nn.Linear(4, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+for _ in range(3):
+    opt.zero_grad(); model(torch.randn(8, 4)).pow(2).mean().backward(); opt.step()
+"""
+
+
+def test_ranks_of_one_launch_get_their_own_run_folders_and_say_which_rank_speaks(tmp_path: Path) -> None:
+    """torchrun starts every rank in the same second with the same script: each default run folder is
+    made atomically (never shared) and named by its rank, and each rank's lines on the shared
+    terminal say whose they are."""
+    write(tmp_path / "train.py", RANKED_SCRIPT)
+    procs = []
+    for rank in (0, 1):
+        env = td_env() | {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
+        procs.append(subprocess.Popen(td_cmd("train.py"), cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=RUN_TIMEOUT) for p in procs]
+    for rank, (proc, (_, err)) in enumerate(zip(procs, outs)):
+        assert proc.returncode == 0, err
+        ours = [line for line in err.splitlines() if line.startswith("tui_debug")]
+        assert ours and all(line.startswith(f"tui_debug[rank {rank}]: ") for line in ours), err
+    folders = sorted(p.name for p in (tmp_path / "tui_debug_runs").iterdir())
+    assert len(folders) == 2 and folders[0].endswith("-train-rank0") and folders[1].endswith("-train-rank1")
+    for folder in folders:
+        assert load_report(tmp_path / "tui_debug_runs" / folder)["summary"]["steps"] == 3
+
+
+def test_a_default_run_folder_is_never_one_that_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tui_debug import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli.time, "strftime", lambda fmt: "20260101-000000")
+    made = [cli.default_run_dir("train.py") for _ in range(3)]
+    assert made == [os.path.join("tui_debug_runs", name) for name in
+                    ("20260101-000000-train", "20260101-000000-train-2", "20260101-000000-train-3")]
+    assert all(os.path.isdir(path) for path in made)
+
+
 # -- output -------------------------------------------------------------------------------------------
 
 def test_output_passes_through_unchanged_and_is_captured(tmp_path: Path) -> None:

@@ -80,13 +80,31 @@ def _fail(message: str) -> int:
     return 2
 
 
-def default_run_dir(name: str) -> str:
+def launch_rank() -> int | None:
+    """This process's rank when a launcher (torchrun, torch.distributed) started several, else None."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ["RANK"])
+    except (KeyError, ValueError):
+        return None
+    return rank if world > 1 else None
+
+
+def default_run_dir(name: str, rank: int | None = None) -> str:
+    """A new folder, made here: processes started in the same second (ranks of one launch) each get
+    their own (``mkdir`` fails for all but one of them)."""
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.splitext(os.path.basename(name.rstrip("/")))[0]) or "run"
+    if rank is not None:
+        stem += f"-rank{rank}"
     base = os.path.join("tui_debug_runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{stem}")
+    os.makedirs("tui_debug_runs", exist_ok=True)
     path, n = base, 2
-    while os.path.exists(path):
-        path, n = f"{base}-{n}", n + 1
-    return path
+    while True:
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            path, n = f"{base}-{n}", n + 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,21 +142,23 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(opts.config, start_dir, overrides)
     except ConfigError as exc:
         return _fail(str(exc))
-    run_dir = opts.out or default_run_dir(target.display)
-    report = opts.report or os.path.join(run_dir, "report.json")
+    rank = launch_rank()
     try:
+        run_dir = opts.out or default_run_dir(target.display, rank)
+        report = opts.report or os.path.join(run_dir, "report.json")
         os.makedirs(run_dir, exist_ok=True)
         os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)
     except OSError as exc:
-        return _fail(f"cannot create the run folder {run_dir!r}: {exc.strerror or exc}")
+        return _fail(f"cannot create the run folder {opts.out or 'tui_debug_runs'!r}: {exc.strerror or exc}")
     if os.path.isdir(report):
         return _fail(f"--report {report!r} is a folder; give a file path")
 
     from .monitor import Monitor
 
-    ui = not opts.headless and sys.stdin.isatty() and sys.stdout.isatty()
+    # Of several ranks sharing a terminal, only rank 0 may take it over.
+    ui = not opts.headless and sys.stdin.isatty() and sys.stdout.isatty() and not rank
     monitor = Monitor(target, config, run_dir=os.path.abspath(run_dir), report_path=os.path.abspath(report),
-                      passthrough=not ui)
+                      passthrough=not ui, rank=rank)
     if ui:
         return monitor.run_ui(exit_on_end=opts.exit_on_end)
     return monitor.run_headless()

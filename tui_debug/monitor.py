@@ -42,7 +42,7 @@ ACTIVE_MONITOR: "Monitor | None" = None
 
 class Monitor:
     def __init__(self, target: Target, config: DebugConfig, run_dir: str, report_path: str,
-                 passthrough: bool = True) -> None:
+                 passthrough: bool = True, rank: int | None = None) -> None:
         self.target = target
         self.config = config
         self.run_dir = run_dir
@@ -63,7 +63,8 @@ class Monitor:
         self.watcher = TorchImportWatcher(self._on_torch_import)
         self.runner = ScriptRunner(target, on_end=self._on_script_end, before_exit=self.instr.finish,
                                    failing_modules=self.instr.failing_modules, step=lambda: self.instr.step)
-        self.printer = HeadlessPrinter(self.capture.write_monitor)
+        self.printer = HeadlessPrinter(self.capture.write_monitor,
+                                       prefix="tui_debug" if rank is None else f"tui_debug[rank {rank}]")
         self.tracker.subscribe(self.printer.on_finding)
         self.session.action_listeners.append(lambda r: self.printer.on_action(r.message))
         self.snapshots = Snapshots(keep=1)

@@ -138,7 +138,7 @@ def run_ui(monitor: Any, exit_on_end: bool = False) -> int:
     guard = TerminalGuard(term_fd)
     printer = monitor.printer
     app = TuiDebugApp(monitor, exit_on_end=exit_on_end, driver_class=make_driver(term_fd))
-    own_write = printer.set_writer(lambda text: app.output_buffer.feed("tui_debug", text.removeprefix("tui_debug: ")))
+    own_write = printer.set_writer(lambda text: app.output_buffer.feed("tui_debug", text.removeprefix(f"{printer.prefix}: ")))
     guard.install_exit_guard(lambda code: replay_tail(term_fd, monitor.capture.tail.tail()))
     failure: BaseException | None = None
     try:
