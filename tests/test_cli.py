@@ -558,5 +558,9 @@ def test_torchs_import_is_taken_out_of_later_gc_passes_and_the_scripts_cycles_st
     assert proc.returncode == 0, describe(proc)
     words = proc.stdout.split()
     frozen = int(words[words.index("FROZEN") + 1])
-    assert (frozen > 50_000) if freeze else frozen == 0, frozen
+    # what the interpreter holds frozen on its own before any code runs (0 on 3.11, a few hundred on 3.12)
+    start = subprocess.run([sys.executable, "-c", "import gc; print(gc.get_freeze_count())"],
+                           capture_output=True, text=True, timeout=RUN_TIMEOUT, check=True)
+    own = int(start.stdout)
+    assert (frozen > own + 50_000) if freeze else frozen == own, (frozen, own)
     assert words[words.index("CYCLE_COLLECTED") + 1] == "True"
