@@ -126,6 +126,24 @@ def test_an_expression_loss_gets_a_name(rec: Recorder) -> None:
     assert sites[0].name == "a + b"
 
 
+def test_before_python_3_11_a_loss_is_named_from_its_line(tmp_path: Path) -> None:
+    """3.10 code has no instruction positions: the name comes from the one backward call in the
+    innermost statement on the line (several on one line: no guess, file:line instead)."""
+    from tui_debug.instrument import naming
+
+    path = tmp_path / "train.py"
+    path.write_text("for step in range(3):\n"
+                    "    scaler.scale(g_loss).backward(retain_graph=True)\n"
+                    "    torch.autograd.backward(\n"
+                    "        d_real + d_fake)\n"
+                    "    a.backward(); b.backward()\n")
+    assert naming._line_source(str(path), 2) == "scaler.scale(g_loss).backward(retain_graph=True)"
+    assert naming._line_source(str(path), 3) == "torch.autograd.backward(d_real + d_fake)"
+    assert naming._line_source(str(path), 4) == "torch.autograd.backward(d_real + d_fake)"
+    assert naming._line_source(str(path), 5) is None
+    assert naming._line_source(str(path), 1) is None  # the for statement: no backward of its own line
+
+
 def test_root_model_and_parameter_names(rec: Recorder) -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

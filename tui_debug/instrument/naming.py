@@ -55,6 +55,33 @@ def _instruction_source(code: CodeType, lasti: int) -> tuple[str, int] | None:
     return "".join(lines), lineno
 
 
+_PARSED: dict[str, ast.AST | None] = {}
+
+
+def _line_source(filename: str, lineno: int) -> str | None:
+    """Before 3.11 (no instruction positions): the backward call on line ``lineno``, when the
+    innermost statement there holds exactly one."""
+    if filename not in _PARSED:
+        if len(_PARSED) > 64:
+            _PARSED.clear()
+        try:
+            _PARSED[filename] = ast.parse("".join(linecache.getlines(filename)))
+        except (SyntaxError, ValueError):
+            _PARSED[filename] = None
+    tree = _PARSED[filename]
+    if tree is None:
+        return None
+    def on_line(n: Any) -> bool:
+        return n.lineno <= lineno <= (n.end_lineno or n.lineno)
+
+    stmts = [n for n in ast.walk(tree) if isinstance(n, ast.stmt) and on_line(n)]
+    innermost = [n for n in stmts if not any(o is not n and on_line(o) for o in ast.walk(n) if isinstance(o, ast.stmt))]
+    calls = [c for stmt in innermost for c in ast.walk(stmt)
+             if isinstance(c, ast.Call) and on_line(c) and _backward_target(c) is not None]
+    outer = [c for c in calls if not any(c is not o and c in ast.walk(o) for o in calls)]
+    return ast.unparse(outer[0]) if len(outer) == 1 else None
+
+
 def _backward_target(node: ast.AST) -> ast.AST | None:
     """In ``X.backward(...)`` or ``torch.autograd.backward(X)`` the X; unwraps ``scaler.scale(X)``."""
     target = None
@@ -84,6 +111,9 @@ def loss_name(frame: FrameType) -> tuple[str, str]:
     code = frame.f_code
     source = f"{os.path.basename(code.co_filename)}:{frame.f_lineno}"
     found = _instruction_source(code, frame.f_lasti)
+    if found is None and not hasattr(code, "co_positions"):
+        line = _line_source(code.co_filename, frame.f_lineno)
+        found = (line, frame.f_lineno) if line is not None else None
     text = None
     if found is not None:
         text, _ = found
