@@ -306,6 +306,7 @@ def test_nan_input_in_a_reused_buffer_with_gradient_accumulation(rec: Recorder) 
 
 # -- AMP and hand-written updates ---------------------------------------------------------------------
 
+@pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"), reason="a CPU GradScaler is torch >= 2.3")
 def test_gradscaler_skipped_steps_are_not_findings_and_do_not_break_the_scaler(rec: Recorder) -> None:
     """A GradScaler starting far too high skips its first steps (scaled gradients overflow). Those
     skips call no optimizer, so they are no steps; the gradients are the scaler's to handle, and the
@@ -349,6 +350,9 @@ def test_nan_gradients_of_a_hand_written_update_are_reported_and_left_in_place(r
 
 # -- the module-call wrapper: torch.compile, faults of our own ----------------------------------------
 
+@pytest.mark.xfail(not hasattr(torch.compiler, "is_compiling"), strict=True,
+                   reason="torch < 2.3 (2.1.2 tried): a second graph, dynamo recompiles the wrapper's frame "
+                          "on a guard on its module (no graph break)")
 def test_torch_compile_traces_the_instrumented_model_without_graph_breaks(
         rec: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
     """Dynamo traces through the module-call wrapper (it asks is_compiling() first): one graph, no
@@ -359,24 +363,27 @@ def test_torch_compile_traces_the_instrumented_model_without_graph_breaks(
 
     # As if dynamo had been imported before the wrapper (it then takes it for a custom __call__ and
     # traces it; imported after, it would skip it): the case that used to break every graph.
-    monkeypatch.setattr(dynamo_nn_module, "unpatched_nn_module_call", nn_module.Module._wrapped_call_impl)
+    monkeypatch.setattr(dynamo_nn_module, "unpatched_nn_module_call", nn_module.Module._wrapped_call_impl,
+                        raising=False)  # (older torch has no such name: nothing to set)
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Sequential(nn.Linear(16, 16), nn.GELU()), nn.Linear(16, 1))
     compiled = torch.compile(model, backend="eager")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(3):
-        optimizer.zero_grad()
-        loss = compiled(torch.randn(4, 8)).pow(2).mean()
-        loss.backward()
-        optimizer.step()
-    assert dict(counters["graph_break"]) == {}
-    assert counters["stats"]["unique_graphs"] == 1
+    try:
+        for _ in range(3):
+            optimizer.zero_grad()
+            loss = compiled(torch.randn(4, 8)).pow(2).mean()
+            loss.backward()
+            optimizer.step()
+        assert dict(counters["graph_break"]) == {}
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()  # a failure must not leave compiled state to the tests after it
     records = rec.events(StepRecord)
     assert [r.step for r in records] == [1, 2, 3]
     assert all(r.losses and math.isfinite(r.losses[0][1]) for r in records)
-    torch._dynamo.reset()
 
 
 def test_jit_trace_of_an_observed_model_passes_its_check_and_training_is_still_observed(rec: Recorder) -> None:
@@ -461,14 +468,14 @@ def test_a_fault_of_the_monitor_switches_it_off_and_training_goes_on(rec: Record
 # -- uninstall ----------------------------------------------------------------------------------------
 
 def test_uninstall_removes_every_hook_and_patch() -> None:
-    from torch.amp import grad_scaler
+    from tui_debug.instrument.hooks import _grad_scaler_type
 
     before = _hook_state()
     assert before["forward"] == 0 and before["forward_pre"] == 0
     orig_call = nn_module.Module.__call__
     orig_backward = torch.autograd.backward
-    orig_scale = grad_scaler.GradScaler.scale
-    orig_update = grad_scaler.GradScaler.update
+    orig_scale = _grad_scaler_type().scale
+    orig_update = _grad_scaler_type().update
     batches: list[list[Any]] = []
     inst = Instrumentation(DebugConfig(), batches.append)
     inst.install(torch)
@@ -477,8 +484,8 @@ def test_uninstall_removes_every_hook_and_patch() -> None:
         assert nn_module.Module.__call__ is not orig_call  # module calls are observed through a wrapper
         assert during["forward"] == 0 and during["forward_pre"] == 0  # not global hooks (torch's slow path)
         assert torch.autograd.backward is not orig_backward
-        assert grad_scaler.GradScaler.scale is not orig_scale
-        assert grad_scaler.GradScaler.update is not orig_update
+        assert _grad_scaler_type().scale is not orig_scale
+        assert _grad_scaler_type().update is not orig_update
     finally:
         inst.uninstall()
     assert _hook_state() == before
@@ -486,8 +493,8 @@ def test_uninstall_removes_every_hook_and_patch() -> None:
     assert len(nn_module._global_forward_hooks) == 0
     assert len(nn_module._global_forward_pre_hooks) == 0
     assert torch.autograd.backward is orig_backward
-    assert grad_scaler.GradScaler.scale is orig_scale
-    assert grad_scaler.GradScaler.update is orig_update
+    assert _grad_scaler_type().scale is orig_scale
+    assert _grad_scaler_type().update is orig_update
     inst.uninstall()  # twice is harmless
 
     # Nothing is observed any more.
@@ -1031,7 +1038,8 @@ def test_activation_checkpointing_recomputes_hold_nothing_through_backward(rec: 
 @pytest.mark.parametrize("make,shape", [
     (lambda: nn.Linear(64, 32), (4, 8, 64)), (lambda: nn.Linear(64, 1, bias=False), (16, 64)),
     (lambda: nn.LayerNorm(64), (4, 8, 64)), (lambda: nn.LayerNorm(64, elementwise_affine=False), (4, 8, 64)),
-    (lambda: nn.RMSNorm(64), (4, 8, 64)), (lambda: nn.GroupNorm(4, 64), (4, 64, 8)),
+    pytest.param(lambda: nn.RMSNorm(64), (4, 8, 64), marks=pytest.mark.skipif(
+        not hasattr(nn, "RMSNorm"), reason="nn.RMSNorm is torch >= 2.4")), (lambda: nn.GroupNorm(4, 64), (4, 64, 8)),
     (lambda: nn.Dropout(0.5), (4, 8, 64)), (lambda: nn.Dropout(1.0), (4, 8, 64)),
     (lambda: nn.Dropout1d(0.5), (4, 64, 8)), (lambda: nn.Dropout2d(0.5), (4, 64, 8, 8)),
     (lambda: nn.Dropout3d(0.5), (2, 64, 2, 4, 4)), (lambda: nn.Flatten(), (4, 8, 64)),

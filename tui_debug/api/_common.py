@@ -7,6 +7,8 @@ import sys
 import threading
 from typing import Any, Iterator
 
+from ..instrument.norms import foreach_norm
+
 _INF = float("inf")
 
 
@@ -109,7 +111,7 @@ def grouped_norms(torch: Any, tensors: list[Any]) -> list[Any]:
     f32 = torch.float32
     for (_, dtype), idxs in groups.items():
         ts = [tensors[i].detach() for i in idxs]
-        norms = torch._foreach_norm(ts, 2) if dtype is f32 else torch._foreach_norm(ts, 2, dtype=f32)
+        norms = foreach_norm(torch, ts, dtype is f32)
         for i, n in zip(idxs, norms):
             out[i] = n
     return out

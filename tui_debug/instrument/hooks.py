@@ -32,6 +32,7 @@ from ..detectors.nonfinite import ActivationCall, NonFiniteDetector, StepObserva
 from ..events import (FindingEvent, LateLosses, LossSiteEvent, ModelEvent, OptimizerEvent, RedundantBias, ScalerSkips,
                       StepRecord, StepSpan)
 from . import naming
+from .norms import foreach_norm
 
 FLUSH_INTERVAL_S = 0.15  # step records are batched this long (findings go at once); each hand-over wakes the consumer
 SPAN_BREAK_S = 0.1  # a sampled-out step slower than this is sent on its own (slow-step detection)
@@ -415,7 +416,9 @@ class Instrumentation:
 
         self._Tensor = torch.Tensor
         self._Loss = torch.nn.modules.loss._Loss
-        self._is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+        # torch.compiler.is_compiling is torch >= 2.3; dynamo takes torch._utils' for a constant before
+        self._is_compiling = (getattr(getattr(torch, "compiler", None), "is_compiling", None)
+                              or getattr(getattr(torch, "_utils", None), "is_compiling", None) or (lambda: False))
         # torch.compile's wrapper; looked up once dynamo is loaded (importing it here costs seconds)
         self._OptimizedModule: type | tuple[type, ...] = ()
         self._find_optimized_module()
@@ -484,9 +487,8 @@ class Instrumentation:
         backward.__doc__ = orig_backward.__doc__
         torch.autograd.backward = backward
         try:
-            from torch.amp import grad_scaler
-
-            self._orig_scale = grad_scaler.GradScaler.scale
+            scaler_type = _grad_scaler_type()
+            self._orig_scale = scaler_type.scale
             orig_scale = self._orig_scale
 
             def scale(scaler: Any, outputs: Any) -> Any:
@@ -499,7 +501,7 @@ class Instrumentation:
                     me._scaled[id(out)] = outputs
                 return out
 
-            self._orig_update = grad_scaler.GradScaler.update
+            self._orig_update = scaler_type.update
             orig_update = self._orig_update
 
             def update(scaler: Any, new_scale: Any = None) -> Any:
@@ -510,8 +512,8 @@ class Instrumentation:
                     me._guarded(me._scaler_skipped)
                 return orig_update(scaler, new_scale)
 
-            grad_scaler.GradScaler.scale = scale  # type: ignore[method-assign]
-            grad_scaler.GradScaler.update = update  # type: ignore[method-assign]
+            scaler_type.scale = scale  # type: ignore[method-assign]
+            scaler_type.update = update  # type: ignore[method-assign]
         except Exception:
             self._orig_scale = self._orig_update = None
         os.register_at_fork(after_in_child=self.uninstall)
@@ -625,11 +627,10 @@ class Instrumentation:
         if torch is not None and self._orig_backward is not None:
             torch.autograd.backward = self._orig_backward
         if self._orig_scale is not None:
-            from torch.amp import grad_scaler
-
-            grad_scaler.GradScaler.scale = self._orig_scale  # type: ignore[method-assign]
+            scaler_type = _grad_scaler_type()
+            scaler_type.scale = self._orig_scale  # type: ignore[method-assign]
             if self._orig_update is not None:
-                grad_scaler.GradScaler.update = self._orig_update  # type: ignore[method-assign]
+                scaler_type.update = self._orig_update  # type: ignore[method-assign]
 
     def _find_optimized_module(self) -> None:
         if not self._OptimizedModule:
@@ -1147,10 +1148,7 @@ class Instrumentation:
         """L2 norms in one call; half-precision tensors accumulate in float32 (their own dtype would
         overflow at 65504 and every large activation would need an exact re-check)."""
         f32 = self._float32
-        for t in tensors:
-            if t.dtype is not f32:
-                return self.torch._foreach_norm(tensors, 2, dtype=f32)  # type: ignore[union-attr]
-        return self.torch._foreach_norm(tensors, 2)  # type: ignore[union-attr]
+        return foreach_norm(self.torch, tensors, all(t.dtype is f32 for t in tensors))
 
     def _reduce_acts(self) -> None:
         acts = self._acts
@@ -1778,8 +1776,7 @@ class Instrumentation:
             f32 = self._float32
             for grads, dtype in zip(groups, st.dtypes):
                 # float32 needs no dtype argument (the fast path); half types accumulate in float32
-                flat.extend(torch._foreach_norm(grads, 2) if dtype is f32 else
-                            torch._foreach_norm(grads, 2, dtype=f32))
+                flat.extend(torch._foreach_norm(grads, 2) if dtype is f32 else foreach_norm(torch, grads, False))
             grad_names = st.names
         n_grads = len(grad_names) if grad_names is not None else 0
         # Sampled extras ride on the same read: activation statistics, last sampled update ratios.
@@ -2100,6 +2097,16 @@ class Instrumentation:
                 if not math.isfinite(v):
                     self._late_nonfinite(s, site, v, self.step)
             self._pending.append(LateLosses(losses))
+
+
+def _grad_scaler_type() -> type:
+    """The GradScaler class that every scaler's scale/update goes through: torch.amp's (torch >= 2.3,
+    which torch.cuda.amp's subclasses), else torch.cuda.amp's (importing it starts no CUDA)."""
+    try:
+        from torch.amp import grad_scaler
+    except ImportError:
+        from torch.cuda.amp import grad_scaler  # type: ignore[no-redef]
+    return grad_scaler.GradScaler
 
 
 def _bn_versions(bn: Any) -> tuple[int, int, int] | None:
