@@ -351,8 +351,8 @@ def test_nan_gradients_of_a_hand_written_update_are_reported_and_left_in_place(r
 # -- the module-call wrapper: torch.compile, faults of our own ----------------------------------------
 
 @pytest.mark.xfail(not hasattr(torch.compiler, "is_compiling"), strict=True,
-                   reason="torch < 2.3 (2.1.2 tried): a second graph, dynamo recompiles the wrapper's frame "
-                          "on a guard on its module (no graph break)")
+                   reason="torch < 2.3 (2.1.2 tried): dynamo does not fold is_compiling() in the wrapper, "
+                          "traces on into the hooks and compiles their frames; the monitor switches off")
 def test_torch_compile_traces_the_instrumented_model_without_graph_breaks(
         rec: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
     """Dynamo traces through the module-call wrapper (it asks is_compiling() first): one graph, no
@@ -440,6 +440,44 @@ def test_torch_func_transforms_inside_and_outside_a_model_leave_the_monitor_on(r
     assert [r.step for r in records] == [1, 2, 3]
     assert all(r.losses and math.isfinite(r.losses[0][1]) for r in records)
     assert rec.findings() == []
+
+
+def test_a_dispatch_mode_of_the_script_sees_none_of_our_work(rec: Recorder) -> None:
+    """Under a TorchDispatchMode (the script's own tool, or fake tensors) module calls go straight to
+    torch: the mode sees the model's ops and none of the monitor's, and the monitor stays on."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 8)
+
+    def step() -> list[str]:
+        optimizer.zero_grad()
+        with Ops() as ops:
+            model(x).pow(2).mean().backward()
+        optimizer.step()
+        return ops.names
+
+    monitored = [step(), step()]
+    assert rec.inst.broken is None
+    assert [r.step for r in rec.events(StepRecord)] == [1, 2]
+    rec.inst.uninstall()
+    try:
+        plain = step()
+    finally:
+        rec.inst.install(torch)
+    assert "aten.addmm.default" in plain
+    assert monitored == [plain, plain]
 
 
 def test_a_fault_of_the_monitor_switches_it_off_and_training_goes_on(rec: Recorder) -> None:

@@ -419,6 +419,8 @@ class Instrumentation:
         # torch.compiler.is_compiling is torch >= 2.3; dynamo takes torch._utils' for a constant before
         self._is_compiling = (getattr(getattr(torch, "compiler", None), "is_compiling", None)
                               or getattr(getattr(torch, "_utils", None), "is_compiling", None) or (lambda: False))
+        # a TorchDispatchMode is running (the script's, or fake tensors'): it must see none of our ops
+        self._dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
         # torch.compile's wrapper; looked up once dynamo is loaded (importing it here costs seconds)
         self._OptimizedModule: type | tuple[type, ...] = ()
         self._find_optimized_module()
@@ -467,7 +469,7 @@ class Instrumentation:
                 if isinstance(t, tensor_type) and me.config.enable_loss_tracking:
                     me._unchecked_losses.append(t)
                 return orig_backward(*args, **kwargs)
-            if get_ident() == me._tid and not me.broken:
+            if get_ident() == me._tid and not me.broken and not me._dispatch_modes():
                 me._guarded(me._on_backward, args[0] if args else kwargs.get("tensors"))
             me._in_backward += 1
             try:
@@ -539,6 +541,7 @@ class Instrumentation:
         containers, call_container, plain = self._containers, self._call_container, self._plain
         tracing_state = getattr(self.torch._C, "_get_tracing_state", lambda: None)
         functorch_level = getattr(getattr(self.torch._C, "_functorch", None), "peek_interpreter_stack", lambda: None)
+        dispatch_modes = self._dispatch_modes
 
         # ``self`` by name: torch.profiler(with_stack=True) takes this code for Module.__call__'s and
         # reads the frame's local ``self`` (another name crashed the process with SIGSEGV).
@@ -549,10 +552,12 @@ class Instrumentation:
                 me._guarded(me._late_slice)  # see _slice_over
             if not me._fwd_on or get_ident() != me._tid:
                 return orig_call(self, *args, **kwargs)
-            if tracing_state() is not None or functorch_level() is not None:
+            if tracing_state() is not None or functorch_level() is not None or dispatch_modes():
                 # Not training steps. torch.jit.trace: names in our frames would end up in its graph
                 # (its check trace then differs: TracingCheckError). torch.func (vmap, grad): tensors
-                # are its wrappers, and a reduction of ours under vmap has no batching rule.
+                # are its wrappers, and a reduction of ours under vmap has no batching rule. A
+                # dispatch mode: fake tensors (torch 2.1's dynamo ran modules on them: "Mixing fake
+                # modes" switched the monitor off), or the script's own, which must not see our ops.
                 return orig_call(self, *args, **kwargs)
             t = type(self)
             # A finite-preserving leaf inside a model runs without hooks (see _light).
