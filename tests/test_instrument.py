@@ -240,6 +240,24 @@ def test_nan_is_blamed_on_the_module_that_produced_it(rec: Recorder) -> None:
     assert not [f for f in at_2 if f.category == "input_validation"]
 
 
+def test_a_float64_model_is_checked_in_float64(rec: Recorder) -> None:
+    """Norms of float64 activations and gradients in their own precision: a float32 one is refused
+    as narrowing, which used to switch the monitor off at the first step of any float64 model."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = nn.Sequential(nn.Linear(4, 8), NaNMaker(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+        _train(model, steps=2, bad_step=2)
+    finally:
+        torch.set_default_dtype(previous)
+    assert rec.inst.broken is None
+    assert rec.findings(step=1) == []
+    blamed = [f.context["module"] for f in rec.findings(step=2) if f.category == "model_error"]
+    assert blamed == ["model.1 (NaNMaker)"]
+    records = rec.events(StepRecord)
+    assert [r.step for r in records] == [1, 2] and records[0].grad_names
+
+
 def test_nan_in_a_nested_module_is_blamed_on_the_innermost(rec: Recorder) -> None:
     model = nn.Sequential(nn.Linear(4, 8), Block(), nn.Linear(8, 1))
     _train(model, steps=2, bad_step=2)

@@ -466,7 +466,7 @@ class Instrumentation:
             if not me._observe and me._opts and get_ident() == me._tid and not me.broken:
                 # A sampled-out step (the common case at high step rates): keep the loss, nothing else.
                 t = args[0] if args else kwargs.get("tensors")
-                if isinstance(t, tensor_type) and me.config.enable_loss_tracking:
+                if isinstance(t, tensor_type) and me.config.enable_loss_tracking and not me._dispatch_modes():
                     me._unchecked_losses.append(t)
                 return orig_backward(*args, **kwargs)
             if get_ident() == me._tid and not me.broken and not me._dispatch_modes():

@@ -71,6 +71,7 @@ def _line_source(filename: str, lineno: int) -> str | None:
     tree = _PARSED[filename]
     if tree is None:
         return None
+
     def on_line(n: Any) -> bool:
         return n.lineno <= lineno <= (n.end_lineno or n.lineno)
 
