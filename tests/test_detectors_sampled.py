@@ -4,6 +4,7 @@ enough for these samples and must stay silent."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from helpers import SCRIPTS
@@ -67,3 +68,37 @@ def test_tiny_updates_warn_while_the_loss_is_stuck_but_not_once_it_has_converged
 
     assert run([2.0, 1.99, 1.99, 1.98, 1.98]) == ["update-ratio|low"]
     assert run([2.0, 0.5, 1e-4, 1e-9, 3e-13]) == []
+
+
+def test_huge_finite_gradient_norms_are_finite_and_nonfinite_ones_are_counted() -> None:
+    """The consumer folds each step's norms with a fast all-finite check (one sum): finite norms whose
+    sum overflows (1e308 + 1e308) must still count as finite, with their true total, while a NaN or
+    an inf among them is counted per parameter and keeps min/max/total out of it."""
+    from tui_debug.config import DebugConfig
+    from tui_debug.detectors.trends import GradientNorms, all_finite
+    from tui_debug.errors import ErrorTracker
+    from tui_debug.events import StepRecord
+    from tui_debug.session import Session
+
+    assert all_finite([1e308, 1e308, 1.0]) and all_finite([])
+    assert not all_finite([1.0, math.nan]) and not all_finite([math.inf, -math.inf]) and not all_finite([-math.inf])
+
+    names = ["model.a", "model.b"]
+    norms = [[1.0, 2.0], [1e308, 1e308], [3.0, math.nan], [0.5, math.inf]]
+    config = DebugConfig()
+    tracker = ErrorTracker(config)
+    try:
+        session = Session(config, tracker)
+        session.handle([StepRecord(step=i + 1, time=float(i), duration=0.01, optimizer=0, losses=[],
+                                   grad_names=names, grad_norms=n) for i, n in enumerate(norms)])
+        a, b = session.grads["model.a"], session.grads["model.b"]
+        assert (a.count, a.nonfinite, a.min, a.max, a.last) == (4, 0, 0.5, 1e308, 0.5)
+        assert (b.count, b.nonfinite, b.min, b.max, b.last_step) == (4, 2, 2.0, 1e308, 4)
+        assert math.isinf(b.last)
+    finally:
+        tracker.stop()
+
+    detector = GradientNorms(DebugConfig())
+    detector.observe(StepRecord(step=1, time=0.0, duration=0.01, optimizer=0, losses=[], grad_names=names,
+                                grad_norms=[1e308, 1e308]))
+    assert list(detector.totals[0]) == [math.hypot(1e308, 1e308)]  # finite, not an overflowed sum of squares

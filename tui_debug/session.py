@@ -17,9 +17,9 @@ from typing import Any, Callable
 from .classify import classify_exception, memory_context
 from .config import DebugConfig
 from .errors import ErrorCategory, ErrorSeverity, ErrorTracker, format_exception
-from .events import (FindingEvent, LateLosses, LossSiteEvent, ModelEvent, OptimizerEvent, RedundantBias, ScalerSkips,
+from .events import (GilYield, FindingEvent, LateLosses, LossSiteEvent, ModelEvent, OptimizerEvent, RedundantBias, ScalerSkips,
                      ScriptEnded, StepRecord, StepSpan)
-from .detectors.trends import ActivationHealth, DataStall, UpdateRatio, GradientNorms, LossExplosion, MemoryGrowth, Plateau, SlowSteps, Verdict
+from .detectors.trends import all_finite, ActivationHealth, DataStall, UpdateRatio, GradientNorms, LossExplosion, MemoryGrowth, Plateau, SlowSteps, Verdict
 from .history import DownsampledHistory, Reservoir
 from .recovery.actions import ActionResult
 
@@ -49,7 +49,7 @@ class LossStats:
         self.max = value if self.max is None or value > self.max else self.max
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class GradStats:
     last: float = 0.0
     last_step: int = 0
@@ -110,10 +110,12 @@ class Session:
         self.activation_health = ActivationHealth(config)
         self.update_ratio = UpdateRatio(config)
         self._finite_streak = 0
+        self._gil = GilYield()
         self.memory_growth = MemoryGrowth(config)
         # auto mode: (action, finding key) -> description of what was done, or None
         self.auto_recover: Callable[[str, str], str | None] | None = None
         self._last_grad_names: list[str] | None = None
+        self._last_grad_stats: list[GradStats] = []  # parallel to _last_grad_names
         self.redundant: set[str] = set()  # biases a BatchNorm cancels (no gradient by construction)
 
     @property
@@ -129,10 +131,12 @@ class Session:
 
     # -- events -------------------------------------------------------------------------------
     def handle(self, batch: list[Any]) -> None:
+        self._gil.begin()
         for ev in batch:
             try:
                 if isinstance(ev, StepRecord):
                     self._on_step(ev)
+                    self._gil.maybe()
                 elif isinstance(ev, StepSpan):
                     self._on_span(ev)
                 elif isinstance(ev, ScalerSkips):
@@ -205,10 +209,9 @@ class Session:
                         self.grads[n] = GradStats()
                         self.grad_order.append(n)
                 self._last_grad_names = names
-            grads = self.grads
+                self._last_grad_stats = [self.grads[n] for n in names]
             step = rec.step
-            for n, v in zip(names, rec.grad_norms):
-                g = grads[n]
+            for g, v in zip(self._last_grad_stats, rec.grad_norms):
                 g.last = v
                 g.last_step = step
                 g.count += 1
@@ -246,8 +249,7 @@ class Session:
 
     def _nonfinite_resolution(self, rec: StepRecord) -> list[Verdict]:
         """Non-finite findings stop holding after 20 checked steps with everything finite."""
-        values = [v for _, v in rec.losses] + list(rec.grad_norms or [])
-        if not all(v == v and v not in (math.inf, -math.inf) for v in values):
+        if not (all_finite([v for _, v in rec.losses]) and all_finite(rec.grad_norms or ())):
             self._finite_streak = 0
             return []
         self._finite_streak += 1

@@ -28,6 +28,13 @@ def _finite(v: float) -> bool:
     return v == v and v not in (math.inf, -math.inf)
 
 
+def all_finite(values: Any) -> bool:
+    """Every value finite: one C-level sum in the common case (NaN and +-inf make the sum
+    non-finite; finite values summing past the float range are told apart one by one)."""
+    total = sum(values)
+    return total - total == 0 or all(v - v == 0 for v in values)
+
+
 def _median(values: Any) -> float:
     """statistics.median without its overhead (these run once per step)."""
     data = sorted(values)
@@ -51,9 +58,10 @@ class LossExplosion:
         self.state: dict[str, dict[str, Any]] = {}
 
     def observe(self, name: str, step: int, value: float) -> list[Verdict]:
-        st = self.state.setdefault(name, {"recent": collections.deque(maxlen=self.window), "n": 0,
-                                          "best": None, "best_step": None, "firing": False,
-                                          "fired_at": 0.0, "first": None})
+        st = self.state.get(name)
+        if st is None:  # (not setdefault: its default, built on every call, was most of this method's time)
+            st = self.state[name] = {"recent": collections.deque(maxlen=self.window), "n": 0, "best": None,
+                                     "best_step": None, "firing": False, "fired_at": 0.0, "first": None}
         if not _finite(value):
             return []
         st["recent"].append(value)
@@ -123,11 +131,12 @@ class GradientNorms:
         if not names or not norms:
             return []
         out: list[Verdict] = []
-        finite = [(n, v) for n, v in zip(names, norms) if _finite(v)]
-        if len(finite) != len(norms):
+        if not all_finite(norms):
             return []  # non-finite: the nonfinite detector speaks
-        total = math.sqrt(sum(v * v for _, v in finite))
-        hist = self.totals.setdefault(rec.optimizer, collections.deque(maxlen=100))
+        total = math.hypot(*norms)
+        hist = self.totals.get(rec.optimizer)
+        if hist is None:
+            hist = self.totals[rec.optimizer] = collections.deque(maxlen=100)
         key = f"grad-explosion|{rec.optimizer}"
         if len(hist) >= self.warmup:
             med = self._median(rec.optimizer, hist)
@@ -137,7 +146,7 @@ class GradientNorms:
                 self.over[rec.optimizer] = self.over.get(rec.optimizer, 0) + 1
                 if self.over[rec.optimizer] == 2 and rec.optimizer not in self.firing:
                     self.firing.add(rec.optimizer)
-                    growth = sorted(((v / max(self.layer_med.get(n, v), 1e-30), n) for n, v in finite), reverse=True)
+                    growth = sorted(((v / max(self.layer_med.get(n, v), 1e-30), n) for n, v in zip(names, norms)), reverse=True)
                     top = [f"{n} ({g:.3g}x)" for g, n in growth[:3]]
                     out.append(Verdict(FindingEvent(
                         severity="warning", category="gradient_error", step=rec.step, key=key,
@@ -161,11 +170,12 @@ class GradientNorms:
             self._appends[rec.optimizer] = self._appends.get(rec.optimizer, 0) + 1
         self.seen += 1
         if self.seen <= self.warmup or self.seen % 8 == 0:
-            for n, v in finite:  # per-layer typical norms (an EMA of the log, sampled: it only names layers)
+            for n, v in zip(names, norms):  # per-layer typical norms (an EMA of the log, sampled: it only names layers)
                 prev = self.layer_med.get(n)
                 self.layer_med[n] = v if prev is None or prev <= 0 or v <= 0 else math.exp(
                     0.8 * math.log(prev) + 0.2 * math.log(v))
-        out.extend(self._vanishing(rec, finite))
+        if self.low or min(norms) < self.v_abs:  # (no layer is low, nor was: nothing to count)
+            out.extend(self._vanishing(rec, list(zip(names, norms))))
         return out
 
     def _median(self, opt: int, hist: collections.deque[float], exact: bool = False) -> float:
