@@ -5,6 +5,7 @@ enough for these samples and must stay silent."""
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 from helpers import SCRIPTS
@@ -102,3 +103,48 @@ def test_huge_finite_gradient_norms_are_finite_and_nonfinite_ones_are_counted() 
     detector.observe(StepRecord(step=1, time=0.0, duration=0.01, optimizer=0, losses=[], grad_names=names,
                                 grad_norms=[1e308, 1e308]))
     assert list(detector.totals[0]) == [math.hypot(1e308, 1e308)]  # finite, not an overflowed sum of squares
+
+
+def test_the_consumer_lets_a_waiting_thread_take_the_gil_while_it_folds_steps() -> None:
+    """A CPU backward takes the GIL back at most of its nodes; the consumer folding a batch of step
+    records must hand it over now and then instead of holding it for the whole batch. With the switch
+    interval raised to 10 s, only the consumer's own hand-overs can let the other thread run."""
+    import sys
+    import threading
+
+    from tui_debug.config import DebugConfig
+    from tui_debug.errors import ErrorTracker
+    from tui_debug.events import StepRecord
+    from tui_debug.session import Session
+
+    names = [f"model.p{i}" for i in range(64)]
+    records = [StepRecord(step=i + 1, time=float(i), duration=0.01, optimizer=0, losses=[(0, 1.0)],
+                          grad_names=names, grad_norms=[1.0 + i * 1e-3] * 64) for i in range(400)]
+    config = DebugConfig()
+    tracker = ErrorTracker(config)
+    counter = [0]
+    stop = threading.Event()
+
+    def other() -> None:  # like the training thread in a backward: needs the GIL now and then
+        while not stop.is_set():
+            counter[0] += 1
+            time.sleep(1e-6)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(10.0)
+    worker = threading.Thread(target=other, daemon=True)
+    try:
+        session = Session(config, tracker)
+        worker.start()
+        while counter[0] == 0:
+            time.sleep(0.001)
+        before = counter[0]
+        session.handle(records)
+        during = counter[0] - before
+    finally:
+        stop.set()
+        sys.setswitchinterval(interval)
+        worker.join()
+        tracker.stop()
+    assert session.steps == 400
+    assert during > 0, "the consumer held the GIL through the whole batch"

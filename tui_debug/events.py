@@ -20,14 +20,15 @@ class GilYield:
     it wakes and ``maybe()`` between units of its work (a step record folded, ~20-60 us).
 
     A CPU backward runs without the GIL but takes it back for a moment at most of its nodes (plain
-    torch too: ~30 times in a 20-node backward). A thread running Python then makes it wait until
-    that thread blocks or its switch interval (5 ms) ends. The consumer's Python, handed its batch as
-    a backward starts, was charged almost entirely to the training thread (~0.25% of the bench
-    transformer's step). A short sleep drops the GIL long enough for the waiting thread to take it
-    (a 20-node CPU backward beside a thread spinning in Python: 126 ms instead of 4.9 ms; with a
-    ``sleep(1e-6)`` every ~10 us of the spin, 4.9 ms). ``sleep(0)`` does not do it on Python 3.10
-    (0.9 us, no hand-over: 927 ms). A sleep lasts ~55 us (timer slack), so one comes at most every
-    ``every_s`` of work: the consumer's throughput is at worst about halved, never stalled."""
+    torch too: 28 times in the backward of 20 matrix products). A thread running Python then makes
+    it wait until that thread blocks or its switch interval (5 ms) ends. The consumer's Python,
+    handed its batch as a backward starts, was charged almost entirely to the training thread (~0.25%
+    of the bench transformer's step). A short sleep drops the GIL long enough for the waiting thread
+    to take it (the CPU backward of 20 matmul+tanh layers beside a thread spinning in Python: 126 ms
+    instead of 4.9 ms; with a ``sleep(1e-6)`` every ~10 us of the spin, 4.9 ms). ``sleep(0)`` does
+    not do it on Python 3.10 (0.9 us, no hand-over: 927 ms). A sleep lasts ~55 us (timer slack), so
+    one comes at most every ``every_s`` of work: the consumer's throughput is at worst about halved,
+    never stalled."""
 
     def __init__(self, every_s: float = 50e-6) -> None:
         self.every_s = every_s
