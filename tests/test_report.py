@@ -202,3 +202,24 @@ def test_the_report_says_how_many_steps_were_checked(tmp_path: Path, sample: boo
     else:
         assert checked == steps
         assert "sampled" not in proc.stderr
+
+
+def test_step_times_folded_in_bulk_match_one_by_one() -> None:
+    """A sampled-out span's step times go into the bounded buffer in one call; the percentiles,
+    mean and count the report gives must be those of adding them one by one, ring wrap included."""
+    import random
+
+    from tui_debug.history import Reservoir
+
+    rng = random.Random(0)
+    for _ in range(500):
+        cap = rng.randint(1, 30)
+        one, bulk = Reservoir(cap), Reservoir(cap)
+        for _ in range(rng.randint(1, 8)):
+            values = [rng.random() for _ in range(rng.randint(0, 70))]
+            for v in values:
+                one.add(v)
+            bulk.extend(values)
+            assert sorted(one.values()) == sorted(bulk.values())
+            assert (one.count, one.percentile(50), one.percentile(95)) == (bulk.count, bulk.percentile(50), bulk.percentile(95))
+            assert abs(one.total - bulk.total) < 1e-9

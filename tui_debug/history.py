@@ -65,6 +65,32 @@ class Reservoir:
             self._buf[self._i] = value
             self._i = (self._i + 1) % self.capacity
 
+    def extend(self, values: list[float]) -> None:
+        """``add`` for each value, at C speed: a sampled-out span brings ~600 step times per flush
+        at 4,000 steps/s, and the consumer shares the GIL with a training thread that never leaves it."""
+        n = len(values)
+        if not n:
+            return
+        self.total += sum(values)
+        self.count += n
+        buf, cap = self._buf, self.capacity
+        room = cap - len(buf)
+        if room > 0:
+            buf.extend(values[:room])
+            values = values[room:]
+        k = len(values)
+        if k > cap:  # only the newest ``cap`` survive; where they land in the ring does not matter
+            self._i = (self._i + k - cap) % cap
+            values = values[-cap:]
+            k = cap
+        if k:
+            i = self._i
+            first = min(k, cap - i)
+            buf[i:i + first] = values[:first]
+            if k > first:
+                buf[:k - first] = values[first:]
+            self._i = (i + k) % cap
+
     def values(self) -> list[float]:
         return list(self._buf)
 

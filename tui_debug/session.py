@@ -242,10 +242,7 @@ class Session:
             self._first_step_time = span.time
             self._steps_at_first = span.last_step
         self._last_step_time = span.time
-        add = self.step_times.add
-        for d in span.durations:
-            if d > 0:
-                add(d)
+        self.step_times.extend([d for d in span.durations if d > 0])
 
     def _nonfinite_resolution(self, rec: StepRecord) -> list[Verdict]:
         """Non-finite findings stop holding after 20 checked steps with everything finite."""
