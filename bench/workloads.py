@@ -115,7 +115,7 @@ def main():
                 instr.install(torch)
             else:
                 instr.uninstall()
-            # The first step after a switch is not timed (as in compare.py): its kernels run ~0.5 ms
+            # The first step after a switch is not timed (as in compare.py): its kernels run ~0.7 ms
             # slower on the transformer, in its allocations' new layout and caches, which a run that
             # installs once pays once, not every block.
             opt.zero_grad()
