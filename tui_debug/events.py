@@ -32,10 +32,17 @@ class GilYield:
 
     def __init__(self, every_s: float = 50e-6) -> None:
         self.every_s = every_s
-        self._last = time.perf_counter()
+        self._last = self._end = time.perf_counter()
 
     def begin(self) -> None:
-        self._last = time.perf_counter()
+        """A unit of the consumer's work starts: the clock restarts only if the consumer was idle
+        since the last one (blocked, the GIL released), not between batches drained back to back."""
+        now = time.perf_counter()
+        if now - self._end > self.every_s:
+            self._last = now
+
+    def end(self) -> None:
+        self._end = time.perf_counter()
 
     def maybe(self) -> None:
         if time.perf_counter() - self._last >= self.every_s:

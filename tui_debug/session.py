@@ -136,7 +136,8 @@ class Session:
             try:
                 if isinstance(ev, StepRecord):
                     self._on_step(ev)
-                    self._gil.maybe()
+                    if self.ended is None:  # (once the script has ended, no thread waits for the GIL)
+                        self._gil.maybe()
                 elif isinstance(ev, StepSpan):
                     self._on_span(ev)
                 elif isinstance(ev, ScalerSkips):
@@ -166,6 +167,7 @@ class Session:
             except Exception as exc:  # a bad event must not stop the consumer
                 self.tracker.track_error(exc, ErrorSeverity.WARNING, ErrorCategory.SYSTEM_ERROR,
                                          context={"event": type(ev).__name__}, key=f"consumer|{type(exc).__name__}")
+        self._gil.end()
 
     def _on_step(self, rec: StepRecord) -> None:
         if rec.step > self.steps:
