@@ -53,7 +53,7 @@ def main() -> None:
             return (time.perf_counter() - t) / n
 
         steps(400 if cuda else 60)  # warm-up, and the sampler's first probe
-        every, modes = instr._sampler.every, {}
+        every, modes, sampled_checked = instr._sampler.every, {}, []
         for _ in range(args.rounds):
             for mode in ("off", "sampled", "every step"):
                 if mode == "off":
@@ -62,11 +62,15 @@ def main() -> None:
                     instr.install(torch)
                     instr._sampler.budget = 0.0 if mode == "every step" else budget
                 steps(20 if cuda else 3)
+                checked = instr._observed_steps
                 modes.setdefault(mode, []).append(steps(args.steps))
+                if mode == "sampled":
+                    sampled_checked.append(instr._observed_steps - checked)
         instr.install(torch)
         instr._sampler.budget = budget
         med = {m: statistics.median(v) * 1e3 for m, v in modes.items()}
-        print(f"MODES {name} on {args.device}: sampler checks 1 step in {every}; ms a step: "
+        print(f"MODES {name} on {args.device}: sampler checks 1 step in {every} "
+              f"({sum(sampled_checked)} of {args.rounds * args.steps} timed sampled steps checked); ms a step: "
               + ", ".join(f"{m} {v:.3f}" for m, v in med.items())
               + f"; sampled/off {med['sampled'] / med['off']:.3f}x, every step/off {med['every step'] / med['off']:.3f}x",
               flush=True)

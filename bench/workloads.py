@@ -101,6 +101,7 @@ def main():
         if instr is None:
             sys.exit("--ab needs the monitor: python -m tui_debug bench/workloads.py ... --ab N")
     blocks = {True: [], False: []}
+    on_checked = checked0 = 0
     tb = None
     for i in range(warmup + steps):
         if i == warmup:
@@ -113,7 +114,9 @@ def main():
                 blocks[instr._installed].append((now - tb) / args.ab)
             if ((i - warmup) // args.ab) % 2 == 0:
                 instr.install(torch)
+                checked0 = instr._observed_steps
             else:
+                on_checked += instr._observed_steps - checked0
                 instr.uninstall()
             # The first step after a switch is not timed (as in compare.py): its kernels run ~0.7 ms
             # slower on the transformer, in its allocations' new layout and caches, which a run that
@@ -141,7 +144,8 @@ def main():
     if instr is not None:
         on, off = blocks[True], blocks[False]
         pairs = [a / b for a, b in zip(on, off)]
-        out.update(on_s=statistics.median(on), off_s=statistics.median(off), ab_ratio=statistics.median(pairs))
+        out.update(on_s=statistics.median(on), off_s=statistics.median(off), ab_ratio=statistics.median(pairs),
+                   on_checked=on_checked, on_steps=len(on) * (args.ab + 1))
     sys.stdout.write("BENCH " + json.dumps(out) + "\n")
 
 

@@ -1432,6 +1432,59 @@ def test_the_sampler_times_a_gpu_that_the_host_runs_ahead_of() -> None:
         assert (s.every > 1) is sampled, (gpu_checked, s.every)
 
 
+def test_the_sampler_counts_the_periodic_heavier_checks_once_it_samples() -> None:
+    """Every 25th checked step also takes activation statistics, every 100th update ratios, and a
+    snapshot comes now and then: a median of checked steps misses them, so checks cost more than the
+    budget. Once sampling, the sampler decides again from means that count them (not GC pauses)."""
+    from tui_debug.instrument.hooks import _Sampler
+
+    def run(heavy: float, pause_every: int = 0) -> tuple[int, float]:
+        s = _Sampler(0.02)
+        s.fast_s = _Sampler.FAST_S_GPU
+        checked, n_checked, spent, plain = True, 0, 0.0, 0.0
+        for i in range(40_000):
+            extra = 0.0
+            if checked:
+                n_checked += 1
+                extra = 0.001 + (heavy if n_checked % 4 == 0 else 0.0)  # 1 ms a check, a quarter heavier
+            pause = 0.05 if pause_every and i % pause_every == 0 else 0.0  # GC pauses, checked or not
+            if i >= 10_000:
+                spent, plain = spent + 0.005 + extra, plain + 0.005
+            checked = s.next(checked, 0.005 + extra + pause)
+        return s.every, spent / plain - 1
+
+    every_light, cost_light = run(0.0)
+    every_heavy, cost_heavy = run(0.002)  # the mean check costs 1.5 ms, the median one 1 ms
+    assert every_light in (10, 11) and cost_light <= 0.0205, (every_light, cost_light)
+    assert every_heavy >= 15 and cost_heavy <= 0.0205, (every_heavy, cost_heavy)
+    every_paused, _ = run(0.0, pause_every=97)  # a 50 ms pause now and then is no check's cost
+    assert every_paused == every_light, every_paused
+
+
+def test_a_probe_cut_by_a_re_install_starts_again() -> None:
+    """A probe's unchecked steps on either side of a gap (the instrumentation uninstalled and
+    installed again, as bench/workloads.py --ab does) would compare across it: it starts again."""
+    from tui_debug.instrument.hooks import _Sampler
+
+    s = _Sampler(0.02)
+    s.fast_s = _Sampler.FAST_S_GPU
+    checked = True
+    while s.probe_left == 0:
+        checked = s.next(checked, 0.006 if checked else 0.005)
+    s.next(checked, 0.005)
+    s.restart_probe()
+    assert s.probe_left == 0 and s.next_probe == s.n + _Sampler.PROBE + 2  # a fresh timing window first
+    decided = None
+    for _ in range(4 * _Sampler.PROBE):
+        checked = s.next(checked, 0.006 if checked else 0.005)
+        if s.probe_left:
+            decided = False
+        elif decided is False:
+            decided = True
+            break
+    assert decided and s.every > 1, (decided, s.every)
+
+
 def test_the_sampler_decides_on_its_probe_not_on_unchecked_steps_of_long_ago() -> None:
     """Unchecked steps of an earlier, slower phase (another model, a bigger batch) must not make
     today's checks look free: a probe compares its own unchecked steps with recent checked ones."""

@@ -120,7 +120,14 @@ def toggle_clipping(instr: TrainingState) -> ActionResult:
 
 
 class Snapshots:
-    """In-memory last-good copies (CPU) of every model's and optimizer's state, bounded."""
+    """In-memory last-good copies (CPU) of every model's and optimizer's state, bounded.
+
+    GPU tensors are copied into pinned memory without waiting (stream order makes the copy see the
+    values of the step it was taken at): a synchronous copy per tensor stalled a launch-bound GPU run
+    for a step's time at every snapshot (session 12, H100: ~0.6% of the transformer's run at one
+    snapshot in 200 steps). The copy is waited for only when the snapshot is used."""
+
+    PINNED_MAX_BYTES = 1 << 30  # larger states are copied synchronously (pinning that much host memory hurts)
 
     def __init__(self, keep: int = 1) -> None:
         self.keep = max(1, keep)
@@ -130,20 +137,81 @@ class Snapshots:
         ms, opts = models(instr), optimizers(instr)
         if not ms and not opts:
             return None
-        snap = {
-            "step": instr.step, "time": time.time(),
-            "models": {n: _to_cpu(m.state_dict()) for n, m in ms.items()},
-            "optimizers": [_to_cpu(o.state_dict()) for o in opts],
-        }
+        states = {"models": {n: m.state_dict() for n, m in ms.items()}, "optimizers": [o.state_dict() for o in opts]}
+        copier = _AsyncCopier.for_state(states, self.PINNED_MAX_BYTES)
+        snap = {"step": instr.step, "time": time.time(), **_to_cpu(states, copier)}
+        if copier is not None:
+            snap["_ready"] = copier.finish()
         self.items.append(snap)
         del self.items[:-self.keep]
         return snap
 
     def latest(self) -> dict[str, Any] | None:
-        return self.items[-1] if self.items else None
+        """The newest snapshot, its copies complete."""
+        if not self.items:
+            return None
+        snap = self.items[-1]
+        ready = snap.pop("_ready", None)
+        if ready is not None:
+            ready()
+        return snap
 
 
-def _to_cpu(state: Any) -> Any:
+class _AsyncCopier:
+    """Copies CUDA tensors to pinned host memory on their current streams; ``finish`` returns a waiter."""
+
+    def __init__(self, torch: Any) -> None:
+        self.torch = torch
+        self.streams: dict[Any, Any] = {}
+
+    @classmethod
+    def for_state(cls, state: Any, max_bytes: int) -> _AsyncCopier | None:
+        import sys
+
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+            return None
+        tensors = _tensors(state, torch.Tensor)
+        if not any(t.is_cuda for t in tensors):
+            return None
+        if sum(t.numel() * t.element_size() for t in tensors if t.is_cuda) > max_bytes:
+            return None
+        return cls(torch)
+
+    def copy(self, t: Any) -> Any:
+        torch = self.torch
+        if not t.is_cuda or t.layout != torch.strided:
+            return t.to("cpu", copy=True)
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        if t.device not in self.streams:
+            self.streams[t.device] = torch.cuda.current_stream(t.device)
+        return host
+
+    def finish(self) -> Any:
+        events = []
+        for stream in self.streams.values():
+            event = self.torch.cuda.Event()
+            event.record(stream)
+            events.append(event)
+
+        def wait() -> None:
+            for event in events:
+                event.synchronize()
+        return wait
+
+
+def _tensors(state: Any, tensor_type: type) -> list[Any]:
+    if isinstance(state, tensor_type):
+        return [state]
+    if isinstance(state, dict):
+        return [t for v in state.values() for t in _tensors(v, tensor_type)]
+    if isinstance(state, (list, tuple)):
+        return [t for v in state for t in _tensors(v, tensor_type)]
+    return []
+
+
+def _to_cpu(state: Any, copier: _AsyncCopier | None = None) -> Any:
     torch_tensor = type(None)
     try:
         import torch
@@ -152,13 +220,14 @@ def _to_cpu(state: Any) -> Any:
     except Exception:  # pragma: no cover
         pass
     if isinstance(state, torch_tensor):
-        return state.detach().to("cpu", copy=True)
+        t = state.detach()
+        return copier.copy(t) if copier is not None else t.to("cpu", copy=True)
     if isinstance(state, dict):
-        return {k: _to_cpu(v) for k, v in state.items()}
+        return {k: _to_cpu(v, copier) for k, v in state.items()}
     if isinstance(state, list):
-        return [_to_cpu(v) for v in state]
+        return [_to_cpu(v, copier) for v in state]
     if isinstance(state, tuple):
-        return tuple(_to_cpu(v) for v in state)
+        return tuple(_to_cpu(v, copier) for v in state)
     return copy.deepcopy(state)
 
 
