@@ -1455,10 +1455,64 @@ def test_the_sampler_counts_the_periodic_heavier_checks_once_it_samples() -> Non
 
     every_light, cost_light = run(0.0)
     every_heavy, cost_heavy = run(0.002)  # the mean check costs 1.5 ms, the median one 1 ms
-    assert every_light in (10, 11) and cost_light <= 0.0205, (every_light, cost_light)
-    assert every_heavy >= 15 and cost_heavy <= 0.0205, (every_heavy, cost_heavy)
+    # (within 10% of the budget: each probe decides by medians, and the steady means correct it
+    # only RECHECK checked steps later; the medians alone gave 3%)
+    assert every_light in (10, 11) and cost_light <= 0.022, (every_light, cost_light)
+    assert every_heavy >= 15 and cost_heavy <= 0.022, (every_heavy, cost_heavy)
     every_paused, _ = run(0.0, pause_every=97)  # a 50 ms pause now and then is no check's cost
     assert every_paused == every_light, every_paused
+
+
+def test_a_probe_alternates_so_a_lag_after_the_checked_steps_does_not_make_checks_look_free() -> None:
+    """On an H100 the transformer's first probe, 16 unchecked steps right after 32 checked ones, found
+    the unchecked steps slower (6.3 against 5.2 ms): checks looked free, and every step was checked.
+    A lag that follows the first checked steps (the launch queue filling, the consumer folding their
+    records) must fall on checked and unchecked probe steps alike."""
+    from tui_debug.instrument.hooks import _Sampler
+
+    s = _Sampler(0.02)
+    s.fast_s = _Sampler.FAST_S_GPU
+    checked = True
+    for _ in range(300):
+        n = s.n + 1  # the step ending now
+        lag = 0.0013 if 33 <= n <= 48 else 0.0
+        checked = s.next(checked, 0.005 + lag + (0.0012 if checked else 0.0))
+    probe = s.decisions[0]
+    assert probe["kind"] == "probe" and probe["every"] >= 10, probe  # 1.2 ms on 5 ms at 2%: 1 in 12
+
+
+def test_a_probe_of_alternating_optimizers_times_each_of_them_both_ways() -> None:
+    """A GAN steps D and G in turn: a probe alternating one step at a time would check only one of
+    them and compare its steps with the other's. It alternates in runs of one step per optimizer."""
+    from tui_debug.instrument.hooks import _Sampler
+
+    for start in (0, 1):  # which optimizer's step the probe begins on
+        s = _Sampler(0.02)
+        s.fast_s = _Sampler.FAST_S_GPU
+        s.optimizers = 2
+        checked = True
+        for i in range(start, 400 + start):
+            base = 0.003 if i % 2 == 0 else 0.005  # D steps 3 ms, G steps 5 ms
+            checked = s.next(checked, base + (0.001 if checked else 0.0))
+        probe = s.decisions[0]
+        assert probe["kind"] == "probe" and 9 <= probe["every"] <= 17, (start, probe)  # 1 ms on ~4 ms at 2%
+
+
+def test_a_probe_that_finds_checks_free_is_repeated_soon() -> None:
+    """A probe misled into finding checks free would leave every step checked until the next one,
+    5,000 steps on: one that finds them free is repeated after 256 steps (then 512, ...)."""
+    from tui_debug.instrument.hooks import _Sampler
+
+    s = _Sampler(0.02)
+    s.fast_s = _Sampler.FAST_S_GPU
+    checked = True
+    for _ in range(400):
+        # the first probe's unchecked steps are slowed by something else: checks look free
+        slow = 0.002 if s.probe_left > 0 and not checked and not s.decisions else 0.0
+        checked = s.next(checked, 0.005 + slow + (0.0012 if checked else 0.0))
+    kinds = [(d["kind"], d["every"]) for d in s.decisions]
+    assert kinds[0] == ("probe", 1) and ("probe", 1) != kinds[1] and kinds[1][1] >= 10, kinds
+    assert s.decisions[1]["step"] - s.decisions[0]["step"] <= _Sampler.FREE_REPROBE + 2 * _Sampler.PROBE, kinds
 
 
 def test_a_probe_cut_by_a_re_install_starts_again() -> None:
@@ -1473,7 +1527,7 @@ def test_a_probe_cut_by_a_re_install_starts_again() -> None:
         checked = s.next(checked, 0.006 if checked else 0.005)
     s.next(checked, 0.005)
     s.restart_probe()
-    assert s.probe_left == 0 and s.next_probe == s.n + _Sampler.PROBE + 2  # a fresh timing window first
+    assert s.probe_left == 0 and s.next_probe == s.n + 2  # a fresh timing window (one step) first
     decided = None
     for _ in range(4 * _Sampler.PROBE):
         checked = s.next(checked, 0.006 if checked else 0.005)

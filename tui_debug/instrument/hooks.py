@@ -137,11 +137,18 @@ class _Sampler:
     Normal steps are all checked. Fast ones are eligible: under ``FAST_S`` (1 ms) on the CPU, where a
     check's cost grows with the step's data and is only a large share of very fast steps; under
     ``FAST_S_GPU`` (10 ms) when the parameters are on a GPU, where a check costs a fixed ~0.3-1 ms of
-    kernel launches and Python whatever the step. For those it measures the step time with and
-    without checks (medians of recent steps: robust to an evaluation pass or a GC pause; then, while
-    sampling, means that count the periodic heavier checks, see ``_decide``) and, only
-    when a check costs more than ``budget``, checks every k-th step (k <= 64). A non-finite value seen
-    switches back to checking every step. ``budget`` 0 disables sampling.
+    kernel launches and Python whatever the step. For those a probe times steps with and without
+    checks, alternately (medians: robust to an evaluation pass or a GC pause; then, while sampling,
+    means that count the periodic heavier checks, see ``_decide``) and, only when a check costs more
+    than ``budget``, checks every k-th step (k <= 64). A probe that finds checks cheap is repeated
+    soon (after 256 steps, then 512... up to REPROBE): a wrong verdict would check every step for
+    long. A non-finite value seen switches back to checking every step. ``budget`` 0 disables sampling.
+
+    Alternating, not a run of unchecked steps after a run of checked ones: on an H100 (session 12) the
+    transformer's unchecked steps of such a probe, early in the run, were slower than the checked
+    steps before them (6.3 ms against 5.2 ms by both clocks), so checks looked free and every step
+    was checked: whatever drifts or lags (the launch queue filling, the consumer folding the checked
+    steps' records) now falls on both kinds alike.
 
     On a GPU the host's clock alone misleads: until the launch queue fills (the first tens of steps, or
     a whole short run) the host runs ahead, and a step "takes" its launch time, not the GPU's. So the
@@ -150,8 +157,9 @@ class _Sampler:
     """
 
     WARMUP = 32  # checked steps before the first probe
-    PROBE = 16  # unchecked steps per probe
+    PROBE = 16  # unchecked steps per probe (and as many checked ones, alternately)
     REPROBE = 5000  # steps between probes
+    FREE_REPROBE = 256  # steps to the next probe after one found checks cheap (doubling to REPROBE)
     FAST_S = 0.001  # only steps faster than this are ever sampled (parameters on the CPU)
     FAST_S_GPU = 0.01  # the same, parameters on a GPU
     MAX_EVERY = 64
@@ -167,18 +175,24 @@ class _Sampler:
         self.fast_s = self.FAST_S
         self.slow_checked = 0  # consecutive checked steps slower than 2 x fast_s
         self.probe_left = 0
+        self.probe_obs: list[float] = []  # the probe's checked step times
+        self.probe_run = 1  # steps of one kind in a row, in a probe (one per optimizer)
+        self.probe_total = 0
         self.next_probe = self.WARMUP
+        self.free_reprobe = self.FREE_REPROBE
+        self.steady_share: float | None = None  # a check's share of a step, as the last steady decision measured
         self.quiet_until = 0
         self.since_decision = 0  # checked steps since the last decision
+        self.decisions: collections.deque[dict[str, Any]] = collections.deque(maxlen=32)  # (the report's)
         # () -> (checked, unchecked) GPU step times of the timed window (see ``timed``), or None
         self.gpu_durations: Callable[[], tuple[list[float], list[float]]] | None = None
 
     def timed(self) -> bool:
-        """Whether the step ending now is in a probe's timing window: the PROBE checked steps before
-        it (plus one, the first's start) and the probe's own."""
+        """Whether the step ending now is in a probe's timing window: the probe's steps, and the one
+        before (its end is the first's start)."""
         if self.budget <= 0:
             return False
-        return self.probe_left > 0 or self.next_probe - self.PROBE - 1 <= self.n + 1 <= self.next_probe
+        return self.probe_left > 0 or self.n + 1 >= self.next_probe
 
     def alarm(self) -> None:
         self.every = 1
@@ -201,6 +215,7 @@ class _Sampler:
                     # every step until the next REPROBE).
                     self.every = 1
                     self.recent_obs.clear()
+                    self.steady_share = None  # another regime: its checks are measured afresh
                     self.next_probe = max(n + self.WARMUP, self.quiet_until)
             else:
                 self.slow_checked = 0
@@ -209,17 +224,24 @@ class _Sampler:
         if self.budget <= 0:
             return True
         if self.probe_left > 0:
+            if observed and duration > 0:
+                self.probe_obs.append(duration)
             self.probe_left -= 1
             if self.probe_left == 0:
                 self._decide()
                 self.since_decision = 0
                 return True
-            return False
+            # unchecked, checked, unchecked, ...: in runs of one step per optimizer (a GAN's D and G
+            # steps alternate, and would otherwise each be measured one way only)
+            i = self.probe_total - self.probe_left  # the next step's place in the probe
+            return (i // self.probe_run) % 2 == 1
         if n >= self.next_probe:
             self.next_probe = n + self.REPROBE
             if self.recent_obs and _median(self.recent_obs) < self.fast_s and n >= self.quiet_until:
-                self.probe_left = self.PROBE
-                self.recent_skip.clear()  # the decision compares with this probe's steps, not older ones
+                self.probe_run = max(1, min(4, self.optimizers))
+                self.probe_left = self.probe_total = 2 * self.PROBE * self.probe_run
+                self.probe_obs = []
+                self.recent_skip.clear()  # the decision compares this probe's steps, not older ones
                 return False
         every = self.every
         if every == 1:
@@ -235,36 +257,64 @@ class _Sampler:
     def restart_probe(self) -> None:
         """After a gap (the instrumentation re-installed): a probe under way would compare steps
         from either side of it, so it starts again once a new timing window has filled."""
-        if self.probe_left > 0 or self.next_probe - self.PROBE - 1 <= self.n + 1 <= self.next_probe:
+        if self.probe_left > 0 or self.n + 1 >= self.next_probe:
             self.probe_left = 0
-            self.next_probe = max(self.n + self.PROBE + 2, self.quiet_until)
+            self.next_probe = max(self.n + 2, self.quiet_until)
 
     def _decide(self, steady: bool = False) -> None:
-        """A probe's decision compares medians (the checked steps before it may include the run's
-        first, slow ones) and, on a GPU, the larger of the host's and the GPU's clocks. ``steady``:
+        """A probe's decision compares the medians of its checked and unchecked steps and, on a GPU,
+        takes the larger of the host's and the GPU's clocks for each. ``steady``:
         while sampling, once every RECHECK checked steps, the decision is made again from the means
         of the latest steps (up to 3x their median), which count the periodic heavier checks
         (activation statistics, update ratios, snapshots): by medians alone the sampler took checks
         for 25-45% cheaper than they were (session 12)."""
         if not self.recent_obs or not self.recent_skip:
             self.every = 1
+            if not steady:
+                self.next_probe = self.n + self.free_reprobe
             return
+        record: dict[str, Any] = {"step": self.n, "kind": "steady" if steady else "probe"}
         if steady:
             d_obs, d_skip = _typical_mean(self.recent_obs), _typical_mean(self.recent_skip)
         else:
-            d_obs, d_skip = _median(self.recent_obs), _median(self.recent_skip)
+            d_obs, d_skip = _median(self.probe_obs or self.recent_obs), _median(self.recent_skip)
             gpu_obs, gpu_skip = self.gpu_durations() if self.gpu_durations is not None else ([], [])
             if len(gpu_obs) >= 4 and len(gpu_skip) >= 4:
+                record.update(gpu_checked_s=_median(gpu_obs), gpu_unchecked_s=_median(gpu_skip))
                 d_obs = max(d_obs, _median(gpu_obs))
                 d_skip = max(d_skip, _median(gpu_skip))
-        if d_skip <= 0:
-            self.every = 1
-            return
-        cost = max(0.0, d_obs - d_skip)
-        every = max(1, min(self.MAX_EVERY, math.ceil(cost / (self.budget * d_skip))))
-        if every > 1 and self.optimizers > 1 and every % 2 == 0:
-            every += 1  # alternating optimizers (GANs): an odd stride checks each of them in turn
+        every = 1
+        if d_skip > 0:
+            share = max(0.0, d_obs - d_skip) / d_skip  # a check's cost, as a share of a step
+            if steady:
+                self.steady_share = share
+            elif self.steady_share is not None and self.steady_share > share:
+                # Alternating steps, a probe misses what a check leaves to the step after it (the
+                # toy: checks 60 us against 96 us in steady sampling): the last steady figure stands
+                # until the next steady decision shows otherwise
+                record["steady_share"] = self.steady_share
+                share = self.steady_share
+            every = max(1, min(self.MAX_EVERY, math.ceil(share / self.budget)))
+            if every > 1 and self.optimizers > 1 and every % 2 == 0:
+                every += 1  # alternating optimizers (GANs): an odd stride checks each of them in turn
         self.every = every
+        if not steady:
+            if every == 1:  # checks look cheap: look again soon, in case this probe was misled
+                self.next_probe = self.n + self.free_reprobe
+                self.free_reprobe = min(self.REPROBE, 2 * self.free_reprobe)
+            else:
+                self.free_reprobe = self.FREE_REPROBE
+        record.update(checked_s=d_obs, unchecked_s=d_skip, every=every)
+        self.decisions.append(record)  # complete before another thread can see it
+
+    def summary(self) -> dict[str, Any]:
+        """For the report (read from another thread: a copy, retried if an append races it)."""
+        for _ in range(3):
+            try:
+                return {"budget": self.budget, "every": self.every, "decisions": list(self.decisions)}
+            except RuntimeError:  # deque mutated during iteration
+                continue
+        return {"budget": self.budget, "every": self.every, "decisions": []}
 
 
 class Instrumentation:
@@ -1437,6 +1487,10 @@ class Instrumentation:
         self._known_modules.update(self._module_names)
         self._generation += 1
 
+    def sampler_summary(self) -> dict[str, Any]:
+        """The sampler's budget, stride and latest decisions (with the step times they compared)."""
+        return self._sampler.summary()
+
     def models(self) -> dict[str, Any]:
         """The script's root models by name (loss functions excluded)."""
         out = {}
@@ -1723,7 +1777,7 @@ class Instrumentation:
         if marks and marks[-1][0] != self._sampler.n:  # a window with no probe after it (slow steps): stale
             marks.clear()
         marks.append((self._sampler.n + 1, observed, event, st.devices[0]))
-        if len(marks) > 2 * _Sampler.PROBE + 2:
+        if len(marks) > 8 * _Sampler.PROBE + 2:  # a probe: up to 2 x PROBE x 4 steps (see probe_run)
             del marks[0]
 
     def _gpu_durations(self) -> tuple[list[float], list[float]]:
