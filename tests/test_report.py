@@ -196,12 +196,17 @@ def test_the_report_says_how_many_steps_were_checked(tmp_path: Path, sample: boo
     validate(report)
     steps, checked = report["summary"]["steps"], report["performance"]["checked_steps"]
     assert steps == 3000
+    sampler = report["performance"]["sampler"]  # why: the decisions, with the step times they compared
     if sample:
         assert 32 <= checked < steps // 2, checked
         assert f"(exit 0; {checked} checked: fast steps are sampled)" in proc.stderr
+        probe = sampler["decisions"][0]
+        assert probe["kind"] == "probe" and 32 <= probe["step"] < steps and probe["every"] > 1, sampler
+        assert probe["checked_s"] > probe["unchecked_s"] > 0, probe
     else:
         assert checked == steps
         assert "sampled" not in proc.stderr
+        assert sampler["budget"] == 0 and sampler["every"] == 1 and not sampler["decisions"], sampler
 
 
 def test_step_times_folded_in_bulk_match_one_by_one() -> None:

@@ -184,6 +184,7 @@ class _Sampler:
         self.quiet_until = 0
         self.since_decision = 0  # checked steps since the last decision
         self.decisions: collections.deque[dict[str, Any]] = collections.deque(maxlen=32)  # (the report's)
+        self.run_step: Callable[[], int] = lambda: self.n  # the run's step (n counts every optimizer's)
         # () -> (checked, unchecked) GPU step times of the timed window (see ``timed``), or None
         self.gpu_durations: Callable[[], tuple[list[float], list[float]]] | None = None
 
@@ -273,7 +274,7 @@ class _Sampler:
             if not steady:
                 self.next_probe = self.n + self.free_reprobe
             return
-        record: dict[str, Any] = {"step": self.n, "kind": "steady" if steady else "probe"}
+        record: dict[str, Any] = {"step": self.run_step(), "kind": "steady" if steady else "probe"}
         if steady:
             d_obs, d_skip = _typical_mean(self.recent_obs), _typical_mean(self.recent_skip)
         else:
@@ -488,6 +489,7 @@ class Instrumentation:
         self._act_kinds: dict[type, str] = {}
         self._sampler = _Sampler(config.max_overhead if config.sample_fast_steps else 0.0)
         self._sampler.gpu_durations = self._gpu_durations
+        self._sampler.run_step = lambda: self.step
         self._gpu_marks: list[tuple[int, bool, Any, Any]] = []  # (sampler step, checked, CUDA event) in a probe window
 
     # -- install / uninstall --------------------------------------------------------------
