@@ -1498,6 +1498,22 @@ def test_a_probe_of_alternating_optimizers_times_each_of_them_both_ways() -> Non
         assert probe["kind"] == "probe" and 9 <= probe["every"] <= 17, (start, probe)  # 1 ms on ~4 ms at 2%
 
 
+def test_steps_that_become_fast_are_sampled_soon_after() -> None:
+    """Steps that start slow (warm-up, autotuning) or sit at the threshold (a 0.95 ms GAN step) are
+    looked at again a few hundred steps on, not 5,000: until then every step pays for its checks."""
+    from tui_debug.instrument.hooks import _Sampler
+
+    s = _Sampler(0.02)
+    checked, first_sampled = True, None
+    for i in range(3000):
+        base = 0.0012 if i < 1000 else 0.0006  # 1.2 ms, then 0.6 ms steps; checks cost 0.3 ms
+        checked = s.next(checked, base + (0.0003 if checked else 0.0))
+        if i >= 1000 and not checked and first_sampled is None:
+            first_sampled = i
+    assert first_sampled is not None and first_sampled < 1000 + 2 * _Sampler.FREE_REPROBE, first_sampled
+    assert s.every > 1
+
+
 def test_a_probe_that_finds_checks_free_is_repeated_soon() -> None:
     """A probe misled into finding checks free would leave every step checked until the next one,
     5,000 steps on: one that finds them free is repeated after 256 steps (then 512, ...)."""

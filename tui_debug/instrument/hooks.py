@@ -159,7 +159,8 @@ class _Sampler:
     WARMUP = 32  # checked steps before the first probe
     PROBE = 16  # unchecked steps per probe (and as many checked ones, alternately)
     REPROBE = 5000  # steps between probes
-    FREE_REPROBE = 256  # steps to the next probe after one found checks cheap (doubling to REPROBE)
+    FREE_REPROBE = 256  # steps to the next probe after one found checks cheap (doubling to REPROBE), or
+    # to the next look when the steps were not fast enough for a probe
     FAST_S = 0.001  # only steps faster than this are ever sampled (parameters on the CPU)
     FAST_S_GPU = 0.01  # the same, parameters on a GPU
     MAX_EVERY = 64
@@ -237,8 +238,11 @@ class _Sampler:
             i = self.probe_total - self.probe_left  # the next step's place in the probe
             return (i // self.probe_run) % 2 == 1
         if n >= self.next_probe:
-            self.next_probe = n + self.REPROBE
+            # Steps too slow to sample (or too soon after a non-finite value): look again in a few
+            # hundred steps, not 5,000 (steps speed up after warm-up; a 1 ms step is borderline)
+            self.next_probe = n + self.FREE_REPROBE
             if self.recent_obs and _median(self.recent_obs) < self.fast_s and n >= self.quiet_until:
+                self.next_probe = n + self.REPROBE
                 self.probe_run = max(1, min(4, self.optimizers))
                 self.probe_left = self.probe_total = 2 * self.PROBE * self.probe_run
                 self.probe_obs = []
