@@ -74,13 +74,21 @@ def run_ui(workload, extra, env):
     raise RuntimeError(f"{' '.join(cmd)} gave no BENCH line (exit {proc.returncode})")
 
 
+def checked_share(out_dir):
+    """"checked/steps" from the run's report (fast steps are sampled: how many were checked)."""
+    with open(os.path.join(out_dir, "report.json"), encoding="utf-8") as fh:
+        report = json.load(fh)
+    return f"{report['performance']['checked_steps']}/{report['summary']['steps']}"
+
+
 def run(mode, workload, extra=()):
     env = dict(os.environ, OMP_NUM_THREADS="1", **ENV)
     if mode == "ui":
         return run_ui(workload, extra, env)
+    out_dir = None
     if mode == "monitor":
-        out = tempfile.mkdtemp(prefix="tui_debug_bench_")
-        cmd = [sys.executable, "-m", "tui_debug", "--headless", "--out", out, WORKLOADS, workload, *extra]
+        out_dir = tempfile.mkdtemp(prefix="tui_debug_bench_")
+        cmd = [sys.executable, "-m", "tui_debug", "--headless", "--out", out_dir, WORKLOADS, workload, *extra]
     else:
         cmd = [sys.executable, WORKLOADS, workload, *extra]
         if mode == "anomaly":
@@ -88,7 +96,10 @@ def run(mode, workload, extra=()):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH "):
-            return json.loads(line[6:])
+            out = json.loads(line[6:])
+            if mode == "monitor":
+                out["checked"] = checked_share(out_dir)
+            return out
     raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
 
 
@@ -113,13 +124,14 @@ def main():
     print(f"{'workload':<12} {'plain step':>11} {'headless':>9} {'(on/off)':>9} {'target':>7} {'UI':>7} "
           f"{'(on/off)':>9} {'target':>7} {'detect_anomaly':>15}")
     for w in args.workloads.split(","):
-        ratios, ab, ui, ui_ab, anomaly, plain, noise, ui_gc = [], [], [], [], [], [], [], []
+        ratios, ab, ui, ui_ab, anomaly, plain, noise, ui_gc, checked = [], [], [], [], [], [], [], [], []
         for _ in range(args.rounds):
             a = run("plain", w, dev)
             b = run("monitor", w, dev)
             noise.append(run("plain", w, dev)["step_s"] / a["step_s"])
             plain.append(a["step_s"])
             ratios.append(b["step_s"] / a["step_s"])
+            checked.append(b["checked"])
             ab.append(run("monitor", w, ab_args[w] + dev)["ab_ratio"])
             if args.ui:
                 c = run("ui", w, dev)
@@ -135,7 +147,7 @@ def main():
         print(f"{w:<12} {med(plain) * 1e3:>9.3f}ms {med(ratios):>8.3f}x {med(ab):>8.3f}x {TARGETS[w]:>6.2f}x "
               f"{u:>7} {uab:>9} {UI_TARGETS[w]:>6.2f}x {an:>15}   (headless ratios: "
               f"{', '.join(f'{r:.3f}' for r in ratios)}; on/off: {', '.join(f'{r:.3f}' for r in ab)}; "
-              f"plain/plain noise: {', '.join(f'{r:.3f}' for r in noise)}"
+              f"plain/plain noise: {', '.join(f'{r:.3f}' for r in noise)}; checked steps: {', '.join(checked)}"
               + (f"; UI: {', '.join(f'{r:.3f}' for r in ui)}, UI on/off: {', '.join(f'{r:.3f}' for r in ui_ab)}, "
                  f"UI runs' GC ms: {', '.join(f'{g:.0f}' for g in ui_gc)}" if ui else "") + ")", flush=True)
     if args.memory:

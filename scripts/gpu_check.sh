@@ -10,8 +10,10 @@
 # and prints, for information, what is named when the non-finite step is a sub-millisecond one.
 # Usage: scripts/gpu_check.sh [--bench]   (prints PASS/FAIL/INFO lines; exit status 0 when all pass)
 #   --bench  then the monitor's per-step cost in one process (bench/modes.py: off / sampled / every step
-#            checked, ~1 minute) and the overhead benchmark on the GPU (bench/overhead.py --device cuda,
-#            ~5 minutes a round for the two workloads).
+#            checked, ~1 minute) and the headless overhead benchmark on the GPU (bench/overhead.py --device
+#            cuda, 2 rounds, ~4 minutes, with each monitored run's checked/steps): the whole check with
+#            --bench fits a 15-minute GPU lease with the machine's start (session 12: ~2 minutes
+#            without --bench).
 # textual is not in every CUDA image: install it (and its pure-Python dependencies) first, e.g. from wheels.
 set -u
 cd "$(dirname "$0")/.."
@@ -185,7 +187,7 @@ sys.exit(0 if ok else 1)
 PY
 rc=$?
 if [ "${1:-}" = "--bench" ]; then
-    "$PY" -m tui_debug --headless --out "$(mktemp -d)" bench/modes.py transformer cnn --device cuda || rc=1
-    "$PY" bench/overhead.py --device cuda --rounds 3 --workloads cnn,transformer --ui --no-anomaly || rc=1
+    "$PY" -m tui_debug --headless --out "$(mktemp -d)" bench/modes.py transformer cnn --device cuda --rounds 8 --steps 150 || rc=1
+    "$PY" bench/overhead.py --device cuda --rounds 2 --workloads transformer,cnn --no-anomaly || rc=1
 fi
 exit $rc
