@@ -1514,6 +1514,26 @@ def test_steps_that_become_fast_are_sampled_soon_after() -> None:
     assert s.every > 1
 
 
+def test_a_later_probe_does_not_undercut_the_steady_figure() -> None:
+    """Part of a check's cost falls on the step after it (the toy: a probe measured 60 us where steady
+    sampling measured 96 us). Alternating, a probe charges that part to its unchecked steps and takes
+    checks for cheaper than they are; the last steady figure stands until the next steady decision."""
+    from tui_debug.instrument.hooks import _Sampler
+
+    s = _Sampler(0.02)
+    s.fast_s = _Sampler.FAST_S_GPU
+    checked, after_check = True, False
+    for _ in range(12_000):
+        duration = 0.005 + (0.001 if checked else 0.0) + (0.0005 if after_check else 0.0)
+        after_check = checked
+        checked = s.next(checked, duration)
+    probes = [d for d in s.decisions if d["kind"] == "probe"]
+    steady = [d for d in s.decisions if d["kind"] == "steady"]
+    assert len(probes) >= 2 and steady, s.decisions
+    assert probes[0]["every"] < steady[0]["every"], (probes[0], steady[0])  # the first probe: too cheap
+    assert probes[1]["every"] >= steady[0]["every"] - 1, (probes[1], steady)
+
+
 def test_a_probe_that_finds_checks_free_is_repeated_soon() -> None:
     """A probe misled into finding checks free would leave every step checked until the next one,
     5,000 steps on: one that finds them free is repeated after 256 steps (then 512, ...)."""
