@@ -140,7 +140,7 @@ class _Sampler:
     kernel launches and Python whatever the step. For those a probe times steps with and without
     checks, alternately (medians: robust to an evaluation pass or a GC pause; then, while sampling,
     means that count the periodic heavier checks, see ``_decide``) and, only when a check costs more
-    than ``budget``, checks every k-th step (k <= 64). A probe that finds checks cheap is repeated
+    than ``budget``, checks every k-th step (k <= 256). A probe that finds checks cheap is repeated
     soon (after 256 steps, then 512... up to REPROBE): a wrong verdict would check every step for
     long. A non-finite value seen switches back to checking every step. ``budget`` 0 disables sampling.
 
@@ -163,7 +163,8 @@ class _Sampler:
     # to the next look when the steps were not fast enough for a probe
     FAST_S = 0.001  # only steps faster than this are ever sampled (parameters on the CPU)
     FAST_S_GPU = 0.01  # the same, parameters on a GPU
-    MAX_EVERY = 64
+    MAX_EVERY = 256
+    SPILL = 3  # unchecked steps after a check whose extra time is the check's (see ``_decide``)
     RECHECK = 64  # checked steps between steady decisions (the window of recent checked steps)
 
     def __init__(self, budget: float) -> None:
@@ -172,7 +173,9 @@ class _Sampler:
         self.every = 1
         self.n = 0
         self.recent_obs: collections.deque[float] = collections.deque(maxlen=64)
-        self.recent_skip: collections.deque[float] = collections.deque(maxlen=64)
+        self.recent_skip: collections.deque[float] = collections.deque(maxlen=64)  # (not just after a check)
+        self.recent_after = [collections.deque(maxlen=64) for _ in range(self.SPILL)]  # 1, 2, 3 steps after one
+        self.since_check = 0  # unchecked steps since the last checked one
         self.fast_s = self.FAST_S
         self.slow_checked = 0  # consecutive checked steps slower than 2 x fast_s
         self.probe_left = 0
@@ -205,6 +208,7 @@ class _Sampler:
     def next(self, observed: bool, duration: float) -> bool:
         """Record the step that ended (its time, boundary to boundary); return whether the next is checked."""
         n = self.n = self.n + 1
+        after = self.since_check = 0 if observed else self.since_check + 1
         if duration <= 0:  # the first step after an install has no start: nothing to record
             pass
         elif observed:
@@ -217,10 +221,14 @@ class _Sampler:
                     # every step until the next REPROBE).
                     self.every = 1
                     self.recent_obs.clear()
+                    for q in self.recent_after:
+                        q.clear()
                     self.steady_share = None  # another regime: its checks are measured afresh
                     self.next_probe = max(n + self.WARMUP, self.quiet_until)
             else:
                 self.slow_checked = 0
+        elif after <= self.SPILL and self.probe_left == 0 and self.every > 2 * self.SPILL:
+            self.recent_after[after - 1].append(duration)  # (a probe's alternate steps: see _decide)
         else:
             self.recent_skip.append(duration)
         if self.budget <= 0:
@@ -247,6 +255,8 @@ class _Sampler:
                 self.probe_left = self.probe_total = 2 * self.PROBE * self.probe_run
                 self.probe_obs = []
                 self.recent_skip.clear()  # the decision compares this probe's steps, not older ones
+                for q in self.recent_after:
+                    q.clear()
                 return False
         every = self.every
         if every == 1:
@@ -272,15 +282,22 @@ class _Sampler:
         while sampling, once every RECHECK checked steps, the decision is made again from the means
         of the latest steps (up to 3x their median), which count the periodic heavier checks
         (activation statistics, update ratios, snapshots): by medians alone the sampler took checks
-        for 25-45% cheaper than they were (session 12)."""
+        for 25-45% cheaper than they were (session 12). A steady decision also charges a check with
+        what the SPILL unchecked steps after it take over the others (its garbage, caches it cooled):
+        on the toy a check took 176 us on its own step and 45 us more on the next three, so checks
+        cost 2.5% on a 2% budget."""
         if not self.recent_obs or not self.recent_skip:
             self.every = 1
             if not steady:
                 self.next_probe = self.n + self.free_reprobe
             return
         record: dict[str, Any] = {"step": self.run_step(), "kind": "steady" if steady else "probe"}
+        spill = 0.0
         if steady:
             d_obs, d_skip = _typical_mean(self.recent_obs), _typical_mean(self.recent_skip)
+            spill = sum(_typical_mean(q) - d_skip for q in self.recent_after if q)
+            if spill:
+                record["spill_s"] = spill
         else:
             d_obs, d_skip = _median(self.probe_obs or self.recent_obs), _median(self.recent_skip)
             gpu_obs, gpu_skip = self.gpu_durations() if self.gpu_durations is not None else ([], [])
@@ -290,7 +307,7 @@ class _Sampler:
                 d_skip = max(d_skip, _median(gpu_skip))
         every = 1
         if d_skip > 0:
-            share = max(0.0, d_obs - d_skip) / d_skip  # a check's cost, as a share of a step
+            share = max(0.0, d_obs + spill - d_skip) / d_skip  # a check's cost, as a share of a step
             if steady:
                 self.steady_share = share
             elif self.steady_share is not None and self.steady_share > share:
@@ -740,7 +757,9 @@ class Instrumentation:
 
     def _set_forward_hooks(self, on: bool) -> None:
         """Module calls observed only while a step is checked: a sampled-out step's calls go straight
-        to torch (one flag test in the wrapper)."""
+        to torch (one flag test in the wrapper). Not by taking the wrapper out: assigning
+        nn.Module.__call__ updates the call slot of every subclass (62 us for two swaps with torch's
+        120 loaded, more with a model zoo's), which costs more than it saves."""
         if on and not self._fwd_on and self._installed:
             self._fwd_on = True
         elif not on and self._fwd_on:
