@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -160,6 +161,33 @@ def test_bounded_store_evicts_warnings_for_errors(make_tracker) -> None:
     assert {e.error_id for e in tracker.snapshot()} == {e0.error_id, e1.error_id, e2.error_id}
     assert all(e.severity is E for e in tracker.snapshot())
     assert tracker.get_error_summary()["dropped_errors"] == 4
+
+
+def test_a_full_store_of_errors_still_takes_a_critical_finding_and_coalesces_what_it_drops(make_tracker) -> None:
+    tracker = make_tracker(max_errors=3)
+    errors = [tracker.track_error(f"error {i}", E, ErrorCategory.TRAINING_ERROR, step=i) for i in range(3)]
+    logged: list[str] = []
+    tracker.logger.addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: logged.append(r.getMessage())})())
+    for step in range(5):
+        tracker.track_error("NaN loss", ErrorSeverity.CRITICAL, ErrorCategory.LOSS_ERROR, step=step)
+    kept = tracker.snapshot()
+    assert [e.message for e in kept] == ["error 0", "error 1", "NaN loss"]  # the first errors (the cause) stay
+    assert kept[-1].count == 5 and (kept[-1].first_step, kept[-1].last_step) == (0, 4)
+    for step in range(5, 10):
+        tracker.track_error("error 2", E, ErrorCategory.TRAINING_ERROR, step=step)  # the one it displaced
+    assert errors[2].count == 6 and errors[2].last_step == 9  # repeats coalesce on the dropped entry
+    assert len([m for m in logged if "error 2" in m]) == 0  # ... without a log line each
+    summary = tracker.get_error_summary()
+    assert summary["dropped_errors"] == 1 and summary["total_errors"] == 13
+
+
+def test_no_console_and_no_file_output_prints_nothing(capfd: pytest.CaptureFixture[str]) -> None:
+    config = DebugConfig(enable_console_output=False, enable_file_output=False)
+    tracker = ErrorTracker(config)
+    tracker.track_error("should be silent", E, ErrorCategory.TRAINING_ERROR)
+    tracker.stop()
+    out, err = capfd.readouterr()
+    assert "should be silent" not in out + err
 
 
 def test_log_files_rotate(tmp_path: Path) -> None:

@@ -154,6 +154,7 @@ class ErrorTracker:
         self.config = config or DebugConfig()
         self._lock = threading.RLock()
         self._by_key: dict[str, ErrorInfo] = {}
+        self._dropped: dict[str, ErrorInfo] = {}  # findings the full store could not keep: repeats coalesce here
         self.errors: list[ErrorInfo] = []  # insertion order; bounded by config.max_errors
         self.error_counts: collections.Counter[str] = collections.Counter()
         self.severity_counts: collections.Counter[str] = collections.Counter()
@@ -194,6 +195,8 @@ class ErrorTracker:
             self.logger.addHandler(logging.handlers.QueueHandler(q))
             self._listener = logging.handlers.QueueListener(q, *handlers, respect_handler_level=True)
             self._listener.start()
+        else:  # no output asked for: without a handler, logging's last resort would print to stderr
+            self.logger.addHandler(logging.NullHandler())
 
     def set_console_output(self, enabled: bool) -> None:
         """The CLI prints findings itself; it turns the tracker's console handler off."""
@@ -242,6 +245,8 @@ class ErrorTracker:
             self.error_counts[category.value] += 1
             self.severity_counts[severity.value] += 1
             info = self._by_key.get(key)
+            if info is None:
+                info = self._dropped.get(key)
             is_new = info is None
             if info is not None:
                 info.count += 1
@@ -259,10 +264,12 @@ class ErrorTracker:
                     user_data=dict(user_data or {}), step=step, first_step=step, last_step=step,
                     key=key, recommendation=recommendation)
                 if len(self.errors) >= self.config.max_errors:
-                    self._evict_one()
+                    self._evict_one(severity)
                 if len(self.errors) < self.config.max_errors:
                     self.errors.append(info)
                     self._by_key[key] = info
+                else:
+                    self._drop(info)
             listeners = list(self._listeners)
         if is_new or info.count in (10, 100, 1000) or info.count % 10_000 == 0:
             self.logger.log(severity.log_level, "%s", info.one_line())
@@ -280,17 +287,24 @@ class ErrorTracker:
                 self.logger.exception("recovery for %s failed", info.error_id)
         return info
 
-    def _evict_one(self) -> None:
-        """Make room: drop the oldest entry of the lowest severity below ERROR; never an error."""
-        for rank in range(ErrorSeverity.ERROR.rank):
-            for i, info in enumerate(self.errors):
-                if info.severity.rank == rank:
-                    del self.errors[i]
-                    self._by_key.pop(info.key or "", None)
-                    self.dropped_errors += 1
+    def _evict_one(self, severity: ErrorSeverity) -> None:
+        """Make room for a finding of ``severity``: give up the oldest entry of the lowest severity
+        below it (a warning may also give way to a newer warning); a critical finding may take the
+        latest error's place (the first errors, usually the cause, stay). Otherwise keep them all."""
+        rank, error = severity.rank, ErrorSeverity.ERROR.rank
+        errors = self.errors
+        for r in range(rank + 1) if rank < error else range(rank):
+            for i in range(len(errors)) if r < error else range(len(errors) - 1, -1, -1):
+                if errors[i].severity.rank == r:
+                    self._drop(errors.pop(i))
                     return
-        # Only errors left: keep them all, count the new one as dropped (counts stay exact).
+
+    def _drop(self, info: ErrorInfo) -> None:
+        """Not kept in the store, still counted: its repeats coalesce on it (no new log line each)."""
+        self._by_key.pop(info.key or "", None)
         self.dropped_errors += 1
+        if len(self._dropped) < 4 * self.config.max_errors:
+            self._dropped[info.key or ""] = info
 
     def resolve(self, key: str, action: str | None = None) -> ErrorInfo | None:
         """Mark a finding as no longer holding (optionally with the action that fixed it)."""
