@@ -148,3 +148,48 @@ def test_the_consumer_lets_a_waiting_thread_take_the_gil_while_it_folds_steps() 
         tracker.stop()
     assert session.steps == 400
     assert during > 0, "the consumer held the GIL through the whole batch"
+
+
+def test_a_bias_converging_to_zero_does_not_make_the_learning_rate_look_too_large() -> None:
+    """A noise-free least-squares fit: the weight converges to its target, the bias to ~0, so the bias
+    moves many times its own size each step while the weight moves ~1e-3 of its. The update ratio is
+    taken over weight matrices: the median of the two made a healthy run's rate look 'far too large'
+    (and --recover auto halved it)."""
+    import torch
+
+    from tui_debug.config import DebugConfig
+    from tui_debug.detectors.trends import UpdateRatio
+    from tui_debug.events import StepRecord
+    from tui_debug.instrument.hooks import Instrumentation
+
+    config = DebugConfig(update_ratio_every=1, sample_fast_steps=False)
+    batches: list = []
+    inst = Instrumentation(config, batches.append)
+    inst.install(torch)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        x = torch.randn(64, 4)
+        w = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
+        y = x @ w.T
+        with torch.no_grad():  # near the fit already: the weight's updates are small from the start
+            model.weight.copy_(w + 0.01)
+            model.bias.fill_(0.01)
+        for _ in range(400):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        bias = abs(float(model.bias))
+        inst.finish()
+    finally:
+        inst.uninstall()
+    assert bias < 1e-4  # converged: any step moves it by a large share of its size
+    records = [e for b in batches for e in b if isinstance(e, StepRecord) and e.update_ratios]
+    assert len(records) > 300 and all([n for n, _ in r.update_ratios] == ["model.weight"] for r in records)
+    detector = UpdateRatio(config)
+    keys = []
+    for r in records:
+        detector.observe_losses(r)
+        keys += [v.finding.key for v in detector.observe(r) if v.finding is not None]
+    assert keys == [], keys

@@ -1420,11 +1420,18 @@ class Instrumentation:
             self._stat_vals.append(sat.float().mean())
 
     def _start_update_ratio(self, st: _OptState) -> None:
-        """Sampled: copy the parameters before this optimizer step, to measure |update| / |weight|."""
+        """Sampled: copy the parameters before this optimizer step, to measure |update| / |weight|.
+        Weight matrices only, when there are any: a bias or a norm's shift may rightly sit near zero
+        (a converged Linear(4,1)'s bias at 1e-4 moved 0.1-10x its size a step, and by the median of
+        two ratios the learning rate looked far too large)."""
         params = [st.params[i] for idxs in st.groups for i in idxs]
+        names = st.names
+        if any(p.dim() >= 2 for p in params):
+            names = [n for n, p in zip(names, params) if p.dim() >= 2]
+            params = [p for p in params if p.dim() >= 2]
         if not params or sum(p.numel() for p in params) > self.config.update_ratio_max_numel:
             return
-        self._upd_start = (st.index, st.names, params, self.torch._foreach_mul(params, 1.0))  # type: ignore
+        self._upd_start = (st.index, names, params, self.torch._foreach_mul(params, 1.0))  # type: ignore
 
     def _finish_update_ratio(self, opt_index: int) -> None:
         start = self._upd_start
