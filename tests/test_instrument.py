@@ -1849,3 +1849,28 @@ def test_step_records_wait_for_the_next_backward_but_never_longer_than_one_more_
     rec.inst._last_step_time = time.perf_counter() - 0.2  # a slow step: at once
     step()
     assert len(rec.batches) == handed + 2 and not rec.inst._flush_due
+
+
+def test_the_learning_rate_reported_is_the_current_one() -> None:
+    """A scheduler (or a recovery action) changes the rate: the optimizer's record follows it."""
+    from tui_debug.events import OptimizerEvent
+
+    batches: list[list[Any]] = []
+    inst = Instrumentation(DebugConfig(sample_fast_steps=False), batches.append)
+    inst.install(torch)
+    try:
+        model = nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.1)
+        x, y = torch.randn(8, 4), torch.randn(8, 1)
+        for _ in range(51):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            sched.step()
+        inst.finish()
+    finally:
+        inst.uninstall()
+    events = [e for b in batches for e in b if isinstance(e, OptimizerEvent)]
+    assert [round(math.log10(e.lr[0])) for e in events] == [-1, -2, -3, -4, -5, -6], events
+    assert {e.index for e in events} == {0}

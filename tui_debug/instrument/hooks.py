@@ -116,6 +116,7 @@ class _OptState:
     names: list[str] = dataclasses.field(default_factory=list)
     count: int = 0
     sites: list[int] = dataclasses.field(default_factory=list)  # loss sites of its last checked step
+    lrs: tuple[Any, ...] = ()  # its learning rates as last sent (see _opt_state)
 
 
 def _median(values: Any) -> float:
@@ -1607,11 +1608,15 @@ class Instrumentation:
         if st is None or st.ref() is not opt:
             st = _OptState(index=len(self._opts), ref=weakref.ref(opt), params=[])
             self._opts[id(opt)] = st
-            self._pending.append(OptimizerEvent(
-                index=st.index, cls=type(opt).__name__, param_groups=len(opt.param_groups),
-                lr=[float(g.get("lr", float("nan"))) if not isinstance(g.get("lr"), self._Tensor)
-                    else float(g["lr"]) for g in opt.param_groups]))
         groups = opt.param_groups
+        # the learning rates as they are now (a scheduler's, or a recovery action's): sent when they
+        # change. A tensor rate is compared by identity (reading it could wait for a GPU).
+        lrs = tuple(v if type(v) in (float, int) else id(v) for v in (g.get("lr") for g in groups))
+        if lrs != st.lrs:
+            st.lrs = lrs
+            self._pending.append(OptimizerEvent(
+                index=st.index, cls=type(opt).__name__, param_groups=len(groups),
+                lr=[float(g.get("lr", float("nan"))) for g in groups]))
         n = len(groups) * 1_000_003 + len(groups[-1]["params"]) if groups else 0  # add_param_group changes it
         if n != st.n_params:
             st.params = [p for g in groups for p in g["params"]]
