@@ -108,3 +108,23 @@ def test_labels_out_of_range_for_the_loss_are_a_data_error() -> None:
         raise AssertionError("cross_entropy accepted an out-of-range label")
     assert c.category == "data_error" and "labels out of range" in c.message and "Target 5" in c.message
     assert "number of classes" in c.recommendation
+
+
+def test_an_exception_from_inside_an_iteration_belongs_to_the_step_in_progress() -> None:
+    import torch
+
+    from tui_debug.classify import raised_mid_step
+
+    def raised(fn):
+        try:
+            fn()
+        except Exception as exc:
+            return exc
+        raise AssertionError("did not raise")
+
+    x = torch.ones(2, requires_grad=True)
+    in_backward = raised(lambda: (x * 2).sum().backward(torch.ones(3)))  # a bad gradient shape
+    assert raised_mid_step(in_backward, None)
+    assert raised_mid_step(raised(lambda: 1 / 0), ["model.1 (Bad)"])  # from a model's forward
+    # after the loop (saving, evaluation code of the script's own): the steps done
+    assert not raised_mid_step(raised(lambda: open("/nonexistent/dir/file")), None)

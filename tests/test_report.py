@@ -120,6 +120,8 @@ def test_crash_in_a_module_forward(crash_run: dict[str, Any]) -> None:
     assert "ValueError" in finding["message"]
     assert finding["traceback"] and "crash_in_forward.py" in finding["traceback"]
     assert crash_run["summary"]["steps"] == 2
+    # the third iteration's forward raised: step 3, as a NaN found in that forward would be numbered
+    assert finding["step"] == finding["first_step"] == 3
 
 
 @pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"), reason="a CPU GradScaler is torch >= 2.3")

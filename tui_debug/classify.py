@@ -13,6 +13,7 @@ _CPU_OOM = re.compile(r"you tried to allocate (\d+) bytes")
 _CUDA_OOM = re.compile(r"Tried to allocate ([\d.]+ ?[KMGT]?i?B)")
 _WORKER = re.compile(r"Caught (\w+) in DataLoader worker process (\d+)")
 _DATA_DIR = os.sep + os.path.join("torch", "utils", "data") + os.sep
+_AUTOGRAD_DIR = os.sep + os.path.join("torch", "autograd") + os.sep
 
 
 @dataclasses.dataclass
@@ -70,6 +71,17 @@ def _is_oom_type(exc: BaseException) -> bool:
     return any(c.__name__ == "OutOfMemoryError" for c in type(exc).__mro__)
 
 
+def raised_mid_step(exc: BaseException, failing_modules: list[str] | None) -> bool:
+    """Whether ``exc`` came from inside a training iteration before its optimizer step (a model's
+    forward, a backward, loading its batch): it then belongs to the step in progress, numbered as a
+    NaN found in that forward would be, not to the last one done."""
+    if failing_modules:
+        return True
+    frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ is not None else []
+    return any(_AUTOGRAD_DIR in f.filename or _DATA_DIR in f.filename for f in frames) or \
+        bool(_WORKER.search(str(exc)))
+
+
 def classify_exception(exc: BaseException, failing_modules: list[str] | None = None) -> Classified:
     text = str(exc)
     name = type(exc).__name__
@@ -96,7 +108,8 @@ def classify_exception(exc: BaseException, failing_modules: list[str] | None = N
         if "rss_bytes" in ctx:
             what += f" (process RSS {human_bytes(ctx['rss_bytes'])}"
             if "system_available_bytes" in ctx:
-                what += f", {human_bytes(ctx['system_available_bytes'])} of {human_bytes(ctx['system_total_bytes'])} free"
+                what += (f", system memory {human_bytes(ctx['system_available_bytes'])} free of "
+                         f"{human_bytes(ctx['system_total_bytes'])}")
             what += ")"
         return Classified("error", "memory_error", what, ctx,
                           "Reduce the batch size or sequence length, free tensors kept across steps "

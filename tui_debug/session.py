@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from .classify import classify_exception, memory_context
+from .classify import classify_exception, memory_context, raised_mid_step
 from .config import DebugConfig
 from .errors import ErrorCategory, ErrorSeverity, ErrorTracker, format_exception
 from .events import (GilYield, FindingEvent, LateLosses, LossSiteEvent, ModelEvent, OptimizerEvent, RedundantBias, ScalerSkips,
@@ -296,8 +296,9 @@ class Session:
         already = exc is not None and getattr(exc, "__tui_debug_info__", None) is not None  # the API tracked it
         if exc is not None and not isinstance(exc, KeyboardInterrupt) and not already:
             c = classify_exception(exc, ev.failing_modules)
+            step = self.steps + 1 if raised_mid_step(exc, ev.failing_modules) else self.steps
             self.tracker.track_error(c.message, ErrorSeverity(c.severity), ErrorCategory(c.category),
-                                     context=c.context, step=self.steps or None,
+                                     context=c.context, step=step or None,
                                      key=f"exception|{c.category}|{c.message}", traceback=format_exception(exc),
                                      recommendation=c.recommendation)
         self.sample_memory()
