@@ -193,3 +193,30 @@ def test_a_bias_converging_to_zero_does_not_make_the_learning_rate_look_too_larg
         detector.observe_losses(r)
         keys += [v.finding.key for v in detector.observe(r) if v.finding is not None]
     assert keys == [], keys
+
+
+def test_an_exact_fit_is_not_a_vanishing_gradient_and_its_plateau_says_converged() -> None:
+    """A loss fitted down to 1e-33: every layer's gradient is ~0, one exactly 0. That is convergence
+    (info), not a vanishing gradient (a warning that --recover auto would act on)."""
+    from tui_debug.config import DebugConfig
+    from tui_debug.detectors.trends import GradientNorms, Plateau, UpdateRatio
+    from tui_debug.events import StepRecord
+
+    def run(final_loss: float) -> list[tuple[str, str]]:
+        config = DebugConfig(plateau_steps=200)
+        ratio, grads, plateau = UpdateRatio(config), GradientNorms(config), Plateau(config)
+        grads.converged = plateau.converged = ratio.converged
+        out = []
+        for i in range(600):
+            loss = 2.0 if i == 0 else final_loss
+            rec = StepRecord(step=i + 1, time=float(i), duration=0.01, optimizer=0, losses=[(0, loss)],
+                             grad_names=["model.weight", "model.bias"], grad_norms=[1e-17, 0.0])
+            ratio.observe_losses(rec)
+            verdicts = grads.observe(rec) + plateau.observe("loss", rec.step, loss)
+            out += [(v.finding.severity, v.finding.message) for v in verdicts if v.finding is not None]
+        return out
+
+    converged = run(5e-33)
+    assert [s for s, _ in converged] == ["info"] and "has converged" in converged[0][1], converged
+    stuck = run(1.9)  # the same gradients while the loss stays high: they do vanish
+    assert any(s == "warning" and "vanishing gradient" in m for s, m in stuck), stuck

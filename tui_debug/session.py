@@ -109,6 +109,7 @@ class Session:
         self.data_stall = DataStall(config)
         self.activation_health = ActivationHealth(config)
         self.update_ratio = UpdateRatio(config)
+        self.grad_detector.converged = self.plateau.converged = self.update_ratio.converged
         self._finite_streak = 0
         self._gil = GilYield()
         self.memory_growth = MemoryGrowth(config)
@@ -359,7 +360,9 @@ class Session:
             if s.last is not None:
                 parts.append(f"{s.name}={s.last:.4g}")
         summary = self.tracker.get_error_summary()
-        parts.append(f"{summary['total_errors']} findings")
+        unique, total = summary["unique_errors"] + summary["dropped_errors"], summary["total_errors"]
+        # as the closing line counts them: distinct findings (occurrences when repeats add up)
+        parts.append(f"{unique} finding{'s' if unique != 1 else ''}" + (f" ({total} times)" if total > unique else ""))
         if self.rss_last:
             parts.append(f"rss {self.rss_last / 2**20:.0f} MiB")
         return " | ".join(parts)

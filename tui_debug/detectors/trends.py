@@ -11,7 +11,7 @@ import collections
 import dataclasses
 import math
 import statistics
-from typing import Any
+from typing import Any, Callable
 
 from ..config import DebugConfig
 from ..events import FindingEvent, StepRecord
@@ -106,7 +106,9 @@ class GradientNorms:
     Exploding: the total norm exceeds ``grad_explosion_factor`` x its running median (last 100
     steps, after ``grad_warmup`` steps) on 2 consecutive steps; the layers that grew most are named.
     Vanishing: a layer whose norm stays below ``vanishing_ratio`` x the largest layer's norm and
-    below ``vanishing_abs`` for ``vanishing_steps`` consecutive steps (0 counts: it gets no signal).
+    below ``vanishing_abs`` for ``vanishing_steps`` consecutive steps (0 counts: it gets no signal);
+    not when every layer's is that small and the losses have converged (``converged``: an exact fit
+    has no gradient left, a loss of 1e-33 gave "no gradient at all").
     """
 
     def __init__(self, config: DebugConfig) -> None:
@@ -122,6 +124,7 @@ class GradientNorms:
         self.low: dict[str, int] = {}
         self.vanishing_reported: set[str] = set()
         self.no_signal_expected: set[str] = set()  # parameters whose gradient is ~0 by design (redundant biases)
+        self.converged: Callable[[], bool] = lambda: False  # every loss fell 1000x (the session's UpdateRatio)
         self.seen = 0
         self._med: dict[int, tuple[int, float]] = {}  # optimizer -> (appends when computed, median)
         self._appends: dict[int, int] = {}
@@ -188,7 +191,7 @@ class GradientNorms:
 
     def _vanishing(self, rec: StepRecord, finite: list[tuple[str, float]]) -> list[Verdict]:
         largest = max(v for _, v in finite)
-        if largest <= 0:
+        if largest <= 0 or (largest < self.v_abs and self.converged()):
             return []
         out = []
         newly = []
@@ -319,6 +322,7 @@ class Plateau:
     def __init__(self, config: DebugConfig) -> None:
         self.steps = config.plateau_steps
         self.state: dict[str, dict[str, Any]] = {}
+        self.converged: Callable[[], bool] = lambda: False  # every loss fell 1000x (the session's UpdateRatio)
 
     def observe(self, name: str, step: int, value: float) -> list[Verdict]:
         if not _finite(value):
@@ -341,6 +345,15 @@ class Plateau:
         key = f"plateau|{name}"
         if stalled and not st["fired"]:
             st["fired"] = True
+            if self.converged():
+                return [Verdict(FindingEvent(
+                    severity="info", category="optimization_error", step=step, key=key,
+                    message=f"loss '{name}' has converged: it fell 1000x or more and improved by only "
+                            f"{improvement:.3g} over the last {step - then_step} steps (best {st['best']:.4g})",
+                    context={"loss": name, "best": st["best"], "improvement": improvement,
+                             "window": step - then_step, "converged": True},
+                    recommendation="Training has converged: stop early, or lower the learning rate for a last "
+                                   "refinement."))]
             return [Verdict(FindingEvent(
                 severity="info", category="optimization_error", step=step, key=key,
                 message=f"loss '{name}' improved by only {improvement:.3g} ({improvement / max(abs(then_best), 1e-12):.2%}) "
@@ -399,10 +412,12 @@ class DataStall:
             share = statistics.median(min(1.0, w / d) for w, d in recent)
             return [Verdict(FindingEvent(
                 severity="info", category="data_error", step=rec.step, key="data-stall",
-                message=f"{share:.0%} of each step is spent before the forward pass (waiting for data)",
+                message=f"{share:.0%} of each step is spent between the optimizer step and the next forward "
+                        f"(waiting for data, or the script's own code there)",
                 context={"wait_share": share, "mean_wait_s": max(0.0, self.wait) / n, "mean_step_s": self.total / n},
-                recommendation="Raise DataLoader num_workers, use pin_memory=True and persistent_workers=True, "
-                               "or move heavy transforms offline."))]
+                recommendation="If it is data loading: raise DataLoader num_workers, use pin_memory=True and "
+                               "persistent_workers=True, or move heavy transforms offline; otherwise look at "
+                               "what the loop does before its forward (logging, evaluation, sleeps)."))]
         if self.fired and 2 * self.under_quarter > n:
             self.fired = False
             return [Verdict(resolve="data-stall")]
