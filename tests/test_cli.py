@@ -564,3 +564,26 @@ def test_torchs_import_is_taken_out_of_later_gc_passes_and_the_scripts_cycles_st
     own = int(start.stdout)
     assert (frozen > own + 50_000) if freeze else frozen == own, (frozen, own)
     assert words[words.index("CYCLE_COLLECTED") + 1] == "True"
+
+
+def test_output_piped_into_a_reader_that_stops_ends_the_script_as_python_would(tmp_path: Path) -> None:
+    """`python -m tui_debug train.py | head -2`: the script's next print fails with BrokenPipeError
+    (as under plain Python) instead of blocking forever on a pipe nobody drains."""
+    from helpers import td_cmd, td_env
+
+    script = tmp_path / "many.py"
+    script.write_text('for i in range(10**6):\n    print("line", i)\n', encoding="utf-8")
+    proc = subprocess.Popen(td_cmd("--headless", "--out", tmp_path / "run", script), cwd=tmp_path,
+                            env=td_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline() == b"line 0\n"
+    proc.stdout.close()
+    try:
+        stderr = proc.stderr.read().decode("utf-8", "replace")
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert code == 1, stderr
+    assert "BrokenPipeError" in stderr and "Exception in thread" not in stderr, stderr
+    report = load_report(tmp_path / "run")
+    assert report["run"]["status"] == "crashed" and "BrokenPipeError" in report["errors"][0]["message"]

@@ -62,6 +62,7 @@ class _Stream:
     def __init__(self, fd: int, name: str) -> None:
         self.fd = fd
         self.name = name
+        self.forward = True  # passed on to the original fd (off once that fails)
         self.saved = os.dup(fd)
         if os.isatty(fd):
             master, slave = pty.openpty()
@@ -153,10 +154,21 @@ class OutputCapture:
                 data = b""
             if not data:
                 break
-            if self.passthrough:
+            if self.passthrough and st.forward:
                 with self._term_cond:
-                    _write_all(st.saved, data)
-                    st.midline = not data.endswith(b"\n")
+                    try:
+                        _write_all(st.saved, data)
+                        st.midline = not data.endswith(b"\n")
+                    except BrokenPipeError:
+                        # Its reader is gone (`| head`): as under plain Python, the script's next write
+                        # to this stream fails with BrokenPipeError (our end of its pipe closes below),
+                        # instead of the script blocking on a pipe nobody drains.
+                        st.midline = False
+                        self._term_cond.notify_all()
+                        self._write_log(data)
+                        break
+                    except OSError:  # any other failure: stop forwarding, keep draining and logging
+                        st.forward = st.midline = False
                     self._term_cond.notify_all()
             self._write_log(data)
             text = decoder.decode(data)
