@@ -587,3 +587,83 @@ def test_output_piped_into_a_reader_that_stops_ends_the_script_as_python_would(t
     assert "BrokenPipeError" in stderr and "Exception in thread" not in stderr, stderr
     report = load_report(tmp_path / "run")
     assert report["run"]["status"] == "crashed" and "BrokenPipeError" in report["errors"][0]["message"]
+
+
+def test_os_exit_ends_the_run_at_once_with_its_status_and_the_report_written(tmp_path: Path) -> None:
+    script = tmp_path / "osx.py"
+    script.write_text(textwrap.dedent("""\
+        import atexit, os
+        atexit.register(lambda: print("atexit ran"))
+        print("bye", flush=True)
+        try:
+            os._exit(3)
+        finally:
+            print("finally ran")
+        """), encoding="utf-8")
+    proc = run_td("--headless", "--out", tmp_path / "run", script, cwd=tmp_path)
+    assert proc.returncode == 3, describe(proc)
+    assert proc.stdout == "bye\n", describe(proc)  # no cleanup of the script's ran, as with plain Python
+    report = load_report(tmp_path / "run")
+    assert (report["run"]["status"], report["run"]["exit_code"]) == ("exited", 3)
+    assert (tmp_path / "run" / "output.log").read_text(encoding="utf-8") == "bye\n"
+
+
+def test_the_run_waits_for_the_scripts_own_threads_as_python_does(tmp_path: Path) -> None:
+    """A checkpoint saved in a background thread after the script's last line: Python waits for
+    non-daemon threads at exit (and a thread the main thread starts is one by default)."""
+    script = tmp_path / "bg.py"
+    script.write_text(textwrap.dedent("""\
+        import threading, time
+        print("daemon:", threading.current_thread().daemon, flush=True)
+        def save():
+            time.sleep(0.5)
+            open("ckpt.txt", "w").write("saved")
+            print("saved", flush=True)
+        threading.Thread(target=save).start()
+        """), encoding="utf-8")
+    proc = run_td("--headless", "--out", tmp_path / "run", script, cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    assert proc.stdout == "daemon: False\nsaved\n", describe(proc)
+    assert (tmp_path / "ckpt.txt").read_text() == "saved"
+
+
+def test_a_signal_ignored_at_launch_stays_ignored(tmp_path: Path) -> None:
+    """`nohup python -m tui_debug train.py &`: SIGHUP was ignored by whoever started us, so logging out
+    must not end the run (as under plain Python), until the script installs a handler of its own."""
+    from helpers import td_cmd, td_env
+
+    script = tmp_path / "hup.py"
+    script.write_text(textwrap.dedent("""\
+        import os, signal, time
+        print("ignored:", signal.getsignal(signal.SIGHUP) is signal.SIG_IGN, flush=True)
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(0.3)
+        signal.signal(signal.SIGHUP, lambda *a: print("handled", flush=True))
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(0.5)
+        print("survived", flush=True)
+        """), encoding="utf-8")
+    proc = subprocess.run(td_cmd("--headless", "--out", tmp_path / "run", script), cwd=tmp_path, env=td_env(),
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT, stdin=subprocess.DEVNULL,
+                          preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    assert proc.returncode == 0, describe(proc)
+    assert proc.stdout == "ignored: True\nhandled\nsurvived\n", describe(proc)
+
+
+def test_a_report_path_that_cannot_be_written_is_exit_2_before_the_script_runs(tmp_path: Path) -> None:
+    script = tmp_path / "s.py"
+    script.write_text('print("ran")\n', encoding="utf-8")
+    proc = run_td("--headless", "--out", tmp_path / "run", "--report", "/proc/tui_debug_report.json", script,
+                  cwd=tmp_path)
+    assert proc.returncode == 2, describe(proc)
+    assert proc.stdout == "" and nonempty_lines(proc.stderr) == [
+        "tui_debug: error: cannot write --report '/proc/tui_debug_report.json': No such file or directory"], \
+        describe(proc)
+
+
+def test_the_run_folder_holds_its_log_files_from_the_start(tmp_path: Path) -> None:
+    script = tmp_path / "s.py"
+    script.write_text('print("quiet run")\n', encoding="utf-8")
+    proc = run_td("--headless", "--out", tmp_path / "run", script, cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    assert {p.name for p in (tmp_path / "run").iterdir()} >= {"report.json", "debug.log", "errors.log", "output.log"}

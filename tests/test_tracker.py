@@ -286,6 +286,12 @@ def test_unknown_key_in_pyproject_is_a_config_error(tmp_path: Path) -> None:
     ({"recover": "sometimes"}, "recover"),
     ({"debug_level": "loud"}, "debug_level"),
     ({"enable_file_output": "yes"}, "enable_file_output"),
+    ({"loss_window": 0}, "loss_window"),  # (switched its detector off with a traceback mid-run)
+    ({"grad_warmup": -5}, "grad_warmup"),
+    ({"loss_explosion_factor": -1.0}, "loss_explosion_factor"),  # (fired on every step)
+    ({"plateau_steps": 0}, "plateau_steps"),
+    ({"dead_fraction": 1.5}, "dead_fraction"),
+    ({"max_overhead": float("nan")}, "max_overhead"),
 ])
 def test_bad_values_are_config_errors(tmp_path: Path, values: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=field):

@@ -10,6 +10,7 @@ import argparse
 import os
 import re
 import sys
+import tempfile
 import time
 import traceback
 
@@ -152,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"cannot create the run folder {opts.out or 'tui_debug_runs'!r}: {exc.strerror or exc}")
     if os.path.isdir(report):
         return _fail(f"--report {report!r} is a folder; give a file path")
+    for folder, what in ((os.path.dirname(os.path.abspath(report)), f"--report {report!r}"),
+                         (os.path.abspath(run_dir), f"the run folder {run_dir!r}")):
+        try:  # found out now, not after hours of training (the report goes there by temp file + rename)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as exc:
+            return _fail(f"cannot write {what}: {exc.strerror or exc}")
 
     from .monitor import Monitor
 

@@ -105,6 +105,24 @@ class DebugConfig:
                 raise ConfigError(f"{name} must be a positive integer, not {getattr(self, name)!r}")
         if int(self.backup_count) < 0:
             raise ConfigError(f"backup_count must be >= 0, not {self.backup_count!r}")
+        # Detector and sampler settings: a value outside its range would switch a detector off with a
+        # traceback mid-run (loss_window = 0) or make it fire on every step (a factor below 1).
+        for names, ok, what in (
+                (("loss_window", "vanishing_steps", "plateau_steps", "activation_window",
+                  "max_sentinels_per_step", "update_ratio_max_numel"), lambda v: v >= 1, "a positive integer"),
+                (("snapshot_interval", "loss_warmup", "grad_warmup", "max_lr_halvings", "activation_stats_every",
+                  "update_ratio_every", "leak_min_bytes"), lambda v: v >= 0, "an integer >= 0 (0: off)"),
+                (("loss_explosion_factor", "grad_explosion_factor", "slow_step_factor"), lambda v: v > 1,
+                 "a number above 1"),
+                (("dead_fraction", "saturation_fraction"), lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+                (("max_overhead",), lambda v: 0 <= v < 1, "a fraction in [0, 1) (0: no sampling)"),
+                (("vanishing_ratio", "vanishing_abs", "update_ratio_high", "progress_interval_s"), lambda v: v > 0,
+                 "a positive number"),
+                (("update_ratio_low",), lambda v: v >= 0, "a number >= 0")):
+            for name in names:
+                value = getattr(self, name)
+                if not ok(value):
+                    raise ConfigError(f"{name} must be {what}, not {value!r}")
 
     @classmethod
     def field_names(cls) -> list[str]:

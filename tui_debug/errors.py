@@ -114,7 +114,8 @@ class ErrorInfo:
 
     def one_line(self) -> str:
         step = f"at step {self.step}" if self.step is not None else "before the first step"
-        repeat = f" (x{self.count}, steps {self.first_step}-{self.last_step})" if self.count > 1 else ""
+        span = f", steps {self.first_step}-{self.last_step}" if self.first_step is not None else ""
+        repeat = f" (x{self.count}{span})" if self.count > 1 else ""
         return f"{self.severity.value.upper()} {self.category.value} {step}: {self.message}{repeat}"
 
 
@@ -180,7 +181,7 @@ class ErrorTracker:
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
                 h = logging.handlers.RotatingFileHandler(
                     path, maxBytes=self.config.max_log_size, backupCount=self.config.backup_count,
-                    encoding="utf-8", delay=True)
+                    encoding="utf-8", delay=log_dir is None)  # a run folder holds both from the start
                 h.setLevel(level)
                 h.setFormatter(fmt)
                 handlers.append(h)

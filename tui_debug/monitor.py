@@ -337,6 +337,11 @@ class Monitor:
         self.printer.line(f"{self.session.status} after {steps} steps "
                           f"(exit {self.session.exit_code}{sampled}); {counts}; {where}")
         self.tracker.stop()
+        self.runner.restore_os_exit()
+        if self.runner.os_exit is not None:  # the script called os._exit: no cleanup of its own runs
+            sys.stdout.flush()
+            sys.stderr.flush()
+            self.runner.real_os_exit(self.runner.os_exit)
         if self._terminate is not None:
             sys.stdout.flush()
             sys.stderr.flush()

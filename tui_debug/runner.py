@@ -149,6 +149,10 @@ class ScriptRunner:
         self.value: Any = None  # what a callable target returned
         self.exception: BaseException | None = None
         self.on_thread_start: Callable[[], None] | None = None
+        self.os_exit: int | None = None  # the status the script gave os._exit (see _os_exit)
+        self.real_os_exit: Callable[[int], Any] = os._exit
+        self._pid = os.getpid()
+        self._started_threads: set[int] = set()
 
     def start(self) -> None:
         t = self.target
@@ -172,6 +176,8 @@ class ScriptRunner:
             main.__package__ = spec.parent
             main.__cached__ = spec.cached
         self.main_module = main
+        self._started_threads = {t.ident or 0 for t in threading.enumerate()}
+        os._exit = self._os_exit  # type: ignore[assignment]  # restored by restore_os_exit
         sys.modules["__main__"] = main
         sys.argv[:] = t.argv
         if sys.path:
@@ -183,6 +189,14 @@ class ScriptRunner:
 
     def _run(self) -> None:
         status, code, exc_kept = "finished", 0, None
+        if self.target.fn is None:
+            # As the main thread it stands in for: not a daemon, so that the threads the script starts
+            # are not daemons either (Python would wait for them at exit). Started as one: the process
+            # itself never waits for this thread.
+            try:
+                threading.current_thread()._daemonic = False  # type: ignore[attr-defined]
+            except Exception:  # pragma: no cover - CPython has it
+                pass
         if self.on_thread_start is not None:
             self.on_thread_start()
         try:
@@ -218,7 +232,64 @@ class ScriptRunner:
                 sys.stderr.flush()
             except Exception:
                 pass
-        if self._before_exit is not None:
+        if self.target.fn is None:
+            try:
+                self._wait_for_threads()
+            except KeyboardInterrupt:
+                self.interrupted = True
+                status, code = "interrupted", 130
+            except BaseException:
+                pass
+        if self.os_exit is None:  # (another thread's os._exit ended the run already)
+            self._end(status, code, exc_kept)
+
+    def _wait_for_threads(self) -> None:
+        """As Python does at exit, the script's non-daemon threads (a checkpoint being saved) finish
+        before the run ends. Thread pools' idle workers are not waited for: Python tells them to stop
+        at exit, and a pool the script still uses would otherwise never end."""
+        me, main = threading.current_thread(), threading.main_thread()
+        try:
+            from concurrent.futures import thread as futures_thread
+            pool_worker: Any = futures_thread._worker
+        except Exception:  # pragma: no cover - always there in CPython
+            pool_worker = None
+        while True:
+            alive = [t for t in threading.enumerate()
+                     if t is not me and t is not main and not t.daemon and t.is_alive()
+                     and (t.ident or 0) not in self._started_threads and not t.name.startswith("tui_debug")
+                     and getattr(t, "_target", None) is not pool_worker]
+            if not alive:
+                return
+            for t in alive:
+                while t.is_alive():
+                    t.join(0.1)  # in slices: a Ctrl+C (an exception injected here) gets through
+
+    def _os_exit(self, code: int) -> None:
+        """``os._exit`` from the script: the process still ends at once with ``code``, skipping the
+        script's cleanup (finally blocks, atexit) as it asked, but after the monitor wrote the
+        report and the script's output was flushed. A forked child (a DataLoader worker) and the
+        monitor's own thread exit as ever."""
+        if os.getpid() != self._pid or threading.current_thread() is threading.main_thread() \
+                or self.os_exit is not None:
+            self.real_os_exit(code)
+        self.os_exit = code = int(code)
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            ctypes.CDLL(None).fflush(None)
+        except Exception:
+            pass
+        self._end("finished" if code == 0 else "exited", code, None,
+                  before_exit=threading.current_thread() is self.thread)
+        threading.Event().wait(30)  # the main thread writes the report and ends the process
+        self.real_os_exit(code)
+
+    def restore_os_exit(self) -> None:
+        if os._exit == self._os_exit:
+            os._exit = self.real_os_exit  # type: ignore[assignment]
+
+    def _end(self, status: str, code: int, exc_kept: BaseException | None, before_exit: bool = True) -> None:
+        if self._before_exit is not None and before_exit:
             try:
                 self._before_exit()
             except Exception:

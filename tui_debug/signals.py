@@ -31,6 +31,11 @@ class SignalForwarder:
     def install(self) -> None:
         """In the main thread, before the script starts."""
         for sig in FORWARDED:
+            if self._orig_getsignal(sig) is signal.SIG_IGN:
+                # Ignored by whoever started us (nohup, a shell's background job): it stays ignored,
+                # as under plain Python, until the script installs a handler of its own
+                self._script[sig] = signal.SIG_IGN
+                continue
             self._saved[sig] = self._orig_signal(sig, self._deliver)
             self._script[sig] = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
         signal.signal = self._signal  # type: ignore[assignment]
@@ -57,14 +62,33 @@ class SignalForwarder:
                 raise TypeError("signal handler must be signal.SIG_IGN, signal.SIG_DFL, or a callable object")
             previous = self._script[sig]
             self._script[sig] = handler
+            if sig not in self._saved and handler is not signal.SIG_IGN:  # ignored until now: relay it
+                self._own_now(sig)
             return previous
         if threading.current_thread() is threading.main_thread():
             return self._orig_signal(signalnum, handler)
         # A signal we do not pre-own: record it and have the main thread install our relay.
         previous = self._orig_getsignal(signalnum)
         self._script[sig] = handler
-        self._schedule(lambda: self._own(sig))
+        self._own_now(sig)
         return previous
+
+    def _own_now(self, sig: int) -> None:
+        """Our relay for ``sig``, installed by the main thread before ``signal.signal`` returns, as a
+        script that signals itself right after expects (briefly waited for; never for long)."""
+        if threading.current_thread() is threading.main_thread():
+            self._own(sig)
+            return
+        done = threading.Event()
+
+        def own() -> None:
+            try:
+                self._own(sig)
+            finally:
+                done.set()
+
+        self._schedule(own)
+        done.wait(2.0)
 
     def _own(self, sig: int) -> None:
         try:

@@ -356,7 +356,9 @@ class Plateau:
                                    "refinement."))]
             return [Verdict(FindingEvent(
                 severity="info", category="optimization_error", step=step, key=key,
-                message=f"loss '{name}' improved by only {improvement:.3g} ({improvement / max(abs(then_best), 1e-12):.2%}) "
+                message=(f"loss '{name}' did not improve" if improvement <= 0 else
+                         f"loss '{name}' improved by only {improvement:.3g} "
+                         f"({improvement / max(abs(then_best), 1e-12):.2%})") + " "
                         f"over the last {step - then_step} steps (best {st['best']:.4g})",
                 context={"loss": name, "best": st["best"], "improvement": improvement, "window": step - then_step},
                 recommendation="If the loss is still high, the learning rate may be too small or too large "
