@@ -1240,8 +1240,10 @@ def test_every_fast_step_is_counted_and_timed_when_most_are_sampled_out(tmp_path
         x, y = torch.randn(8, 4), torch.randn(8, 1)
         for _ in range(3000):
             optimizer.zero_grad()
-            nn.functional.mse_loss(model(x), y).backward()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
             optimizer.step()
+            last_loss = loss.item()
         inst.finish()
     finally:
         inst.uninstall()
@@ -1253,6 +1255,8 @@ def test_every_fast_step_is_counted_and_timed_when_most_are_sampled_out(tmp_path
     session.handle(events)
     assert session.steps == 3000
     assert session.step_times.count == 2999  # every step after the first has a duration
+    (loss,) = session.losses.values()  # every step's loss counts, checked or not (the CPU read it anyway)
+    assert loss.count == 3000 and loss.last == pytest.approx(last_loss) and loss.min <= loss.last
 
 
 def test_actions_and_pause_reach_sampled_out_steps() -> None:

@@ -97,6 +97,7 @@ class StepSpan:
     time: float  # perf_counter at the last step's end
     optimizer: int
     durations: list[float]
+    losses: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # (site, value): CPU losses, finite
 
 
 @dataclasses.dataclass(slots=True)

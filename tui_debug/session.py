@@ -36,6 +36,17 @@ class LossStats:
     nonfinite: int = 0
     history: DownsampledHistory = dataclasses.field(default_factory=DownsampledHistory)
 
+    def add_many(self, last_step: int, values: list[float]) -> None:
+        """Finite values of sampled-out steps up to ``last_step``: counted, one history point."""
+        self.count += len(values)
+        if self.first is None:
+            self.first = values[0]
+        self.last = values[-1]
+        self.history.add(last_step, values[-1])
+        lo, hi = min(values), max(values)
+        self.min = lo if self.min is None or lo < self.min else self.min
+        self.max = hi if self.max is None or hi > self.max else self.max
+
     def add(self, step: int, value: float) -> None:
         self.count += 1
         if self.first is None:
@@ -246,6 +257,14 @@ class Session:
             self._steps_at_first = span.last_step
         self._last_step_time = span.time
         self.step_times.extend([d for d in span.durations if d > 0])
+        if span.losses:  # their values count in the loss's figures; its history gets the latest
+            by_site: dict[int, list[float]] = {}
+            for site, value in span.losses:
+                by_site.setdefault(site, []).append(value)
+            for site, values in by_site.items():
+                stats = self.losses.get(site)
+                if stats is not None:
+                    stats.add_many(span.last_step, values)
 
     def _nonfinite_resolution(self, rec: StepRecord) -> list[Verdict]:
         """Non-finite findings stop holding after 20 checked steps with everything finite."""

@@ -1643,6 +1643,7 @@ class Instrumentation:
         GPU loss is kept for the next checked step's read (reading it now would wait for the GPU)."""
         losses = self._unchecked_losses
         deferred = None
+        values: list[float] | None = None
         if losses:
             self._unchecked_losses = []
             for t in losses:
@@ -1652,10 +1653,16 @@ class Instrumentation:
                     if deferred is None:
                         deferred = []
                     deferred.append(t)
-                elif not math.isfinite(t.item()):
+                    continue
+                v = t.item()
+                if not math.isfinite(v):
                     self._unchecked_losses = losses
                     self._close_step(st)  # a non-finite loss: check this step's gradients after all
                     return
+                if values is None:
+                    values = [v]
+                else:
+                    values.append(v)
         count = st.count = st.count + 1
         if count > self.step:
             self.step = count
@@ -1672,11 +1679,20 @@ class Instrumentation:
             span.time = now
             span.durations.append(duration)
         elif duration > SPAN_BREAK_S:
-            self._span = None
+            self._span = span = None
             self._pending.append(StepRecord(self.step, now, duration, st.index, [], None, None, 0.0, checked=False))
         else:
-            self._span = StepSpan(self.step, self.step, now, st.index, [duration])
-            self._pending.append(self._span)
+            self._span = span = StepSpan(self.step, self.step, now, st.index, [duration])
+            self._pending.append(span)
+        if values is not None and span is not None:
+            # the CPU losses read above, for the report's counts and extremes (named by the sites
+            # of this optimizer's last checked step, as a GPU loss kept for later is)
+            sites = st.sites
+            if len(values) == 1 and sites:
+                span.losses.append((sites[0], values[0]))
+            else:
+                fallback = self._last_site if self._last_site is not None else 0
+                span.losses.extend((sites[i] if i < len(sites) else fallback, v) for i, v in enumerate(values))
         if now - self._last_flush >= FLUSH_INTERVAL_S:
             self._slice_over(now, duration)
         self._sample(False, st)
