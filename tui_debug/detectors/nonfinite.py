@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Callable
 
 from ..events import FindingEvent
@@ -81,10 +82,15 @@ class NonFiniteDetector:
                 continue  # passed on, not produced here
             label = obs.module_label(module)
             where = "from a finite input" if inp is not None else "(its input was not measured)"
+            context = {"module": label, "value": _kind(out)}
+            source = _forward_source(module)
+            if source is not None:
+                context["forward"] = source
+                where += f" (its forward: {os.path.basename(source)})"
             return FindingEvent(
                 severity="error", category="model_error", step=obs.step, key=f"nonfinite-activation|{label}",
                 message=f"{label} produced a non-finite output ({_kind(out)}) {where}",
-                context={"module": label, "value": _kind(out)},
+                context=context,
                 recommendation=f"Inspect {label}: its weights may have blown up (lower the learning rate, "
                                "clip gradients) or its forward divides, exponentiates or takes a log "
                                "without a guard.")
@@ -99,3 +105,9 @@ class NonFiniteDetector:
                     context={"module": label, "argument": role},
                     recommendation=_BAD_TARGET if role == "target" else _BAD_INPUT)
         return None
+
+
+def _forward_source(module: Any) -> str | None:
+    """``file:line`` of the module's forward (the code to look at), when it is Python's."""
+    code = getattr(getattr(type(module), "forward", None), "__code__", None)
+    return None if code is None else f"{code.co_filename}:{code.co_firstlineno}"
