@@ -667,3 +667,22 @@ def test_the_run_folder_holds_its_log_files_from_the_start(tmp_path: Path) -> No
     proc = run_td("--headless", "--out", tmp_path / "run", script, cwd=tmp_path)
     assert proc.returncode == 0, describe(proc)
     assert {p.name for p in (tmp_path / "run").iterdir()} >= {"report.json", "debug.log", "errors.log", "output.log"}
+
+
+def test_an_asyncio_signal_handler_in_the_script_works(tmp_path: Path) -> None:
+    """asyncio's loop.add_signal_handler sets a wakeup fd, which Python allows in the main thread only:
+    the script's thread gets it through the relay (under plain Python this works; it raised here)."""
+    script = tmp_path / "aio.py"
+    script.write_text(textwrap.dedent("""\
+        import asyncio, os, signal
+        async def main():
+            loop = asyncio.get_running_loop()
+            got = loop.create_future()
+            loop.add_signal_handler(signal.SIGUSR2, got.set_result, "handled")
+            os.kill(os.getpid(), signal.SIGUSR2)
+            print(await asyncio.wait_for(got, 10), flush=True)
+            loop.remove_signal_handler(signal.SIGUSR2)
+        asyncio.run(main())
+        """), encoding="utf-8")
+    proc = run_td("--headless", "--out", tmp_path / "run", script, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout == "handled\n", describe(proc)

@@ -9,6 +9,7 @@ registered, the monitor's default (interrupt the script, or write the report and
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from typing import Any, Callable
@@ -26,6 +27,8 @@ class SignalForwarder:
         self._saved: dict[int, Any] = {}
         self._orig_signal = signal.signal
         self._orig_getsignal = signal.getsignal
+        self._orig_set_wakeup_fd = signal.set_wakeup_fd
+        self._wakeup_fd = -1  # the script's (an asyncio loop's self-pipe), see _set_wakeup_fd
         self._installed = False
 
     def install(self) -> None:
@@ -40,6 +43,7 @@ class SignalForwarder:
             self._script[sig] = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
         signal.signal = self._signal  # type: ignore[assignment]
         signal.getsignal = self._getsignal  # type: ignore[assignment]
+        signal.set_wakeup_fd = self._set_wakeup_fd  # type: ignore[assignment]
         self._installed = True
 
     def uninstall(self) -> None:
@@ -48,6 +52,8 @@ class SignalForwarder:
         self._installed = False
         signal.signal = self._orig_signal  # type: ignore[assignment]
         signal.getsignal = self._orig_getsignal  # type: ignore[assignment]
+        signal.set_wakeup_fd = self._orig_set_wakeup_fd  # type: ignore[assignment]
+        self._wakeup_fd = -1
         for sig, old in self._saved.items():
             try:
                 self._orig_signal(sig, old if old is not None else signal.SIG_DFL)
@@ -96,6 +102,15 @@ class SignalForwarder:
         except (ValueError, OSError):
             pass
 
+    def _set_wakeup_fd(self, fd: int, *, warn_on_full_buffer: bool = True) -> int:
+        """From the script's thread (asyncio's ``loop.add_signal_handler``): the relay writes each
+        signal's number to ``fd`` as Python's own wakeup fd would (the real one is the main
+        thread's only)."""
+        if threading.current_thread() is threading.main_thread():
+            return self._orig_set_wakeup_fd(fd, warn_on_full_buffer=warn_on_full_buffer)
+        previous, self._wakeup_fd = self._wakeup_fd, int(fd)
+        return previous
+
     def _getsignal(self, signalnum: int) -> Any:
         sig = int(signalnum)
         if sig in self._script:
@@ -105,6 +120,12 @@ class SignalForwarder:
     # -- delivery ---------------------------------------------------------------------------------
     def _deliver(self, signum: int, frame: Any) -> None:
         """The real handler: only schedules work, so it never interrupts the monitor mid-update."""
+        fd = self._wakeup_fd
+        if fd >= 0:
+            try:
+                os.write(fd, bytes([signum]))
+            except OSError:  # full or closed: as Python's own, never an error here
+                pass
         self._schedule(lambda: self._dispatch(signum))
 
     def _dispatch(self, signum: int) -> None:
