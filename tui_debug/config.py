@@ -66,7 +66,7 @@ class DebugConfig:
     max_sentinels_per_step: int = 4_096
     sample_fast_steps: bool = True
     freeze_gc_at_import: bool = True  # gc.collect() + gc.freeze() once torch is imported (see monitor.py)
-    max_overhead: float = 0.02
+    max_overhead: float = 0.01  # the sampler's budget for checks of fast steps (see README, Detectors)
     # Detector thresholds (README: "Detectors" explains each number).
     loss_explosion_factor: float = 100.0
     loss_window: int = 5
