@@ -686,3 +686,32 @@ def test_an_asyncio_signal_handler_in_the_script_works(tmp_path: Path) -> None:
         """), encoding="utf-8")
     proc = run_td("--headless", "--out", tmp_path / "run", script, cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout == "handled\n", describe(proc)
+
+
+def test_a_ctrl_c_the_blocked_script_has_not_acted_on_is_explained(tmp_path: Path) -> None:
+    """Python hands a Ctrl+C to the script's thread at its next bytecode: a script in time.sleep does
+    not see it yet. The user is told why, and that two more stop it at once (report written)."""
+    from helpers import td_cmd, td_env
+
+    script = tmp_path / "sleepy.py"
+    script.write_text('import time\nprint("sleeping", flush=True)\ntime.sleep(300)\n', encoding="utf-8")
+    proc = subprocess.Popen(td_cmd("--headless", "--out", tmp_path / "run", script), cwd=tmp_path, env=td_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline() == "sleeping\n"
+        proc.send_signal(signal.SIGINT)
+        lines = []
+        while not any("busy outside Python code" in line for line in lines):
+            line = proc.stderr.readline()
+            assert line, lines
+            lines.append(line)
+        proc.send_signal(signal.SIGINT)
+        while "press Ctrl+C once more" not in lines[-1]:
+            lines.append(proc.stderr.readline())
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()
+    assert load_report(tmp_path / "run")["run"]["status"] == "interrupted"

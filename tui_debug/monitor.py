@@ -34,6 +34,7 @@ from .sinks.headless import HeadlessPrinter
 
 MEMORY_SAMPLE_S = 1.0
 SNAPSHOT_MIN_S = 1.0  # the last-good snapshot: every snapshot_interval steps, at most once a second
+INTERRUPT_HINT_S = 1.0  # after a Ctrl+C the script has not acted on: say why
 
 # The Monitor whose instrumentation is running in this process (set in ``start``, cleared in
 # ``finish``). The Python API (tui_debug.api) reads it to route its findings into this run's
@@ -236,8 +237,16 @@ class Monitor:
                 self.runner.interrupted = True
                 if self._sigints == 2:
                     self.printer.line("interrupt sent again; press Ctrl+C once more to stop at once")
+                elif self._loop is not None:
+                    self._loop.call_later(INTERRUPT_HINT_S, self._interrupt_hint)
             return
         self._terminate = signum
+
+    def _interrupt_hint(self) -> None:
+        """A Ctrl+C reaches the script at its next Python bytecode: say so when it has not yet."""
+        if self._sigints == 1 and self.session.ended is None and self._terminate is None and self.runner.alive():
+            self.printer.line("interrupt sent; the script is busy outside Python code (a sleep, a lock wait, "
+                              "a long C call) and gets it when that returns; Ctrl+C twice more stops at once")
 
     def _on_handler_exception(self, exc: BaseException) -> None:
         self.runner.interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
