@@ -124,7 +124,7 @@ def main():
     print(f"{'workload':<12} {'plain step':>11} {'headless':>9} {'(on/off)':>9} {'target':>7} {'UI':>7} "
           f"{'(on/off)':>9} {'target':>7} {'detect_anomaly':>15}")
     for w in args.workloads.split(","):
-        ratios, ab, ui, ui_ab, anomaly, plain, noise, ui_gc, checked = [], [], [], [], [], [], [], [], []
+        ratios, ab, ui, ui_ab, anomaly, plain, noise, ui_gc, checked, ab_checked = [], [], [], [], [], [], [], [], [], []
         for _ in range(args.rounds):
             a = run("plain", w, dev)
             b = run("monitor", w, dev)
@@ -132,7 +132,9 @@ def main():
             plain.append(a["step_s"])
             ratios.append(b["step_s"] / a["step_s"])
             checked.append(b["checked"])
-            ab.append(run("monitor", w, ab_args[w] + dev)["ab_ratio"])
+            r = run("monitor", w, ab_args[w] + dev)
+            ab.append(r["ab_ratio"])
+            ab_checked.append(f"{r['on_checked']}/{r['on_steps']}")
             if args.ui:
                 c = run("ui", w, dev)
                 ui.append(c["step_s"] / a["step_s"])
@@ -147,7 +149,8 @@ def main():
         print(f"{w:<12} {med(plain) * 1e3:>9.3f}ms {med(ratios):>8.3f}x {med(ab):>8.3f}x {TARGETS[w]:>6.2f}x "
               f"{u:>7} {uab:>9} {UI_TARGETS[w]:>6.2f}x {an:>15}   (headless ratios: "
               f"{', '.join(f'{r:.3f}' for r in ratios)}; on/off: {', '.join(f'{r:.3f}' for r in ab)}; "
-              f"plain/plain noise: {', '.join(f'{r:.3f}' for r in noise)}; checked steps: {', '.join(checked)}"
+              f"plain/plain noise: {', '.join(f'{r:.3f}' for r in noise)}; checked steps: {', '.join(checked)}; "
+              f"on/off runs' checked on-steps: {', '.join(ab_checked)}"
               + (f"; UI: {', '.join(f'{r:.3f}' for r in ui)}, UI on/off: {', '.join(f'{r:.3f}' for r in ui_ab)}, "
                  f"UI runs' GC ms: {', '.join(f'{g:.0f}' for g in ui_gc)}" if ui else "") + ")", flush=True)
     if args.memory:

@@ -75,6 +75,7 @@ HEALTHY = [
     pytest.param(EXAMPLES / "gan.py", ("--steps", "400"), UNSAMPLED, id="gan-2d-mixture-every-step"),
     pytest.param(SCRIPTS / "healthy_lstm.py", (), None, id="lstm-noisy-sines"),
     pytest.param(EXAMPLES / "digits.py", ("--epochs", "10"), None, id="examples-digits"),
+    pytest.param(SCRIPTS / "healthy_kfold.py", (), None, id="kfold-fresh-model-per-fold"),
 ]
 
 
@@ -86,6 +87,21 @@ def test_healthy_run_raises_no_warning(tmp_path: Path, script: Path, args: tuple
     assert report["run"]["status"] == "finished"
     assert report["summary"]["steps"] >= 200, report["summary"]
     assert not severe(report), f"false alarm on a healthy run ({script.name})\n{show(report)}"
+
+
+@pytest.mark.parametrize("config", [None, UNSAMPLED], ids=["sampled", "every-step"])
+def test_each_fold_of_a_cross_validation_is_a_new_model_not_an_explosion(tmp_path: Path, config: str | None) -> None:
+    """A fresh model per fold starts from a high loss again, after a 0.4 s pause: no explosion, no
+    slow step; the folds' steps follow each other; each finished fold's model is freed."""
+    proc, report = run_fixture(tmp_path, SCRIPTS / "healthy_kfold.py", config=config)
+    assert proc.returncode == 0, describe(proc)
+    assert report["summary"]["steps"] == 450, report["summary"]
+    assert not report["errors"], show(report)
+    history = [s for s, _ in report["losses"]["loss"]["history"]]
+    assert history == sorted(set(history)) and history[-1] == 450, history
+    assert report["losses"]["loss"]["count"] == 450
+    assert [m["name"] for m in report["models"]] == ["model", "model#2", "model#3"]
+    assert proc.stdout.count("earlier folds' weights freed: True") == 3, proc.stdout
 
 
 # -- sick: one per detector ------------------------------------------------------------------------

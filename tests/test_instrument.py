@@ -187,6 +187,114 @@ def test_two_optimizers_step_is_the_max_count(rec: Recorder) -> None:
     assert [r.step for r in records if r.optimizer == 0] == [1, 2, 3, 4, 5]
 
 
+def _train_plain(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> None:
+    x = torch.randn(8, 4)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+
+
+def test_a_later_folds_optimizer_continues_the_step_count(rec: Recorder) -> None:
+    """k-fold cross-validation (a fresh model and optimizer per fold): counting the most-stepped
+    optimizer's steps numbered every later fold's steps 5 ("finished after 5 steps" for 15)."""
+    for _ in range(3):
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        _train_plain(model, torch.optim.SGD(model.parameters(), lr=0.01), 5)
+    steps = [r.step for r in rec.events(StepRecord)]
+    assert rec.inst.step == 15
+    assert steps == list(range(1, 16))
+
+
+def test_a_critic_stepped_five_times_a_generator_step_counts_five_steps(rec: Recorder) -> None:
+    """WGAN: the generator's optimizer first steps after five critic steps; the run's step is still
+    the critic's count, as the most-stepped optimizer's."""
+    critic, gen = nn.Linear(4, 1), nn.Linear(4, 4)
+    opt_c = torch.optim.SGD(critic.parameters(), lr=0.01)
+    opt_g = torch.optim.SGD(gen.parameters(), lr=0.01)
+    z = torch.randn(8, 4)
+    for _ in range(4):
+        for _ in range(5):
+            opt_c.zero_grad()
+            critic(gen(z).detach()).mean().backward()
+            opt_c.step()
+        opt_g.zero_grad()
+        (-critic(gen(z)).mean()).backward()
+        opt_g.step()
+    records = rec.events(StepRecord)
+    assert rec.inst.step == 20
+    assert [r.step for r in records if r.optimizer == 0] == list(range(1, 21))
+    steps = [r.step for r in records]
+    assert steps == sorted(steps)
+
+
+def test_a_finished_models_parameters_are_freed_as_without_the_monitor(rec: Recorder) -> None:
+    """The optimizer's state held its parameters for good, and the update ratio's norms (computed
+    with autograd on) held them through a graph: each fold's model outlived the fold."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    refs = []
+    for _ in range(2):
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        rec.inst._sampler.budget = 0.0  # every step checked: the update ratio's sampled steps among them
+        _train_plain(model, optimizer, 40)
+        refs.append(weakref.ref(model[0].weight))
+        del model, optimizer
+        gc.collect()
+        assert [r() is None for r in refs] == [True] * len(refs)
+
+
+def test_a_model_at_a_freed_models_address_is_a_new_model(rec: Recorder) -> None:
+    """CPython gives a freed object's address to the next of its size: a later fold's model was taken
+    for the freed one (known by id), so it was never named and its parameters kept the old names."""
+    rec.inst._sampler.budget = 0.0  # every step checked
+    ids = []
+    for _ in range(6):
+        model = nn.Linear(4, 1)
+        ids.append(id(model))
+        _train_plain(model, torch.optim.SGD(model.parameters(), lr=0.1), 2)
+        del model
+    assert len(set(ids)) < len(ids), "no address was reused: the case is not exercised"
+    assert [m.name for m in rec.events(ModelEvent)] == ["model"] + [f"model#{i}" for i in range(2, 7)]
+    names = [r.grad_names for r in rec.events(StepRecord)]
+    assert [n[0] for n in names[::2]] == ["model.weight"] + [f"model#{i}.weight" for i in range(2, 7)]
+
+
+def test_models_are_named_by_the_call_not_by_reading_a_functions_locals(rec: Recorder) -> None:
+    """Reading a function frame's f_locals (before Python 3.13) leaves a dict on the frame holding
+    every local as it was: the names come from the call's source instead."""
+    import gc
+    import sys
+    import weakref
+
+    def fold() -> weakref.ref:
+        net = nn.Linear(4, 1)
+        spare = nn.Linear(4, 4)  # a local nothing else holds
+        ref = weakref.ref(spare)
+        net(torch.randn(2, 4)).sum().backward()
+        del spare
+        gc.collect()
+        assert ref() is None, "the monitor kept a local of the script's frame alive"
+        return ref
+
+    fold()
+    models = rec.events(ModelEvent)
+    assert [m.name for m in models] == ["net"]
+    if sys.version_info >= (3, 11):
+        holder = [nn.Linear(4, 1)]
+        holder[0](torch.randn(2, 4))
+        trainer = type("Trainer", (), {})()
+        trainer.G = nn.Linear(4, 1)
+        trainer.G(torch.randn(2, 4))
+        names = [m.name for m in rec.events(ModelEvent)]
+        assert names[1] == "Linear"  # holder[0](...): no name in the call, none bound
+        assert names[2] == "G"
+
+
 def test_eval_forwards_under_no_grad_make_no_steps(rec: Recorder) -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)

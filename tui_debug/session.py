@@ -73,6 +73,9 @@ class GradStats:
 class Session:
     """Run state: steps, losses, gradients, models, optimizers, memory, performance, findings."""
 
+    WARM_STEPS = 3  # a model that starts mid-run: its first steps are no slow steps (cuDNN autotuning...)
+    MAX_LISTED = 64  # models and optimizers kept for the report: the latest
+
     def __init__(self, config: DebugConfig, tracker: ErrorTracker, script: str = "", argv: list[str] | None = None,
                  run_dir: str | None = None, report_path: str | None = None) -> None:
         self.config = config
@@ -129,6 +132,14 @@ class Session:
         self._last_grad_names: list[str] | None = None
         self._last_grad_stats: list[GradStats] = []  # parallel to _last_grad_names
         self.redundant: set[str] = set()  # biases a BatchNorm cancels (no gradient by construction)
+        # The models (the first name of a checked step's gradients) each loss site has trained: a site
+        # that trains a model it has not trained before, after another, is a new model (a k-fold run's
+        # next fold, a sweep's next trial), and its trends start again (its first loss was taken for
+        # an explosion). Not a new optimizer over the same model (a script making one per step).
+        self._site_models: dict[int, set[str]] = {}
+        self._newest_opt = -1
+        self._newest_opt_step = 0
+        self._warm_until = 0  # the first steps of an optimizer that starts mid-run are not slow steps
 
     @property
     def elapsed(self) -> float:
@@ -165,10 +176,14 @@ class Session:
                                                       history=DownsampledHistory(self.config.history_points))
                 elif isinstance(ev, ModelEvent):
                     self.models[ev.name] = ev
+                    if len(self.models) > self.MAX_LISTED:  # a model per trial of a long sweep: the latest
+                        del self.models[next(iter(self.models))]
                 elif isinstance(ev, RedundantBias):
                     self._on_redundant_bias(ev)
                 elif isinstance(ev, OptimizerEvent):
                     self.optimizers[ev.index] = ev
+                    if len(self.optimizers) > self.MAX_LISTED:  # (a script making one per step)
+                        del self.optimizers[next(iter(self.optimizers))]
                 elif isinstance(ev, ScriptEnded):
                     self._on_end(ev)
                 elif isinstance(ev, ActionResult):
@@ -194,6 +209,20 @@ class Session:
         if rec.duration > 0:
             self.step_times.add(rec.duration)
         verdicts: list[Verdict] = []
+        if rec.optimizer > self._newest_opt:
+            self._newest_opt = rec.optimizer
+            if rec.step > 1 and rec.step - self._newest_opt_step > 10 * self.WARM_STEPS:  # (not one per step)
+                self._warm_until = rec.step + self.WARM_STEPS
+            self._newest_opt_step = rec.step
+        if rec.grad_names and rec.losses:
+            model = rec.grad_names[0].partition(".")[0]
+            for site, _ in rec.losses:
+                trained = self._site_models.setdefault(site, set())
+                if model not in trained:
+                    if trained:
+                        self._new_model_at(site)
+                    if len(trained) < 1000:
+                        trained.add(model)
         if rec.late_losses:
             verdicts += self._late_losses(rec.late_losses)
         for site, value in rec.losses:
@@ -203,7 +232,8 @@ class Session:
                 verdicts += self.loss_explosion.observe(stats.name, rec.step, value)
                 verdicts += self.plateau.observe(stats.name, rec.step, value)
         verdicts += self.grad_detector.observe(rec)
-        verdicts += self.slow_steps.observe(rec)
+        if rec.step >= self._warm_until:
+            verdicts += self.slow_steps.observe(rec)
         verdicts += self.data_stall.observe(rec)
         if rec.act_stats:
             verdicts += self.activation_health.observe(rec)
@@ -236,6 +266,13 @@ class Session:
                         g.max = v
                     if v < g.min:
                         g.min = v
+
+    def _new_model_at(self, site: int) -> None:
+        stats = self.losses.get(site)
+        if stats is not None:
+            self.loss_explosion.forget(stats.name)
+            self.plateau.forget(stats.name)
+        self.update_ratio.forget(site)
 
     def _late_losses(self, late: list[tuple[int, int, float]]) -> list[Verdict]:
         """Earlier sampled-out steps' losses, in step order, read with a later step."""

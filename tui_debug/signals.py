@@ -120,19 +120,31 @@ class SignalForwarder:
     # -- delivery ---------------------------------------------------------------------------------
     def _deliver(self, signum: int, frame: Any) -> None:
         """The real handler: only schedules work, so it never interrupts the monitor mid-update."""
+        at_arrival = self._script.get(signum, signal.SIG_DFL)
         fd = self._wakeup_fd
-        if fd >= 0:
+        if fd >= 0 and at_arrival not in (signal.SIG_DFL, signal.SIG_IGN, None):  # (Python's writes for its handlers)
             try:
                 os.write(fd, bytes([signum]))
             except OSError:  # full or closed: as Python's own, never an error here
                 pass
-        self._schedule(lambda: self._dispatch(signum))
+        self._schedule(lambda: self._dispatch(signum, at_arrival))
 
-    def _dispatch(self, signum: int) -> None:
+    def _dispatch(self, signum: int, at_arrival: Any = None) -> None:
+        """The default action is the disposition's when the signal arrived (the kernel's moment). A
+        Python handler is the one set now, as CPython's; one reset to SIG_DFL or SIG_IGN since the
+        signal arrived gets nothing, as in CPython (asyncio's remove_signal_handler right after its
+        handler ran had the process killed by a signal already handled)."""
         handler = self._script.get(signum, signal.SIG_DFL)
-        if handler is signal.SIG_IGN:
+        if at_arrival is None:
+            at_arrival = handler
+        if at_arrival is signal.SIG_IGN:
             return
-        if handler is signal.SIG_DFL or handler is signal.default_int_handler or handler is None:
+        if at_arrival is signal.SIG_DFL:
+            self._on_default(signum)
+            return
+        if handler is signal.SIG_DFL or handler is signal.SIG_IGN or handler is None:
+            return
+        if handler is signal.default_int_handler:
             self._on_default(signum)
             return
         try:

@@ -57,6 +57,10 @@ class LossExplosion:
         self.warmup = config.loss_warmup
         self.state: dict[str, dict[str, Any]] = {}
 
+    def forget(self, name: str) -> None:
+        """A new model trains through this loss (a new fold): its baseline starts again."""
+        self.state.pop(name, None)
+
     def observe(self, name: str, step: int, value: float) -> list[Verdict]:
         st = self.state.get(name)
         if st is None:  # (not setdefault: its default, built on every call, was most of this method's time)
@@ -324,6 +328,10 @@ class Plateau:
         self.state: dict[str, dict[str, Any]] = {}
         self.converged: Callable[[], bool] = lambda: False  # every loss fell 1000x (the session's UpdateRatio)
 
+    def forget(self, name: str) -> None:
+        """A new model trains through this loss (a new fold): its best so far starts again."""
+        self.state.pop(name, None)
+
     def observe(self, name: str, step: int, value: float) -> list[Verdict]:
         if not _finite(value):
             return []
@@ -506,6 +514,11 @@ class UpdateRatio:
             if _finite(v):
                 self.first_loss.setdefault(site, abs(v))
                 self.last_loss[site] = abs(v)
+
+    def forget(self, site: int) -> None:
+        """A new model trains through this loss (a new fold): its first value is the new model's."""
+        self.first_loss.pop(site, None)
+        self.last_loss.pop(site, None)
 
     def converged(self) -> bool:
         first = self.first_loss

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import inspect
 import math
 import os
@@ -117,6 +118,13 @@ class _OptState:
     count: int = 0
     sites: list[int] = dataclasses.field(default_factory=list)  # loss sites of its last checked step
     lrs: tuple[Any, ...] = ()  # its learning rates as last sent (see _opt_state)
+
+
+def _release_params(st: _OptState, _ref: Any) -> None:
+    """The optimizer was freed: so are the parameters it held (a k-fold run or a sweep makes a model per
+    fold; holding the finished ones' parameters and gradients kept every fold's model alive)."""
+    st.params = []
+    st.n_params = -1
 
 
 def _median(values: Any) -> float:
@@ -445,6 +453,8 @@ class Instrumentation:
         self._failing: tuple[int, list[str]] | None = None
         # models
         self._roots: dict[int, tuple[str, Any]] = {}  # id -> (name, weakref)
+        self._dead_roots: list[Any] = []  # weak references of roots freed since (appended by their callbacks)
+        self._name_count: dict[str, int] = {}  # a model name -> models given it (the next is name#n+1)
         self._known_modules: set[int] = set()
         self._bn_unchecked: set[int] = set()  # BatchNorms whose input's producer is not yet looked at
         self._module_names: dict[int, str] = {}
@@ -465,8 +475,11 @@ class Instrumentation:
         self.scaler_skips = 0
         self._skips_unsent = 0
         # steps
-        self._opts: dict[int, _OptState] = {}
+        self._opts: dict[int, _OptState] = {}  # id(optimizer) -> its state (dead ones pruned, see _opt_state)
+        self._opts_made = 0  # optimizers seen: the next one's index
         self._pseudo: _OptState | None = None
+        self._stepped: set[int] = set()  # optimizers (indices) that stepped in the run's current iteration
+        self._width = 1  # optimizers stepping in one iteration, as the last complete one had (the sampler's)
         self._backwards_without_optimizer = 0
         self.step = 0
         self._last_step_time: float | None = None
@@ -793,6 +806,8 @@ class Instrumentation:
             self._absorb_light()
         stack = self._stack
         is_root = not stack
+        if is_root and self._dead_roots:
+            self._guarded(self._forget_dead_roots)
         if is_root and id(module) not in self._known_modules:
             self._guarded(self._register_root, module)
         if isinstance(module, self._OptimizedModule):
@@ -1432,6 +1447,10 @@ class Instrumentation:
             params = [p for p in params if p.dim() >= 2]
         if not params or sum(p.numel() for p in params) > self.config.update_ratio_max_numel:
             return
+        # Detached (aliases: the step's in-place update shows in them): on the parameters themselves
+        # these ops built autograd graphs, and the norms kept the parameters alive until the next read
+        # (a finished fold's model, into the next fold)
+        params = [p.detach() for p in params]
         self._upd_start = (st.index, names, params, self.torch._foreach_mul(params, 1.0))  # type: ignore
 
     def _finish_update_ratio(self, opt_index: int) -> None:
@@ -1485,16 +1504,20 @@ class Instrumentation:
             return  # torch.compile's wrapper: the model it wraps is registered when it runs
         if id(module) in self._module_names:  # a submodule of a known model, called directly
             return
-        name = naming.variable_name(module, sys._getframe(1)) or type(module).__name__
-        taken = {n for n, _ in self._roots.values()}
-        base, i = name, 2
-        while name in taken:
-            name, i = f"{base}#{i}", i + 1
+        frame = sys._getframe(1)
+        wrapper = getattr(self._call_wrapper, "__code__", None)
+        call = frame
+        while call is not None and call.f_code is not wrapper:  # our Module.__call__: its caller called the model
+            call = call.f_back
+        caller = call.f_back if call is not None else None
+        base = naming.variable_name(module, frame, caller) or type(module).__name__
+        count = self._name_count[base] = self._name_count.get(base, 0) + 1
+        name = base if count == 1 else f"{base}#{count}"
         # A new root that contains earlier roots replaces them.
         contained = {id(m) for m in module.modules()}
         for rid in [rid for rid in self._roots if rid in contained]:
             del self._roots[rid]
-        self._roots[id(module)] = (name, weakref.ref(module))
+        self._roots[id(module)] = (name, weakref.ref(module, self._dead_roots.append))
         self._rebuild_index()
         if isinstance(module, self._Loss):
             return  # loss functions are named, not listed as models
@@ -1505,6 +1528,16 @@ class Instrumentation:
         self._pending.append(ModelEvent(
             name=name, cls=type(module).__name__, parameters=sum(p.numel() for p in params),
             trainable=sum(p.numel() for p in params if p.requires_grad), devices=devices))
+
+    def _forget_dead_roots(self) -> None:
+        """Models freed since go, with the ids of their modules: CPython gives a freed object's address
+        to the next of its size, and a later fold's model was taken for a known one (left unnamed, its
+        parameters named after the freed model's)."""
+        self._dead_roots.clear()  # (first: a death from now on is seen next time)
+        for rid in [rid for rid, (_, ref) in self._roots.items() if ref() is None]:
+            del self._roots[rid]
+        self._known_modules.clear()
+        self._rebuild_index()
 
     def _rebuild_index(self) -> None:
         self._module_names.clear()
@@ -1606,7 +1639,12 @@ class Instrumentation:
     def _opt_state(self, opt: Any) -> _OptState:
         st = self._opts.get(id(opt))
         if st is None or st.ref() is not opt:
-            st = _OptState(index=len(self._opts), ref=weakref.ref(opt), params=[])
+            # States of optimizers since freed go (a script making one per step would grow the dict)
+            for key in [k for k, v in self._opts.items() if v.ref() is None]:
+                del self._opts[key]
+            st = _OptState(index=self._opts_made, ref=None, params=[])
+            self._opts_made += 1
+            st.ref = weakref.ref(opt, functools.partial(_release_params, st))
             self._opts[id(opt)] = st
         groups = opt.param_groups
         # the learning rates as they are now (a scheduler's, or a recovery action's): sent when they
@@ -1663,9 +1701,7 @@ class Instrumentation:
                     values = [v]
                 else:
                     values.append(v)
-        count = st.count = st.count + 1
-        if count > self.step:
-            self.step = count
+        self._advance(st)
         if deferred is not None:
             self._defer_losses(st, deferred)
         now = time.perf_counter()
@@ -1680,22 +1716,50 @@ class Instrumentation:
             span.durations.append(duration)
         elif duration > SPAN_BREAK_S:
             self._span = span = None
-            self._pending.append(StepRecord(self.step, now, duration, st.index, [], None, None, 0.0, checked=False))
+            self._pending.append(StepRecord(self.step, now, duration, st.index, self._sited(st, values or []), None,
+                                            None, 0.0, checked=False))
         else:
             self._span = span = StepSpan(self.step, self.step, now, st.index, [duration])
             self._pending.append(span)
         if values is not None and span is not None:
-            # the CPU losses read above, for the report's counts and extremes (named by the sites
-            # of this optimizer's last checked step, as a GPU loss kept for later is)
+            # the CPU losses read above, for the report's counts and extremes
             sites = st.sites
             if len(values) == 1 and sites:
                 span.losses.append((sites[0], values[0]))
             else:
-                fallback = self._last_site if self._last_site is not None else 0
-                span.losses.extend((sites[i] if i < len(sites) else fallback, v) for i, v in enumerate(values))
+                span.losses.extend(self._sited(st, values))
         if now - self._last_flush >= FLUSH_INTERVAL_S:
             self._slice_over(now, duration)
         self._sample(False, st)
+
+    def _advance(self, st: _OptState) -> None:
+        """Count the run's step. An iteration ends when an optimizer that already stepped in it steps
+        again: a GAN's D and G steps are one step, its critic's five steps five (as counting the
+        most-stepped optimizer would). An optimizer first stepping after the run's first iteration
+        starts a new one: a new fold's, a sweep's or a fine-tuning stage's optimizer continues the count
+        (the most-stepped optimizer's count stalled at the first fold's last step for every later fold)."""
+        stepped = self._stepped
+        index = st.index
+        if index in stepped or not stepped or (st.count == 0 and (self.step > 1 or self._any_freed(stepped))):
+            self.step += 1
+            self._width = len(stepped) or 1
+            stepped.clear()
+        stepped.add(index)
+        st.count += 1
+
+    def _any_freed(self, indices: set[int]) -> bool:
+        """Whether an optimizer of these has been freed: a new one made after it is its successor (a
+        script that makes an optimizer per step), not its partner in a GAN's first iteration."""
+        live = {st.index for st in self._opts.values() if st.ref() is not None}
+        live.add(-1)  # the backward-per-step stand-in of the first iteration (see _step_without_optimizer)
+        return not indices <= live
+
+    def _sited(self, st: _OptState, values: list[float]) -> list[tuple[int, float]]:
+        """A sampled-out step's loss values, named by the sites of this optimizer's last checked step
+        (as a GPU loss kept for later is), else the last site seen."""
+        sites = st.sites
+        fallback = self._last_site if self._last_site is not None else 0
+        return [(sites[i] if i < len(sites) else fallback, v) for i, v in enumerate(values)]
 
     def _defer_losses(self, st: _OptState, losses: list[Any]) -> None:
         """Keep a sampled-out step's GPU losses for the next checked step's read, named by the sites
@@ -1801,7 +1865,7 @@ class Instrumentation:
         end = time.perf_counter()
         last, self._sample_last = self._sample_last, end
         sampler = self._sampler
-        sampler.optimizers = len(self._opts)
+        sampler.optimizers = self._width
         self.observed_last = observed
         if not st.on_cpu and sampler.timed() and st.devices[0].type == "cuda":
             self._gpu_mark(observed, st)
@@ -1862,9 +1926,7 @@ class Instrumentation:
         torch = self.torch
         self._stack.clear()
         self._span = None
-        st.count += 1
-        if st.count > self.step:
-            self.step = st.count
+        self._advance(st)
         now = time.perf_counter()
         last = self._last_step_time
         duration = 0.0 if last is None else now - last
@@ -1877,10 +1939,13 @@ class Instrumentation:
             on_device = [t for t in unchecked if not t.is_cpu]
             if on_device:
                 self._defer_losses(st, on_device)
-            bad = [t for t in unchecked if t.is_cpu and not math.isfinite(t.item())]
+            on_cpu = [t for t in unchecked if t.is_cpu]
+            values = [t.item() for t in on_cpu]
+            bad = [t for t, v in zip(on_cpu, values) if not math.isfinite(v)]
             if not bad:
-                self._pending.append(StepRecord(self.step, now, duration, st.index, [], None, None, wait,
-                                                checked=False))
+                # (its CPU losses count, as a span's do: a new optimizer's first step comes here)
+                self._pending.append(StepRecord(self.step, now, duration, st.index, self._sited(st, values), None,
+                                                None, wait, checked=False))
                 if now - self._last_flush >= FLUSH_INTERVAL_S:
                     self._slice_over(now, duration)
                 return

@@ -138,14 +138,52 @@ def loss_name(frame: FrameType) -> tuple[str, str]:
     return text, source
 
 
-def variable_name(obj: Any, frame: FrameType | None, max_frames: int = 6) -> str | None:
-    """The name a user frame binds ``obj`` to (locals first, then globals), if any."""
+# A function frame's f_locals is, before 3.13 (PEP 667), a dict the frame keeps: reading it holds
+# every local as it was until the frame reads it again or returns. Naming a k-fold run's model that
+# way kept the last fold's model, optimizer and their states alive into the next fold.
+_LOCALS_KEPT = sys.version_info < (3, 13)
+_CO_OPTIMIZED = 0x1
+
+
+def callee_name(frame: FrameType) -> str | None:
+    """The name the call at ``frame``'s current instruction calls: ``model`` in ``model(x)``, ``G`` in
+    ``self.G(z)`` (3.11+ positions; read from the source, not from the frame's locals)."""
+    found = _instruction_source(frame.f_code, frame.f_lasti)
+    if found is None:
+        return None
+    try:
+        tree = ast.parse(found[0].strip(), mode="eval")
+    except SyntaxError:
+        return None
+    if not isinstance(tree.body, ast.Call):
+        return None
+    func = tree.body.func
+    name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+    if name is None or name.startswith("_") or name == "self":
+        return None
+    return name
+
+
+def variable_name(obj: Any, frame: FrameType | None, caller: FrameType | None = None,
+                  max_frames: int = 6) -> str | None:
+    """The name the script gives ``obj``: the callee of its call in ``caller`` (the frame that called
+    the module, ``model(x)``) when that is the user's code, else a name a user frame binds it to
+    (locals, then globals).
+
+    Before 3.13 a function frame's locals are read only when the callee cannot be (3.10: no
+    positions), since reading them keeps them alive (see ``_LOCALS_KEPT``)."""
+    if caller is not None and not is_library_frame(caller.f_code) and hasattr(caller.f_code, "co_positions"):
+        name = callee_name(caller)
+        if name is not None:
+            return name
+    read_locals = not _LOCALS_KEPT or not hasattr(CodeType, "co_positions")
     frame = user_frame(frame)
     seen = 0
     while frame is not None and seen < max_frames:
         if not is_library_frame(frame.f_code):
             seen += 1
-            for scope in (frame.f_locals, frame.f_globals):
+            function = frame.f_code.co_flags & _CO_OPTIMIZED
+            for scope in ((frame.f_locals, frame.f_globals) if read_locals or not function else (frame.f_globals,)):
                 for name, value in list(scope.items()):
                     if value is obj and not name.startswith("_") and name != "self":
                         return name

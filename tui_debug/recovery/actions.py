@@ -14,6 +14,7 @@ import os
 import statistics
 import threading
 import time
+import weakref
 from typing import Any, Protocol
 
 from ..classify import human_bytes, memory_context
@@ -139,7 +140,9 @@ class Snapshots:
             return None
         states = {"models": {n: m.state_dict() for n, m in ms.items()}, "optimizers": [o.state_dict() for o in opts]}
         copier = _AsyncCopier.for_state(states, self.PINNED_MAX_BYTES)
-        snap = {"step": instr.step, "time": time.time(), **_to_cpu(states, copier)}
+        snap = {"step": instr.step, "time": time.time(), **_to_cpu(states, copier),
+                # whose states they are: a later fold's optimizer must not be given an earlier one's
+                "_optimizers": [weakref.ref(o) for o in opts]}
         if copier is not None:
             snap["_ready"] = copier.finish()
         self.items.append(snap)
@@ -243,7 +246,12 @@ def rollback(instr: TrainingState, snapshots: Snapshots) -> ActionResult:
         if m is not None:
             m.load_state_dict(state)
             restored.append(name)
-    for opt, state in zip(opts, snap["optimizers"]):
+    owners = [ref() for ref in snap.get("_optimizers", [])]
+    matched = [(opt, snap["optimizers"][i]) for opt in opts for i, o in enumerate(owners) if o is opt]
+    if not restored and not matched:
+        return ActionResult("rollback", False, f"the snapshot of step {snap['step']} is of models and optimizers "
+                            "that are no longer trained (a new model since)", instr.step)
+    for opt, state in matched:
         lrs = [g.get("lr") for g in opt.param_groups]
         opt.load_state_dict(state)
         for g, lr in zip(opt.param_groups, lrs):  # keep the current learning rates (they may have been lowered)
