@@ -115,6 +115,28 @@ def test_rollback_restores_parameters_and_optimizer_state_but_keeps_lowered_lr(i
     assert opt.param_groups[0]["lr"] == 0.005
 
 
+def test_rollback_never_gives_a_later_folds_optimizer_an_earlier_ones_state(inst: Instrumentation) -> None:
+    """Optimizer states were restored by position: a snapshot of fold 1's Adam went into fold 2's
+    (same shapes, so it loaded), its moments and step count from another model."""
+    import gc
+
+    model = nn.Linear(4, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    _train(model, opt, 5)
+    snaps = Snapshots()
+    assert snaps.take(inst) is not None
+    del model, opt
+    gc.collect()
+    model = nn.Linear(4, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    _train(model, opt, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = actions.rollback(inst, snaps)
+    assert not result.ok and "no longer trained" in result.message
+    assert opt.state_dict()["state"][0]["step"] == 2
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_rollback_without_snapshot_says_so(inst: Instrumentation) -> None:
     result = actions.rollback(inst, Snapshots())
     assert isinstance(result, ActionResult) and not result.ok and "no snapshot" in result.message
