@@ -406,6 +406,33 @@ def test_nan_in_a_loss_target_is_bad_data_not_the_models_doing(rec: Recorder, n:
     assert not [f for f in at_2 if f.category == "model_error"]
 
 
+def test_a_module_whose_weight_went_bad_is_named_with_the_weight(rec: Recorder) -> None:
+    """A NaN weight (written by an earlier step, or loaded) makes a finite input's output NaN: the
+    finding says the weight is the cause; a module that makes NaN from finite weights says nothing of them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), Block(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(8, 4)
+    for step in range(1, 5):
+        if step == 2:
+            with torch.no_grad():
+                model[3].weight[0, 1] = float("nan")
+        if step == 4:
+            with torch.no_grad():
+                model[3].weight.normal_()
+            model[2].bad.on = True
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+    at_2 = [f for f in rec.findings(step=2) if f.category == "model_error"]
+    assert len(at_2) == 1 and at_2[0].context["module"] == "model.3 (Linear)", at_2
+    assert at_2[0].context["nonfinite_parameters"] == ["weight"]
+    assert at_2[0].message.endswith("its weight is non-finite")
+    at_4 = [f for f in rec.findings(step=4) if f.category == "model_error"]
+    assert [f.context["module"] for f in at_4] == ["model.2.bad (NaNMaker)"], at_4
+    assert "nonfinite_parameters" not in at_4[0].context
+
+
 def test_nan_input_in_a_reused_buffer_with_gradient_accumulation(rec: Recorder) -> None:
     """Two micro-batches per step copied into one preallocated input tensor (a common pattern):
     the second micro-batch carries a NaN, which is bad data, not a module's doing."""

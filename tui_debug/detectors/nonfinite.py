@@ -43,6 +43,24 @@ def _kind(value: float) -> str:
 class NonFiniteDetector:
     """NaN/Inf in the loss (loss_error), gradients (gradient_error) or activations (model_error)."""
 
+    def __init__(self) -> None:
+        self._looked: set[str] = set()  # modules whose GPU parameters were looked at (once each)
+
+    def _bad_parameters(self, module: Any, label: str) -> list[str]:
+        """The module's own parameters and buffers that are not finite: a weight gone bad (an earlier
+        step wrote it, or it was loaded so) is the cause, not the forward's arithmetic. CPU tensors on
+        every bad step; a GPU's once per module (reading them waits for the GPU, on a step already lost)."""
+        try:
+            tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+            tensors = [(n, t) for n, t in tensors if t.is_floating_point() and t.numel()]
+            if any(not t.is_cpu for _, t in tensors):
+                if label in self._looked or len(self._looked) >= 1000:
+                    return []
+                self._looked.add(label)
+            return [n for n, t in tensors if not bool(t.detach().isfinite().all())]
+        except Exception:  # a module we cannot read is still named
+            return []
+
     def check(self, obs: StepObservation) -> list[FindingEvent]:
         findings: list[FindingEvent] = []
         for name, value in obs.losses:
@@ -82,11 +100,15 @@ class NonFiniteDetector:
                 continue  # passed on, not produced here
             label = obs.module_label(module)
             where = "from a finite input" if inp is not None else "(its input was not measured)"
-            context = {"module": label, "value": _kind(out)}
+            context: dict[str, Any] = {"module": label, "value": _kind(out)}
             source = _forward_source(module)
             if source is not None:
                 context["forward"] = source
                 where += f" (its forward: {os.path.basename(source)})"
+            bad_params = self._bad_parameters(module, label)
+            if bad_params:
+                context["nonfinite_parameters"] = bad_params
+                where += f": its {', '.join(bad_params[:3])} {'is' if len(bad_params) == 1 else 'are'} non-finite"
             return FindingEvent(
                 severity="error", category="model_error", step=obs.step, key=f"nonfinite-activation|{label}",
                 message=f"{label} produced a non-finite output ({_kind(out)}) {where}",
