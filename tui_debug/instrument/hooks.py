@@ -1701,7 +1701,11 @@ class Instrumentation:
                     values = [v]
                 else:
                     values.append(v)
-        self._advance(st)
+        if len(self._stepped) == 1 and st.index in self._stepped:  # (_advance for one optimizer, inline)
+            self.step += 1
+            st.count += 1
+        else:
+            self._advance(st)
         if deferred is not None:
             self._defer_losses(st, deferred)
         now = time.perf_counter()
