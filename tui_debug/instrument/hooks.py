@@ -1537,6 +1537,7 @@ class Instrumentation:
         for rid in [rid for rid, (_, ref) in self._roots.items() if ref() is None]:
             del self._roots[rid]
         self._known_modules.clear()
+        self._defer_ok.clear()  # proofs learned per module id: relearned in a step
         self._rebuild_index()
 
     def _rebuild_index(self) -> None:
