@@ -220,3 +220,27 @@ def test_an_exact_fit_is_not_a_vanishing_gradient_and_its_plateau_says_converged
     assert [s for s, _ in converged] == ["info"] and "has converged" in converged[0][1], converged
     stuck = run(1.9)  # the same gradients while the loss stays high: they do vanish
     assert any(s == "warning" and "vanishing gradient" in m for s, m in stuck), stuck
+
+
+def test_a_bias_the_loss_cancels_is_called_useless_not_vanishing() -> None:
+    """A WGAN critic's last bias cancels in mean(D(fake)) - mean(D(real)): its gradient is exactly 0
+    while its weight learns. That is info (it does nothing), not a vanishing gradient with advice about
+    activations; a whole layer without gradient still is one."""
+    from tui_debug.config import DebugConfig
+    from tui_debug.detectors.trends import GradientNorms
+    from tui_debug.events import StepRecord
+
+    def run(weight: float) -> list[tuple[str, str]]:
+        grads = GradientNorms(DebugConfig())
+        out = []
+        for i in range(120):
+            rec = StepRecord(step=i + 1, time=float(i), duration=0.01, optimizer=0, losses=[(0, 1.0)],
+                             grad_names=["D.0.weight", "D.0.bias", "D.2.weight", "D.2.bias"],
+                             grad_norms=[0.5, 0.2, weight, 0.0])
+            out += [(v.finding.severity, v.finding.message) for v in grads.observe(rec) if v.finding is not None]
+        return out
+
+    cancelled = run(0.3)
+    assert [s for s, _ in cancelled] == ["info"] and cancelled[0][1].startswith("D.2.bias does nothing"), cancelled
+    dead = run(0.0)  # the last layer gets no gradient at all: disconnected, or behind dead units
+    assert [s for s, _ in dead] == ["warning"] and "vanishing gradient in D.2.weight" in dead[0][1], dead

@@ -43,6 +43,7 @@ def _hook_state() -> dict[str, int]:
         "module_call": id(nn_module.Module.__call__),
         "optimizer_pre": len(optim_module._global_optimizer_pre_hooks),
         "optimizer_post": len(optim_module._global_optimizer_post_hooks),
+        "optimizer_made": id(optim_module.Optimizer.__dict__.get("_patch_step_function")),
     }
 
 
@@ -455,6 +456,188 @@ def test_nan_input_in_a_reused_buffer_with_gradient_accumulation(rec: Recorder) 
     at_2 = rec.findings(step=2)
     assert [f.category for f in at_2 if f.category in ("input_validation", "model_error")] == \
         ["input_validation"], [(f.category, f.message) for f in at_2]
+
+
+def test_a_skipped_step_leaves_the_parameters_and_gives_the_gradients_back(rec: Recorder) -> None:
+    """Safe recovery skips a step with non-finite gradients as GradScaler does: the parameters are
+    untouched, and the script still finds its gradients after optimizer.step() (they were set to None,
+    and a script logging p.grad.norm() there crashed)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(1, 5):
+        x = torch.randn(8, 4)
+        if step == 3:
+            x[0, 0] = float("inf")
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer.step()
+        grads = [p.grad for p in model.parameters()]
+        assert all(g is not None for g in grads), step
+        if step == 3:
+            assert not all(bool(g.isfinite().all()) for g in grads)  # the script sees what backward made
+            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
+    assert rec.inst.skipped_steps == 1
+
+
+def test_micro_batches_before_the_first_optimizer_step_are_not_steps(rec: Recorder) -> None:
+    """Gradient accumulation: 4 backwards per optimizer step. The backwards before the first step
+    were counted as steps of a hand-written update (8 steps reported 11 times; the NaN of step 3 at
+    step 6)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(1, 9):
+        for micro in range(4):
+            x = torch.randn(8, 4)
+            if step == 3 and micro == 2:
+                x[0, 0] = float("nan")
+            (model(x).pow(2).mean() / 4).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert rec.inst.step == 8
+    assert [r.step for r in rec.events(StepRecord)] == list(range(1, 9))
+    assert {f.step for f in rec.findings() if f.category == "loss_error"} == {3}
+
+
+def test_reentrant_checkpointing_backwards_are_neither_losses_nor_steps(rec: Recorder) -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
+    optimizer = torch.optim.SGD(blocks.parameters(), lr=0.01)
+    x = torch.randn(4, 8, requires_grad=True)
+    for _ in range(5):
+        h = x
+        for block in blocks:
+            h = checkpoint(block, h, use_reentrant=True)
+        loss = h.pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert rec.inst.step == 5
+    assert [s.name for s in rec.events(LossSiteEvent)] == ["loss"]
+
+
+def test_a_closure_step_is_read_after_it_with_its_own_losses(rec: Recorder) -> None:
+    """optimizer.step(closure): the backward runs inside the step. Read before it, each step got the
+    previous one's losses and gradients, and a NaN on the last step was never seen."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=3)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    seen: list[list[float]] = []
+
+    for step in range(1, 6):
+        values: list[float] = []
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            inp = x.clone()
+            if step == 5:
+                inp[0, 0] = float("nan")
+            loss = (model(inp) - y).pow(2).mean()
+            loss.backward()
+            values.append(loss.item())
+            return loss
+
+        optimizer.step(closure)
+        seen.append(values)
+    records = rec.events(StepRecord)
+    assert [r.step for r in records] == [1, 2, 3, 4, 5]
+    by_step = {r.step: [v for _, v in r.losses] for r in records}
+    for step, values in enumerate(seen[:4], 1):
+        assert by_step[step] == pytest.approx(values), step
+    assert all(math.isnan(v) for v in by_step[5])
+    assert {f.step for f in rec.findings() if f.category in ("loss_error", "gradient_error")} == {5}
+
+
+def test_a_model_called_with_keyword_arguments_has_its_input_measured(rec: Recorder) -> None:
+    """model(**batch), the Hugging Face way: NaN data was blamed on the model, "its input was not
+    measured"."""
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 1)
+
+        def forward(self, features: torch.Tensor | None = None) -> torch.Tensor:
+            return self.fc(features)
+
+    torch.manual_seed(0)
+    net = Net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    for step in range(1, 4):
+        batch = {"features": torch.randn(8, 4)}
+        if step == 3:
+            batch["features"][1, 2] = float("nan")
+        optimizer.zero_grad()
+        net(**batch).pow(2).mean().backward()
+        optimizer.step()
+    at_3 = [(f.category, f.context.get("module")) for f in rec.findings(step=3)
+            if f.category in ("input_validation", "model_error")]
+    assert at_3 == [("input_validation", "net (Net)")]
+
+
+def test_a_model_returning_a_dataclass_is_named_when_its_output_goes_bad() -> None:
+    @dataclasses.dataclass
+    class Out:
+        logits: torch.Tensor
+        aux: float = 0.0
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+            self.register_buffer("scale", torch.ones(()))
+
+        def forward(self, x: torch.Tensor) -> Out:
+            return Out(self.fc(x) / self.scale)
+
+    batches: list[list[Any]] = []
+    inst = Instrumentation(DebugConfig(), batches.append)
+    inst.install(torch)
+    try:
+        torch.manual_seed(0)
+        net = Net()
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+        for step in range(1, 4):
+            if step == 3:
+                net.scale.zero_()
+            optimizer.zero_grad()
+            net(torch.randn(8, 4)).logits.sum().backward()
+            optimizer.step()
+        inst.finish()
+    finally:
+        inst.uninstall()
+    found = [e for b in batches for e in b if isinstance(e, FindingEvent) and e.category == "model_error"]
+    assert [(f.step, f.context["module"]) for f in found] == [(3, "net (Net)")]
+
+
+def test_a_group_frozen_by_a_zero_learning_rate_is_left_out_of_the_update_ratio() -> None:
+    """Linear probing: the backbone's group has lr=0. Its updates are 0 by design, and the median over
+    layers said the learning rate was far too small."""
+    batches: list[list[Any]] = []
+    inst = Instrumentation(DebugConfig(update_ratio_every=1), batches.append)
+    inst.install(torch)
+    try:
+        inst._sampler.budget = 0.0
+        torch.manual_seed(0)
+        backbone, head = nn.Linear(4, 8), nn.Linear(8, 1)
+        model = nn.Sequential(backbone, nn.ReLU(), head)
+        optimizer = torch.optim.SGD([{"params": backbone.parameters(), "lr": 0.0},
+                                     {"params": head.parameters(), "lr": 0.1}])
+        for _ in range(4):
+            optimizer.zero_grad()
+            model(torch.randn(16, 4)).pow(2).mean().backward()
+            optimizer.step()
+        inst.finish()
+    finally:
+        inst.uninstall()
+    ratios = [r.update_ratios for b in batches for r in b if isinstance(r, StepRecord) and r.update_ratios]
+    assert ratios and all([n for n, _ in rs] == ["model.2.weight"] for rs in ratios), ratios
+    assert all(v > 0 for rs in ratios for _, v in rs)
 
 
 # -- AMP and hand-written updates ---------------------------------------------------------------------

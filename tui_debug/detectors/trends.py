@@ -200,10 +200,18 @@ class GradientNorms:
         out = []
         newly = []
         skip = self.no_signal_expected
+        norm_of: dict[str, float] | None = None
         for n, v in finite:
             if v < self.v_abs and v < self.v_ratio * largest and n not in skip:
                 c = self.low[n] = self.low.get(n, 0) + 1
                 if c == self.v_steps and n not in self.vanishing_reported:
+                    if v == 0 and n.endswith(".bias"):
+                        norm_of = norm_of if norm_of is not None else dict(finite)
+                        weight = norm_of.get(n[:-4] + "weight", 0.0)
+                        if weight > self.v_abs:  # its weight learns: the loss cancels this bias
+                            out.append(self._cancelled_bias(rec, n, n[:-4] + "weight"))
+                            skip.add(n)
+                            continue
                     newly.append((n, v))
             elif n in self.low:
                 if n in self.vanishing_reported and v > 10 * self.v_abs:
@@ -228,6 +236,20 @@ class GradientNorms:
                                "(kaiming/xavier); a layer with no gradient at all may be disconnected from the "
                                "loss, or behind dead ReLUs.")))
         return out
+
+
+    def _cancelled_bias(self, rec: StepRecord, bias: str, weight: str) -> Verdict:
+        """A bias whose gradient is exactly 0 step after step while its layer's weight learns: the loss
+        does not depend on it (a WGAN critic's last bias cancels in mean(D(fake)) - mean(D(real))), as
+        a bias before a BatchNorm does: nothing vanishes, and the vanishing-gradient advice was wrong."""
+        return Verdict(FindingEvent(
+            severity="info", category="model_error", step=rec.step, key=f"cancelled-bias|{bias}",
+            message=f"{bias} does nothing: its gradient has been exactly 0 for {self.v_steps} steps while "
+                    f"{weight} learns, so the loss does not depend on it (it adds a constant the loss "
+                    "cancels, as in a difference of means)",
+            context={"parameter": bias, "weight": weight, "steps": self.v_steps},
+            recommendation="If the loss is meant to cancel it (a WGAN critic's output layer), create the layer "
+                           "with bias=False; otherwise check that this layer's output reaches the loss."))
 
 
 class SlowSteps:
@@ -545,7 +567,7 @@ class UpdateRatio:
             self.fired.add("update-low")
             out.append(Verdict(FindingEvent(
                 severity="warning", category="optimization_error", step=rec.step, key="update-ratio|low",
-                message=f"updates are {med:.2g} of the weights (median over layers): the learning rate is far "
-                        f"too small, or gradients vanish",
+                message=f"updates are {med:.2g}x the size of the weights (median over layers): the learning rate "
+                        f"is far too small, or gradients vanish",
                 context=ctx, recommendation="Raise the learning rate; check that gradients reach the weights.")))
         return out

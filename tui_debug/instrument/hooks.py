@@ -481,6 +481,9 @@ class Instrumentation:
         self._stepped: set[int] = set()  # optimizers (indices) that stepped in the run's current iteration
         self._width = 1  # optimizers stepping in one iteration, as the last complete one had (the sampler's)
         self._backwards_without_optimizer = 0
+        self._optimizer_seen = False  # an optimizer was made (see _optimizer_made)
+        self._made_optimizers: weakref.WeakSet[Any] = weakref.WeakSet()  # (see _watch_optimizers)
+        self._orig_patch_step: Any = None
         self.step = 0
         self._last_step_time: float | None = None
         self._pending: list[Any] = []
@@ -497,6 +500,9 @@ class Instrumentation:
         self.last_step_finite = True
         self.skip_nonfinite = config.recover != "off"  # safe/auto: skip steps with non-finite gradients
         self._skip_now = False
+        self._held_grads: list[tuple[Any, Any]] = []  # (parameter, gradient) kept from a skipped step
+        self._closure_step: Any = None  # an optimizer stepping with a closure: its boundary is after it
+        self._closure_read = False  # that boundary is being read (in the post-step hooks)
         self._immediate = False
         self.skipped_steps = 0
         self.consecutive_skips = 0
@@ -578,6 +584,7 @@ class Instrumentation:
             pass
         self._install_module_call(nn_module.Module)
         self._optim_module = optim_module
+        self._watch_optimizers(optim_module.Optimizer)
         self._handles.append(optim_module.register_optimizer_step_pre_hook(self._pre_step))
         self._post_handle = optim_module.register_optimizer_step_post_hook(self._post_step)
         self._orig_backward = torch.autograd.backward
@@ -595,6 +602,10 @@ class Instrumentation:
                 if isinstance(t, tensor_type) and me.config.enable_loss_tracking and not me._dispatch_modes():
                     me._unchecked_losses.append(t)
                 return orig_backward(*args, **kwargs)
+            if me._in_backward and get_ident() == me._tid:
+                # inside a backward (reentrant checkpointing backpropagates each block from there):
+                # not a loss, nor a step
+                return orig_backward(*args, **kwargs)
             if get_ident() == me._tid and not me.broken and not me._dispatch_modes():
                 me._guarded(me._on_backward, args[0] if args else kwargs.get("tensors"))
             me._in_backward += 1
@@ -607,7 +618,9 @@ class Instrumentation:
             # optimizer at all: those backwards belong to a real optimizer's step.
             if not me._opts and not me._amp_seen and threading.get_ident() == me._tid and not me.broken:
                 me._backwards_without_optimizer += 1
-                if me._backwards_without_optimizer >= 2:  # the first backward precedes any optimizer.step
+                # the first backward precedes any optimizer.step; with an optimizer made, the backwards
+                # before its first step are micro-batches of gradient accumulation, not steps
+                if me._backwards_without_optimizer >= 2 and not me._optimizer_made():
                     me._guarded(me._step_without_optimizer)
             return result
 
@@ -691,9 +704,12 @@ class Instrumentation:
                      and not me._stats_now and args)
             if not light and t in containers and me._stack and not me._stats_now and args and plain(self):
                 return call_container(self, args, kwargs)
+            hargs = args
+            if not args and kwargs:  # model(**batch): its first tensor argument is its input
+                hargs = next(((v,) for v in kwargs.values() if isinstance(v, tensor_type)), ())
             try:
                 if not light:
-                    pre(self, args)
+                    pre(self, hargs)
                 elif me._hot_pending is not None:  # as a hook would (the sum while the tensor is in cache)
                     me._resolve_hot(self if args[0] is me._hot_pending[1] else None)
             except Exception as exc:  # a bug of ours: switch off, never fail the call
@@ -707,7 +723,7 @@ class Instrumentation:
                         if light:
                             me._light_raised(self)
                         else:
-                            post(self, args, None)  # sees the exception through sys.exc_info()
+                            post(self, hargs, None)  # sees the exception through sys.exc_info()
                     except Exception as exc:
                         me._disable(exc)
                 raise
@@ -725,7 +741,7 @@ class Instrumentation:
                 return result
             if me._fwd_on:
                 try:
-                    post(self, args, result)
+                    post(self, hargs, result)
                 except Exception as exc:
                     me._disable(exc)
             return result
@@ -754,6 +770,9 @@ class Instrumentation:
         module_type = self._nn_module.Module
         if module_type.__call__ is self._call_wrapper:  # not if someone wrapped it since: theirs stays
             module_type.__call__ = self._orig_call  # type: ignore[method-assign]
+        if self._orig_patch_step is not None:
+            self._optim_module.Optimizer._patch_step_function = self._orig_patch_step  # type: ignore[attr-defined]
+            self._orig_patch_step = None
         torch = self.torch
         if torch is not None and self._orig_backward is not None:
             torch.autograd.backward = self._orig_backward
@@ -1442,6 +1461,18 @@ class Instrumentation:
         two ratios the learning rate looked far too large)."""
         params = [st.params[i] for idxs in st.groups for i in idxs]
         names = st.names
+        opt = st.ref() if st.ref is not None else None
+        if opt is not None and any(_zero_rate(g) for g in opt.param_groups):
+            # a group frozen by a zero rate (linear probing) does not move by design: its ratio of 0
+            # made the learning rate look far too small
+            frozen, i = set(), 0
+            for g in opt.param_groups:
+                n = len(g["params"])
+                if _zero_rate(g):
+                    frozen.update(range(i, i + n))
+                i += n
+            kept = [k for k, i in enumerate(i for idxs in st.groups for i in idxs) if i not in frozen]
+            params, names = [params[k] for k in kept], [names[k] for k in kept]
         if any(p.dim() >= 2 for p in params):
             names = [n for n, p in zip(names, params) if p.dim() >= 2]
             params = [p for p in params if p.dim() >= 2]
@@ -1666,7 +1697,20 @@ class Instrumentation:
     def _pre_step(self, opt: Any, args: Any, kwargs: Any) -> None:
         if self._get_ident() != self._tid or self.broken or self._is_compiling():
             return
+        if self._held_grads:  # (the skipped step's post-step hook did not run: it raised)
+            self._give_grads_back()
         self._boundaries += 1
+        if len(args) > 1 and args[1] is not None or kwargs and kwargs.get("closure") is not None:  # (args[0]: opt)
+            # optimizer.step(closure) (LBFGS...): the step's backward runs inside it, so its boundary
+            # is after it (read before it, each step's losses and gradients went to the next one,
+            # and the last step's were never read)
+            self._closure_step = opt
+            self._set_post_hook(True)
+            return
+        self._boundary(opt)
+
+    def _boundary(self, opt: Any) -> None:
+        """An optimizer's step boundary: the step that ends here read (checked) or counted."""
         if not self._observe:
             st = self._opts.get(id(opt))
             if st is not None and st.ref() is opt:
@@ -1784,10 +1828,20 @@ class Instrumentation:
             return
         self._step_end = time.perf_counter()
         self.wake = False  # before draining: a request made meanwhile wakes the next step
+        if self._held_grads:
+            self._give_grads_back()
         if self._upd_start is not None:
             st = self._opts.get(id(opt))
             if st is not None:
                 self._guarded(self._finish_update_ratio, st.index)
+        if self._closure_step is opt:
+            self._closure_step = None
+            self._closure_read = True  # (no skipping: the optimizer has stepped)
+            try:
+                self._boundary(opt)
+            finally:
+                self._closure_read = False
+            self._step_end = time.perf_counter()
         actions = self.actions
         if actions is not None and not actions.empty():
             while not actions.empty():
@@ -1804,6 +1858,13 @@ class Instrumentation:
         if self.paused:
             self._wait_while_paused()
 
+    def _give_grads_back(self) -> None:
+        """The gradients a skipped step held back (see _skip_step), once the optimizer has stepped."""
+        held, self._held_grads = self._held_grads, []
+        for p, g in held:
+            if p.grad is None:
+                p.grad = g
+
     def _wait_while_paused(self) -> None:
         """Pause at a step boundary: the training thread waits here until resumed (state kept)."""
         self.flush()
@@ -1817,6 +1878,41 @@ class Instrumentation:
                     pass
                 self.flush()
         self._last_step_time = time.perf_counter()  # the pause is not step time
+
+    def _watch_optimizers(self, optimizer_type: type) -> None:
+        """Keep the optimizers the script makes (weakly): every torch optimizer's ``__init__`` calls
+        ``_patch_step_function``, whose wrapper notes it."""
+        orig = optimizer_type.__dict__.get("_patch_step_function")
+        if orig is None or self._orig_patch_step is not None:
+            return
+        made = self._made_optimizers
+
+        def _patch_step_function(opt: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                made.add(opt)
+            except TypeError:  # an optimizer class that is not hashable: the fallback of _optimizer_made
+                pass
+            return orig(opt, *args, **kwargs)
+
+        self._orig_patch_step = orig
+        optimizer_type._patch_step_function = _patch_step_function  # type: ignore[attr-defined]
+
+    def _optimizer_made(self) -> bool:
+        """Whether the script has an optimizer: one it made since the instrumentation was installed,
+        still alive; else (the method above gone from torch) any made in this process, which marks its
+        class's ``step`` as ``hooked`` (torch.optim.Optimizer._patch_step_function)."""
+        if self._orig_patch_step is not None:
+            return len(self._made_optimizers) > 0
+        if self._optimizer_seen:
+            return True
+        todo = [self._optim_module.Optimizer]
+        while todo:
+            cls = todo.pop()
+            if getattr(cls.__dict__.get("step"), "hooked", False):
+                self._optimizer_seen = True
+                return True
+            todo.extend(cls.__subclasses__())
+        return False
 
     def _step_without_optimizer(self) -> None:
         """Scripts that update parameters by hand: each backward is a step."""
@@ -1919,6 +2015,8 @@ class Instrumentation:
         return checked, unchecked
 
     def _set_post_hook(self, on: bool) -> None:
+        if self._closure_read:
+            return  # running in the post-step hooks: torch iterates them (and the next step sets it)
         if on and self._post_handle is None and self._installed:
             self._post_handle = self._optim_module.register_optimizer_step_post_hook(self._post_step)
         elif not on and self._post_handle is not None:
@@ -2119,11 +2217,17 @@ class Instrumentation:
             self.flush()
 
     def _skip_step(self, st: _OptState) -> None:
-        """Leave the parameters untouched, as GradScaler does: an optimizer ignores params with no grad."""
+        """Leave the parameters untouched, as GradScaler does: an optimizer ignores parameters with no
+        gradient, so they have none during its step and get theirs back after it (a script that logs
+        ``p.grad`` after ``optimizer.step()`` found None there and crashed)."""
         self._skip_now = False
         self._upd_start = None  # a skipped step has no update to measure
+        held = self._held_grads
         for p in st.params:
-            p.grad = None
+            g = p.grad
+            if g is not None:
+                held.append((p, g))
+                p.grad = None
         self.skipped_steps += 1
         self.consecutive_skips += 1
         if self.on_skip is not None:
@@ -2259,7 +2363,7 @@ class Instrumentation:
                     f.context["loss_nonfinite_since_step"] = bad
         grads_bad = grad_names is not None and not all(math.isfinite(v) for v in obs.grad_norms)
         # Only an optimizer's step is skipped; a hand-written update (pseudo-step) needs its gradients.
-        if grads_bad and self._immediate and self.skip_nonfinite and opt_index >= 0:
+        if grads_bad and self._immediate and self.skip_nonfinite and opt_index >= 0 and not self._closure_read:
             self._skip_now = True
             for f in findings:
                 if f.category == "gradient_error":
@@ -2341,7 +2445,15 @@ def _bn_versions(bn: Any) -> tuple[int, int, int] | None:
     return buffers["running_mean"]._version, buffers["running_var"]._version, nbt._version
 
 
+def _zero_rate(group: dict[str, Any]) -> bool:
+    """A parameter group frozen by a learning rate of 0 (a tensor rate is not read: it may be on a GPU)."""
+    lr = group.get("lr")
+    return type(lr) in (float, int) and lr == 0
+
+
 def _first_tensor(value: Any, tensor_type: type) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, (type, tuple, list, dict)):  # its fields
+        value = [getattr(value, f.name, None) for f in dataclasses.fields(value)]
     if isinstance(value, (tuple, list)):
         for v in value:
             if isinstance(v, tensor_type):
