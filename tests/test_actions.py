@@ -137,6 +137,48 @@ def test_rollback_never_gives_a_later_folds_optimizer_an_earlier_ones_state(inst
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_a_rollback_asked_for_mid_iteration_waits_for_the_gans_last_optimizer(inst: Instrumentation) -> None:
+    """A GAN reuses fake = G(z) for G's step after D's: a rollback applied right after D's step loaded
+    G's weights in place under that graph, and G's backward raised (the user's run crashed)."""
+    torch.manual_seed(0)
+    G, D = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)), nn.Linear(2, 1)
+    opt_g, opt_d = torch.optim.Adam(G.parameters(), lr=1e-3), torch.optim.Adam(D.parameters(), lr=1e-3)
+    bce = nn.BCEWithLogitsLoss()
+    snaps = Snapshots()
+    results: list[ActionResult] = []
+    for it in range(12):
+        fake = G(torch.randn(16, 8))
+        if it == 3:
+            snaps.take(inst)
+        if it in (6, 9):  # asked for before D's step, while G's backward is still to come
+            inst.actions.put(lambda: results.append(actions.rollback(inst, snaps)))
+            inst.wake = True
+        d_loss = bce(D(torch.randn(16, 2)), torch.ones(16, 1)) + bce(D(fake.detach()), torch.zeros(16, 1))
+        opt_d.zero_grad()
+        d_loss.backward()
+        opt_d.step()
+        g_loss = bce(D(fake), torch.ones(16, 1))
+        opt_g.zero_grad()
+        g_loss.backward()  # RuntimeError (modified by an inplace operation) when the rollback came first
+        opt_g.step()
+    assert [r.ok for r in results] == [True, True], results
+
+
+def test_a_learning_rate_change_names_the_optimizer_as_the_report_does(inst: Instrumentation) -> None:
+    """In a later fold the live optimizer is the report's optimizers[1]: the change said 0."""
+    import gc
+
+    for fold in range(2):
+        model = nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        _train(model, opt, 3)
+        if fold == 0:
+            del model, opt
+            gc.collect()
+    result = actions.scale_lr(inst, 0.5)
+    assert [c["optimizer"] for c in result.detail["changes"]] == [1]
+
+
 def test_rollback_without_snapshot_says_so(inst: Instrumentation) -> None:
     result = actions.rollback(inst, Snapshots())
     assert isinstance(result, ActionResult) and not result.ok and "no snapshot" in result.message

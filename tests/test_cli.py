@@ -715,3 +715,53 @@ def test_a_ctrl_c_the_blocked_script_has_not_acted_on_is_explained(tmp_path: Pat
     finally:
         proc.kill()
     assert load_report(tmp_path / "run")["run"]["status"] == "interrupted"
+
+
+def test_an_optimizer_that_cannot_be_snapshotted_leaves_the_monitor_on(tmp_path: Path) -> None:
+    """ZeroRedundancyOptimizer refuses state_dict() until consolidated: the first snapshot raised and
+    switched the whole monitor off. Now snapshots stop, with a warning, and the NaN step is still skipped."""
+    script = tmp_path / "nosnap.py"
+    script.write_text(textwrap.dedent("""\
+        import torch, torch.nn as nn
+        class Sharded(torch.optim.SGD):
+            def state_dict(self):
+                raise RuntimeError("Optimizer state has not been consolidated on this rank")
+        torch.manual_seed(0)
+        model = nn.Linear(4, 1)
+        opt = Sharded(model.parameters(), lr=0.1)
+        for i in range(300):
+            x = torch.randn(8, 4)
+            if i == 150:
+                x[0, 0] = float("nan")
+            opt.zero_grad(); model(x).pow(2).mean().backward(); opt.step()
+        print("finite", bool(model.weight.isfinite().all()))
+        """), encoding="utf-8")
+    proc = run_td("--headless", "--out", tmp_path / "run", script, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout == "finite True\n", describe(proc)
+    report = load_report(tmp_path / "run")
+    keys = {e["category"]: e["message"] for e in report["errors"]}
+    assert keys["system_error"].startswith("last-good snapshots are off: taking one raised RuntimeError")
+    assert "gradient_error" in keys and "switched off" not in proc.stderr, describe(proc)
+
+
+def test_a_new_folds_model_can_be_rolled_back_before_its_200th_step(tmp_path: Path) -> None:
+    """Snapshots came every 200 steps: a second fold's model had none until then, and a rollback in it
+    answered that the snapshot's models were no longer trained."""
+    script = tmp_path / "folds.py"
+    script.write_text(textwrap.dedent("""\
+        import torch, torch.nn as nn
+        torch.manual_seed(0)
+        for fold in range(2):
+            model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+            opt = torch.optim.SGD(model.parameters(), lr=0.05)
+            for i in range(120):
+                x = torch.randn(16, 4)
+                if fold == 1 and i in (60, 61):
+                    x[0, 0] = float("nan")
+                opt.zero_grad(); model(x).pow(2).mean().backward(); opt.step()
+        """), encoding="utf-8")
+    proc = run_td("--headless", "--recover", "auto", "--out", tmp_path / "run", script, cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    rollbacks = [a for a in load_report(tmp_path / "run")["actions"] if a["action"] == "rollback"]
+    assert rollbacks and rollbacks[0]["ok"] and rollbacks[0]["models"] == ["model#2"], rollbacks
+    assert 120 < rollbacks[0]["snapshot_step"] < 180, rollbacks

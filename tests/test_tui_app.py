@@ -240,6 +240,24 @@ async def test_quit_asks_while_running_then_stops_training(tmp_path):
 
 
 @aio
+async def test_ctrl_c_while_asked_confirms_instead_of_stacking_another_dialog(tmp_path):
+    """Each Ctrl+C pushed one more "Quit?" dialog and none stopped the run."""
+    app, mon = make_app(tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        mon.setup()
+        await settle(app, pilot)
+        await pilot.press("ctrl+c")
+        assert isinstance(app.screen, ConfirmQuit)
+        await pilot.press("ctrl+c")
+        await settle(app, pilot)
+        assert not isinstance(app.screen, ConfirmQuit) and mon.stopped
+        assert len([s for s in app.screen_stack if isinstance(s, ConfirmQuit)]) == 0
+        mon.end("interrupted", 130, KeyboardInterrupt())
+        await settle(app, pilot)
+    assert app.return_value == 130
+
+
+@aio
 async def test_app_stays_open_after_the_end_until_q(tmp_path):
     app, mon = make_app(tmp_path)
     async with app.run_test(size=(80, 24)) as pilot:

@@ -81,6 +81,8 @@ class Monitor:
         self._queue: asyncio.Queue[list[Any]] | None = None
         self._terminate: int | None = None
         self._last_snapshot_step = -1
+        self._snapshot_opts = 0  # optimizers made (instr._opts_made) at the last snapshot
+        self._snapshots_ok = True  # taking one has not failed
         self._last_snapshot_time = 0.0
         self._sigints = 0
         self._finished = False
@@ -117,15 +119,28 @@ class Monitor:
         instr = self.instr
         # Every `interval` steps counted from the last snapshot (sampled-out steps have no post-step
         # hook, so the exact multiple may never come by); only after a checked, finite step.
+        fresh = instr._opts_made != self._snapshot_opts  # a new optimizer (a new fold's model) since the last
         if (self.config.recover != "off" and interval > 0 and instr.last_step_finite and instr.observed_last
-                and (self._last_snapshot_step <= 0 or instr.step - self._last_snapshot_step >= interval)):
+                and self._snapshots_ok
+                and (self._last_snapshot_step <= 0 or fresh or instr.step - self._last_snapshot_step >= interval)):
             # ... and at most one a second: a copy of every state_dict (~0.3 ms on the toy step, which
             # does 200 steps in 30 ms) would otherwise cost fast steps ~1%
             now = time.monotonic()
-            if now - self._last_snapshot_time < SNAPSHOT_MIN_S and self._last_snapshot_step > 0:
+            if now - self._last_snapshot_time < SNAPSHOT_MIN_S and self._last_snapshot_step > 0 and not (
+                    fresh and instr.step - self._last_snapshot_step >= 50):  # (a new fold's: not one per step)
                 return
             self._last_snapshot_step, self._last_snapshot_time = instr.step, now
-            self.snapshots.take(instr)
+            self._snapshot_opts = instr._opts_made
+            try:
+                self.snapshots.take(instr)
+            except Exception as exc:  # e.g. ZeroRedundancyOptimizer.state_dict() before consolidation
+                # no snapshots from now on; the monitor goes on (it was switched off altogether)
+                self._snapshots_ok = False
+                instr._pending.append(FindingEvent(
+                    severity="warning", category="system_error", step=instr.step, key="snapshot-failed",
+                    message=f"last-good snapshots are off: taking one raised {type(exc).__name__}: {exc}",
+                    context={"exception": type(exc).__name__},
+                    recommendation="Rollback (b, --recover auto) needs them; the rest of the monitor is unaffected."))
 
     def _on_skip(self, consecutive: int) -> None:
         """Training thread, after a skipped step. In auto mode, two in a row mean the state itself is
@@ -165,7 +180,9 @@ class Monitor:
             "raise_lr": lambda i: actions.scale_lr(i, 2.0),
             "toggle_clipping": actions.toggle_clipping,
             "enable_clipping": lambda i: actions.set_clipping(i, actions.default_clip_norm(i)),
-            "rollback": lambda i: actions.rollback(i, self.snapshots),
+            "rollback": lambda i: (actions.rollback(i, self.snapshots) if self.config.recover != "off" else
+                                   actions.ActionResult("rollback", False, "no snapshots are taken with --recover "
+                                                        "off: nothing to roll back to", i.step)),
             "checkpoint": lambda i: actions.save_checkpoint(i, self.run_dir),
         }
         if name not in fns:

@@ -214,7 +214,7 @@ class Session:
             if rec.step > 1 and rec.step - self._newest_opt_step > 10 * self.WARM_STEPS:  # (not one per step)
                 self._warm_until = rec.step + self.WARM_STEPS
             self._newest_opt_step = rec.step
-        if rec.grad_names and rec.losses:
+        if rec.grad_names and rec.losses and not rec.grad_names[0].startswith("optimizer"):  # (unnamed: no model)
             model = rec.grad_names[0].partition(".")[0]
             for site, _ in rec.losses:
                 trained = self._site_models.setdefault(site, set())

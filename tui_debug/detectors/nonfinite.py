@@ -43,20 +43,16 @@ def _kind(value: float) -> str:
 class NonFiniteDetector:
     """NaN/Inf in the loss (loss_error), gradients (gradient_error) or activations (model_error)."""
 
-    def __init__(self) -> None:
-        self._looked: set[str] = set()  # modules whose GPU parameters were looked at (once each)
-
     def _bad_parameters(self, module: Any, label: str) -> list[str]:
         """The module's own parameters and buffers that are not finite: a weight gone bad (an earlier
-        step wrote it, or it was loaded so) is the cause, not the forward's arithmetic. CPU tensors on
-        every bad step; a GPU's once per module (reading them waits for the GPU, on a step already lost)."""
+        step wrote it, or it was loaded so) is the cause, not the forward's arithmetic. CPU modules only:
+        there the step is read before the optimizer steps; a GPU step's values arrive a step late, when
+        the optimizer may have written this step's NaN into weights that were finite for the forward."""
         try:
             tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
             tensors = [(n, t) for n, t in tensors if t.is_floating_point() and t.numel()]
             if any(not t.is_cpu for _, t in tensors):
-                if label in self._looked or len(self._looked) >= 1000:
-                    return []
-                self._looked.add(label)
+                return []
             return [n for n, t in tensors if not bool(t.detach().isfinite().all())]
         except Exception:  # a module we cannot read is still named
             return []

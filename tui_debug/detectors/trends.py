@@ -128,6 +128,7 @@ class GradientNorms:
         self.low: dict[str, int] = {}
         self.vanishing_reported: set[str] = set()
         self.no_signal_expected: set[str] = set()  # parameters whose gradient is ~0 by design (redundant biases)
+        self.zero: dict[str, int] = {}  # consecutive checked steps with a gradient of exactly 0
         self.converged: Callable[[], bool] = lambda: False  # every loss fell 1000x (the session's UpdateRatio)
         self.seen = 0
         self._med: dict[int, tuple[int, float]] = {}  # optimizer -> (appends when computed, median)
@@ -204,8 +205,12 @@ class GradientNorms:
         for n, v in finite:
             if v < self.v_abs and v < self.v_ratio * largest and n not in skip:
                 c = self.low[n] = self.low.get(n, 0) + 1
+                if v == 0:
+                    self.zero[n] = self.zero.get(n, 0) + 1
+                else:
+                    self.zero.pop(n, None)
                 if c == self.v_steps and n not in self.vanishing_reported:
-                    if v == 0 and n.endswith(".bias"):
+                    if self.zero.get(n, 0) >= self.v_steps and n.endswith(".bias"):
                         norm_of = norm_of if norm_of is not None else dict(finite)
                         weight = norm_of.get(n[:-4] + "weight", 0.0)
                         if weight > self.v_abs:  # its weight learns: the loss cancels this bias
@@ -214,6 +219,7 @@ class GradientNorms:
                             continue
                     newly.append((n, v))
             elif n in self.low:
+                self.zero.pop(n, None)
                 if n in self.vanishing_reported and v > 10 * self.v_abs:
                     self.vanishing_reported.discard(n)
                     out.append(Verdict(resolve=f"vanishing|{n}"))  # resolves when its group's first layer recovers

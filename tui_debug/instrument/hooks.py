@@ -99,6 +99,10 @@ VIRTUAL = 1 << 40  # sentinel indices from here name a sum of other sentinels (s
 # small tensors land in the holes the forwards' large activations leave, and glibc's heap then grows by
 # a forward's size each time. (An RNN cell called step by step keeps its output alive: not counted.)
 UNREAD_FORWARDS = 8
+# Backwards before a first optimizer step, with an optimizer made, beyond which the script is taken to
+# update by hand after all (an optimizer kept for zero_grad or a scheduler): gradient accumulation
+# rarely goes that far
+ACCUMULATION_MAX = 1024
 _INF = float("inf")
 
 
@@ -454,6 +458,8 @@ class Instrumentation:
         # models
         self._roots: dict[int, tuple[str, Any]] = {}  # id -> (name, weakref)
         self._dead_roots: list[Any] = []  # weak references of roots freed since (appended by their callbacks)
+        self._root_ids: dict[int, tuple[int, ...]] = {}  # root id -> ids of its modules (when registered)
+        self._given_names: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self._name_count: dict[str, int] = {}  # a model name -> models given it (the next is name#n+1)
         self._known_modules: set[int] = set()
         self._bn_unchecked: set[int] = set()  # BatchNorms whose input's producer is not yet looked at
@@ -480,6 +486,8 @@ class Instrumentation:
         self._pseudo: _OptState | None = None
         self._stepped: set[int] = set()  # optimizers (indices) that stepped in the run's current iteration
         self._width = 1  # optimizers stepping in one iteration, as the last complete one had (the sampler's)
+        self._last_stepper = -1  # the optimizer (index) that stepped last
+        self._iter_last = -1  # the one that stepped last in the last complete iteration (see _post_step)
         self._backwards_without_optimizer = 0
         self._optimizer_seen = False  # an optimizer was made (see _optimizer_made)
         self._made_optimizers: weakref.WeakSet[Any] = weakref.WeakSet()  # (see _watch_optimizers)
@@ -501,6 +509,7 @@ class Instrumentation:
         self.skip_nonfinite = config.recover != "off"  # safe/auto: skip steps with non-finite gradients
         self._skip_now = False
         self._held_grads: list[tuple[Any, Any]] = []  # (parameter, gradient) kept from a skipped step
+        self._held_for: Any = None  # the optimizer whose step was skipped
         self._closure_step: Any = None  # an optimizer stepping with a closure: its boundary is after it
         self._closure_read = False  # that boundary is being read (in the post-step hooks)
         self._immediate = False
@@ -620,7 +629,10 @@ class Instrumentation:
                 me._backwards_without_optimizer += 1
                 # the first backward precedes any optimizer.step; with an optimizer made, the backwards
                 # before its first step are micro-batches of gradient accumulation, not steps
-                if me._backwards_without_optimizer >= 2 and not me._optimizer_made():
+                n = me._backwards_without_optimizer
+                if n >= 2 and (n >= ACCUMULATION_MAX or not me._optimizer_made()):
+                    if n == ACCUMULATION_MAX:  # an optimizer made, never stepped: a hand-written update after all
+                        me.step = max(me.step, n - 2)
                     me._guarded(me._step_without_optimizer)
             return result
 
@@ -639,7 +651,7 @@ class Instrumentation:
                 if isinstance(outputs, me._Tensor) and isinstance(out, me._Tensor):
                     if len(me._scaled) > 64:
                         me._scaled.clear()
-                    me._scaled[id(out)] = outputs
+                    me._scaled[id(out)] = outputs.detach()  # (not its graph: that holds the parameters)
                 return out
 
             self._orig_update = scaler_type.update
@@ -706,7 +718,8 @@ class Instrumentation:
                 return call_container(self, args, kwargs)
             hargs = args
             if not args and kwargs:  # model(**batch): its first tensor argument is its input
-                hargs = next(((v,) for v in kwargs.values() if isinstance(v, tensor_type)), ())
+                hargs = next(((v,) for v in kwargs.values() if isinstance(v, tensor_type) and v.is_floating_point()),
+                             ())
             try:
                 if not light:
                     pre(self, hargs)
@@ -1541,15 +1554,30 @@ class Instrumentation:
         while call is not None and call.f_code is not wrapper:  # our Module.__call__: its caller called the model
             call = call.f_back
         caller = call.f_back if call is not None else None
-        base = naming.variable_name(module, frame, caller) or type(module).__name__
-        count = self._name_count[base] = self._name_count.get(base, 0) + 1
-        name = base if count == 1 else f"{base}#{count}"
+        name = self._given_names.get(module)  # a model registered before (then inside a wrapper) keeps its name
+        if name is None:
+            base = naming.variable_name(module, frame, caller) or type(module).__name__
+            count = self._name_count[base] = self._name_count.get(base, 0) + 1
+            name = base if count == 1 else f"{base}#{count}"
+            try:
+                self._given_names[module] = name
+            except TypeError:  # a module class that is not hashable
+                pass
         # A new root that contains earlier roots replaces them.
-        contained = {id(m) for m in module.modules()}
-        for rid in [rid for rid in self._roots if rid in contained]:
+        modules = list(module.modules())
+        contained = {id(m) for m in modules}
+        replaced = [rid for rid in self._roots if rid in contained]
+        for rid in replaced:
             del self._roots[rid]
+            self._root_ids.pop(rid, None)
         self._roots[id(module)] = (name, weakref.ref(module, self._dead_roots.append))
-        self._rebuild_index()
+        self._root_ids[id(module)] = tuple(contained)
+        if replaced or next(module.parameters(), None) is not None:
+            self._rebuild_index()
+        else:  # a loss (or another root without parameters, often one made per step): no reindex
+            for qual, m in module.named_modules():
+                self._module_names.setdefault(id(m), f"{name}.{qual}" if qual else name)
+            self._known_modules.update(contained)
         if isinstance(module, self._Loss):
             return  # loss functions are named, not listed as models
         self._bn_unchecked.update(id(m) for m in module.modules() if isinstance(m, self._BatchNorm))
@@ -1565,11 +1593,19 @@ class Instrumentation:
         to the next of its size, and a later fold's model was taken for a known one (left unnamed, its
         parameters named after the freed model's)."""
         self._dead_roots.clear()  # (first: a death from now on is seen next time)
+        gone: set[int] = set()
         for rid in [rid for rid, (_, ref) in self._roots.items() if ref() is None]:
             del self._roots[rid]
-        self._known_modules.clear()
-        self._defer_ok.clear()  # proofs learned per module id: relearned in a step
-        self._rebuild_index()
+            gone.update(self._root_ids.pop(rid, (rid,)))
+        if not gone:
+            return
+        self._known_modules.difference_update(gone)
+        for i in gone:
+            self._module_names.pop(i, None)
+        if self._defer_ok:  # proofs learned per module id
+            self._defer_ok = {k for k in self._defer_ok if k[0] not in gone}
+        # (parameter names: a freed model's parameters are freed with it, and a new model's are named
+        # when it is registered, which reindexes)
 
     def _rebuild_index(self) -> None:
         self._module_names.clear()
@@ -1600,6 +1636,11 @@ class Instrumentation:
 
     def optimizers(self) -> list[Any]:
         return [o for o in (st.ref() for st in list(self._opts.values())) if o is not None]
+
+    def optimizer_index(self, opt: Any) -> int:
+        """The optimizer's index in the step records and the report (-1: not seen stepping)."""
+        st = self._opts.get(id(opt))
+        return st.index if st is not None and st.ref is not None and st.ref() is opt else -1
 
     def module_label(self, module: Any) -> str:
         name = self._module_names.get(id(module))
@@ -1697,8 +1738,11 @@ class Instrumentation:
     def _pre_step(self, opt: Any, args: Any, kwargs: Any) -> None:
         if self._get_ident() != self._tid or self.broken or self._is_compiling():
             return
-        if self._held_grads:  # (the skipped step's post-step hook did not run: it raised)
-            self._give_grads_back()
+        if self._held_grads:
+            if self._step_running(self._held_for):
+                return  # an optimizer stepped by the skipped one (ZeRO, a wrapper): part of that step
+            self._give_grads_back()  # (the skipped step's post-step hook did not run: it raised)
+        self._closure_step = None  # (one that raised: its boundary never came)
         self._boundaries += 1
         if len(args) > 1 and args[1] is not None or kwargs and kwargs.get("closure") is not None:  # (args[0]: opt)
             # optimizer.step(closure) (LBFGS...): the step's backward runs inside it, so its boundary
@@ -1792,8 +1836,10 @@ class Instrumentation:
         if index in stepped or not stepped or (st.count == 0 and (self.step > 1 or self._any_freed(stepped))):
             self.step += 1
             self._width = len(stepped) or 1
+            self._iter_last = self._last_stepper
             stepped.clear()
         stepped.add(index)
+        self._last_stepper = index
         st.count += 1
 
     def _any_freed(self, indices: set[int]) -> bool:
@@ -1828,7 +1874,7 @@ class Instrumentation:
             return
         self._step_end = time.perf_counter()
         self.wake = False  # before draining: a request made meanwhile wakes the next step
-        if self._held_grads:
+        if self._held_grads and opt is self._held_for:
             self._give_grads_back()
         if self._upd_start is not None:
             st = self._opts.get(id(opt))
@@ -1843,7 +1889,18 @@ class Instrumentation:
                 self._closure_read = False
             self._step_end = time.perf_counter()
         actions = self.actions
-        if actions is not None and not actions.empty():
+        pending = actions is not None and not actions.empty()
+        if (pending or self.paused) and self._width > 1:
+            st = self._opts.get(id(opt))
+            if st is not None and st.index != self._iter_last:
+                # Mid-iteration (a GAN's D has stepped, G's backward is still to come through a graph
+                # that holds G's weights): a rollback's in-place load then broke that backward, and a
+                # pause let one in. Actions and pauses wait for the iteration's last optimizer.
+                self.wake = True
+                if self.on_step_end is not None:
+                    self._guarded(self.on_step_end)
+                return
+        if pending:
             while not actions.empty():
                 action = actions.get_nowait()
                 try:
@@ -1858,6 +1915,21 @@ class Instrumentation:
         if self.paused:
             self._wait_while_paused()
 
+    @staticmethod
+    def _step_running(opt: Any) -> bool:
+        """Whether ``opt.step`` is on this thread's stack (torch's step wrapper, whose ``self`` it is)."""
+        if opt is None:
+            return False
+        code = getattr(type(opt).step, "__code__", None)
+        frame = sys._getframe(2)
+        for _ in range(64):
+            if frame is None:
+                return False
+            if frame.f_code is code and frame.f_locals.get("self") is opt:
+                return True
+            frame = frame.f_back
+        return False
+
     def _give_grads_back(self) -> None:
         """The gradients a skipped step held back (see _skip_step), once the optimizer has stepped."""
         held, self._held_grads = self._held_grads, []
@@ -1868,6 +1940,15 @@ class Instrumentation:
     def _wait_while_paused(self) -> None:
         """Pause at a step boundary: the training thread waits here until resumed (state kept)."""
         self.flush()
+        try:
+            self._paused_loop()
+        except KeyboardInterrupt:
+            # raised anew from here: the traceback the script's user sees ends at this (trimmed) frame,
+            # not in threading's wait
+            raise KeyboardInterrupt() from None
+        self._last_step_time = time.perf_counter()  # the pause is not step time
+
+    def _paused_loop(self) -> None:
         while self.paused:
             self.resume_event.wait(0.2)
             actions = self.actions
@@ -1877,7 +1958,6 @@ class Instrumentation:
                 except Exception:
                     pass
                 self.flush()
-        self._last_step_time = time.perf_counter()  # the pause is not step time
 
     def _watch_optimizers(self, optimizer_type: type) -> None:
         """Keep the optimizers the script makes (weakly): every torch optimizer's ``__init__`` calls
@@ -2223,6 +2303,7 @@ class Instrumentation:
         self._skip_now = False
         self._upd_start = None  # a skipped step has no update to measure
         held = self._held_grads
+        self._held_for = st.ref() if st.ref is not None else None
         for p in st.params:
             g = p.grad
             if g is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import builtins
 import linecache
 import os
 import sys
@@ -142,6 +143,7 @@ def loss_name(frame: FrameType) -> tuple[str, str]:
 # every local as it was until the frame reads it again or returns. Naming a k-fold run's model that
 # way kept the last fold's model, optimizer and their states alive into the next fold.
 _LOCALS_KEPT = sys.version_info < (3, 13)
+_BUILTINS = frozenset(dir(builtins))
 _CO_OPTIMIZED = 0x1
 
 
@@ -159,7 +161,19 @@ def callee_name(frame: FrameType) -> str | None:
         return None
     func = tree.body.func
     name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
-    if name is None or name.startswith("_") or name == "self":
+    if name is None or name.startswith("_") or name in _BUILTINS:  # list(map(encoder, xs)): not "list"
+        return None
+    if name == "self":  # self(x) in a model's own method (Lightning's training_step): its caller's object
+        caller = user_frame(frame.f_back)
+        found = _instruction_source(caller.f_code, caller.f_lasti) if caller is not None else None
+        try:
+            call = ast.parse(found[0].strip(), mode="eval").body if found is not None else None
+        except SyntaxError:
+            return None
+        if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute):
+            owner = call.func.value  # model in model.training_step(batch), module in self.module.step()
+            name = owner.id if isinstance(owner, ast.Name) else owner.attr if isinstance(owner, ast.Attribute) else None
+            return name if name is not None and not name.startswith("_") and name != "self" else None
         return None
     return name
 

@@ -79,7 +79,10 @@ def clear_cache(instr: TrainingState) -> ActionResult:
 def scale_lr(instr: TrainingState, factor: float) -> ActionResult:
     """Multiply the learning rate of every param group of every optimizer by ``factor``."""
     changes = []
+    index = getattr(instr, "optimizer_index", None)
     for i, opt in enumerate(optimizers(instr)):
+        if index is not None:  # the report's optimizers[].index (not the position among live ones)
+            i = index(opt)
         for j, group in enumerate(opt.param_groups):
             lr = group.get("lr")
             if lr is None:

@@ -377,6 +377,10 @@ class TuiDebugApp(App[int]):
             self.exit(130)
             return
 
+        if isinstance(self.screen, ConfirmQuit):  # Ctrl+C again while asked: yes (one dialog, never a stack)
+            self.screen.dismiss(True)
+            return
+
         def answered(yes: bool | None) -> None:
             if yes:
                 self.stop_training()
