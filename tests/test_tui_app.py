@@ -187,7 +187,11 @@ async def test_pause_report_help_and_focus_keys(tmp_path):
         mon.steps(1, 3, lambda s: [1.0], GRADS)
         await settle(app, pilot)
         await pilot.press("p")
-        assert mon.paused and "PAUSED" in text_of(app.status_bar)
+        assert mon.paused and "PAUSING" in text_of(app.status_bar)
+        mon.pause_held = True  # the training thread reached the step boundary
+        await settle(app, pilot)
+        status = text_of(app.status_bar)
+        assert "PAUSED" in status and "paused at step 3 (p resumes)" in status and "pausing at" not in status
         await pilot.press("p")
         assert not mon.paused and "RUNNING" in text_of(app.status_bar)
         await pilot.press("r")

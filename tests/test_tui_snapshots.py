@@ -88,6 +88,8 @@ def test_paused(snap_compare, tmp_path):
         healthy(app, mon)
         await _tick(pilot)
         await pilot.press("p")
+        mon.pause_held = True  # the training thread has reached the step boundary
+        await _tick(pilot)
 
     assert snap_compare(app, terminal_size=(100, 30), run_before=run_before)
 

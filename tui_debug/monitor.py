@@ -214,6 +214,11 @@ class Monitor:
     def paused(self) -> bool:
         return bool(self.instr.paused)
 
+    @property
+    def pause_held(self) -> bool:
+        """The training thread has reached the step boundary and waits there."""
+        return bool(self.instr.pause_held)
+
     def stop_training(self) -> bool:
         """Stop the script as Ctrl+C would (KeyboardInterrupt at its next bytecode, exit 130).
 

@@ -502,6 +502,7 @@ class Instrumentation:
         self.actions: Any = None  # a queue.SimpleQueue of callables, applied at step boundaries
         self.on_step_end: Callable[[], None] | None = None  # e.g. periodic snapshots (recovery)
         self.paused = False
+        self.pause_held = False  # the training thread is waiting in a pause (not only asked to)
         self.resume_event = threading.Event()
         self.clip_norm: float | None = None
         self.recent_total_norms: collections.deque[float] = collections.deque(maxlen=200)
@@ -1940,12 +1941,15 @@ class Instrumentation:
     def _wait_while_paused(self) -> None:
         """Pause at a step boundary: the training thread waits here until resumed (state kept)."""
         self.flush()
+        self.pause_held = True
         try:
             self._paused_loop()
         except KeyboardInterrupt:
             # raised anew from here: the traceback the script's user sees ends at this (trimmed) frame,
             # not in threading's wait
             raise KeyboardInterrupt() from None
+        finally:
+            self.pause_held = False
         self._last_step_time = time.perf_counter()  # the pause is not step time
 
     def _paused_loop(self) -> None:

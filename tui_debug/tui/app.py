@@ -119,6 +119,7 @@ class TuiDebugApp(App[int]):
         self._tick_soon = False
         self._batch_tick_at = float("-inf")
         self.notice: Text | str | None = "starting the script…"
+        self._pausing_notice: Text | None = None  # (replaced once the training thread holds at the boundary)
         self.stopping = False
         self.requests: dict[int, str] = {}
         self.frames = 0
@@ -208,6 +209,8 @@ class TuiDebugApp(App[int]):
             self.sys_mem = self._system_memory()
         if self.notice == "starting the script…" and self.session.steps > 0:
             self.notice = None
+        if self.notice is self._pausing_notice and getattr(self.monitor, "pause_held", False):
+            self.notice = Text(f"paused at step {self.session.steps} (p resumes)", "yellow")
         # Findings and acknowledgements every tick (<= 100 ms + the 150 ms flush); the heavy panes
         # (gradients, loss, output, memory) at most every HEAVY_S: the UI's Python shares the GIL
         # with training, and a full repaint costs tens of ms on a small CPU.
@@ -298,7 +301,7 @@ class TuiDebugApp(App[int]):
         if self.stopping:
             return "stopping"
         if getattr(self.monitor, "paused", False):
-            return "paused"
+            return "paused" if getattr(self.monitor, "pause_held", True) else "pausing"
         return "running" if s.steps > 0 else "starting"
 
     def elapsed(self) -> float:
@@ -353,7 +356,7 @@ class TuiDebugApp(App[int]):
             self.notice = Text("resumed", "green")
         else:
             self.monitor.pause()
-            self.notice = Text("pausing at the next step boundary (p resumes)", "yellow")
+            self.notice = self._pausing_notice = Text("pausing at the next step boundary (p resumes)", "yellow")
         self.refresh_panes()
 
     def action_help(self) -> None:

@@ -32,6 +32,7 @@ class FakeMonitor:
         self.capture = types.SimpleNamespace(listeners=[])
         self.requests: list[str] = []
         self.paused = False
+        self.pause_held = False  # (tests set it: the training thread reached the boundary)
         self.stopped = False
         self.reports = 0
         self._terminate: int | None = None
@@ -52,7 +53,7 @@ class FakeMonitor:
         self.paused = True
 
     def resume(self) -> None:
-        self.paused = False
+        self.paused = self.pause_held = False
 
     def stop_training(self) -> bool:
         self.stopped = True

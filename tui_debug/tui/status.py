@@ -8,7 +8,8 @@ from textual.widgets import Static
 from .fmt import duration
 
 STATE_STYLE = {
-    "starting": "bold cyan", "running": "bold green", "paused": "bold yellow", "stopping": "bold yellow",
+    "starting": "bold cyan", "running": "bold green", "paused": "bold yellow", "pausing": "bold yellow",
+    "stopping": "bold yellow",
     "finished": "bold green", "crashed": "bold white on red", "exited": "bold yellow",
     "interrupted": "bold yellow",
 }
