@@ -116,6 +116,32 @@ def test_gan_losses_and_models_are_named_by_their_variables(rec: Recorder) -> No
     assert {n.split(".")[0] for r in records for n in r.grad_names} == {"G", "D"}
 
 
+def test_a_gans_gradients_are_listed_in_model_order_not_stepping_order(rec: Recorder) -> None:
+    """D's optimizer steps first, but G runs first: the gradients pane (README: "in model order")
+    listed D's parameters before G's."""
+    from tui_debug.errors import ErrorTracker
+    from tui_debug.session import Session
+
+    torch.manual_seed(0)
+    rec.inst._sampler.budget = 0.0
+    G, D = nn.Linear(4, 4), nn.Linear(4, 1)
+    opt_g, opt_d = torch.optim.SGD(G.parameters(), lr=0.01), torch.optim.SGD(D.parameters(), lr=0.01)
+    for _ in range(2):
+        fake = G(torch.randn(5, 4))
+        opt_d.zero_grad()
+        D(fake.detach()).mean().backward()
+        opt_d.step()
+        opt_g.zero_grad()
+        (-D(fake).mean()).backward()
+        opt_g.step()
+    rec.inst.finish()
+    config = DebugConfig()
+    session = Session(config, ErrorTracker(config))
+    session.handle([e for b in rec.batches for e in b])
+    assert session.grad_order[0].startswith("D.")  # the order they were first seen
+    assert session.grads_in_model_order() == ["G.weight", "G.bias", "D.weight", "D.bias"]
+
+
 def test_an_expression_loss_gets_a_name(rec: Recorder) -> None:
     model = nn.Linear(3, 1)
     x = torch.randn(4, 3)

@@ -96,6 +96,8 @@ class Session:
         self.losses: dict[int, LossStats] = {}
         self.grads: dict[str, GradStats] = {}
         self.grad_order: list[str] = []
+        self._model_order: list[str] = []
+        self._model_order_key: tuple[Any, ...] = ()
         self.models: dict[str, ModelEvent] = {}
         self.optimizers: dict[int, OptimizerEvent] = {}
         self.step_times = Reservoir(10_000)
@@ -273,6 +275,16 @@ class Session:
             self.loss_explosion.forget(stats.name)
             self.plateau.forget(stats.name)
         self.update_ratio.forget(site)
+
+    def grads_in_model_order(self) -> list[str]:
+        """Parameter names by the models' order (as they first ran: a GAN's G before D even when D's
+        optimizer stepped first), each model's in its own order; cached until either list grows."""
+        key = (len(self.grad_order), len(self.models), next(reversed(self.models), None))
+        if self._model_order_key != key:
+            rank = {name: i for i, name in enumerate(self.models)}
+            self._model_order = sorted(self.grad_order, key=lambda n: rank.get(n.partition(".")[0], len(rank)))
+            self._model_order_key = key
+        return self._model_order
 
     def _late_losses(self, late: list[tuple[int, int, float]]) -> list[Verdict]:
         """Earlier sampled-out steps' losses, in step order, read with a later step."""

@@ -276,7 +276,7 @@ class TuiDebugApp(App[int]):
             findings = self.monitor.tracker.snapshot()
             self._show_status(findings)
             self.errors.sync(findings)
-            self.gradients.sync(s.grads, s.grad_order, s.steps, redundant=s.redundant)
+            self.gradients.sync(s.grads, s.grads_in_model_order(), s.steps, redundant=s.redundant)
             self.loss.sync(list(s.losses.values()))
             total, avail = self.sys_mem
             self.gpu.sync(self.gpu_sample, s.rss_last, s.rss_peak, total, avail, s.cuda)
