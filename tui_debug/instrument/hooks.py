@@ -1598,6 +1598,9 @@ class Instrumentation:
         for rid in [rid for rid, (_, ref) in self._roots.items() if ref() is None]:
             del self._roots[rid]
             gone.update(self._root_ids.pop(rid, (rid,)))
+        if len(gone) > 1:  # (a model, not a loss module made per step): keep what a live root shares
+            for ids in self._root_ids.values():
+                gone.difference_update(ids)
         if not gone:
             return
         self._known_modules.difference_update(gone)
@@ -1934,6 +1937,7 @@ class Instrumentation:
     def _give_grads_back(self) -> None:
         """The gradients a skipped step held back (see _skip_step), once the optimizer has stepped."""
         held, self._held_grads = self._held_grads, []
+        self._held_for = None  # (not kept alive: a fold's optimizer)
         for p, g in held:
             if p.grad is None:
                 p.grad = g
