@@ -81,7 +81,7 @@ class Monitor:
         self._queue: asyncio.Queue[list[Any]] | None = None
         self._terminate: int | None = None
         self._last_snapshot_step = -1
-        self._snapshot_opts = 0  # optimizers made (instr._opts_made) at the last snapshot
+        self._snapshot_models = 0  # models registered (instr.models_made) at the last snapshot
         self._snapshots_ok = True  # taking one has not failed
         self._last_snapshot_time = 0.0
         self._sigints = 0
@@ -119,7 +119,7 @@ class Monitor:
         instr = self.instr
         # Every `interval` steps counted from the last snapshot (sampled-out steps have no post-step
         # hook, so the exact multiple may never come by); only after a checked, finite step.
-        fresh = instr._opts_made != self._snapshot_opts  # a new optimizer (a new fold's model) since the last
+        fresh = instr.models_made != self._snapshot_models  # a new model (a new fold's) since the last
         if (self.config.recover != "off" and interval > 0 and instr.last_step_finite and instr.observed_last
                 and self._snapshots_ok
                 and (self._last_snapshot_step <= 0 or fresh or instr.step - self._last_snapshot_step >= interval)):
@@ -130,7 +130,7 @@ class Monitor:
                     fresh and instr.step - self._last_snapshot_step >= 50):  # (a new fold's: not one per step)
                 return
             self._last_snapshot_step, self._last_snapshot_time = instr.step, now
-            self._snapshot_opts = instr._opts_made
+            self._snapshot_models = instr.models_made
             try:
                 self.snapshots.take(instr)
             except Exception as exc:  # e.g. ZeroRedundancyOptimizer.state_dict() before consolidation

@@ -461,6 +461,7 @@ class Instrumentation:
         self._root_ids: dict[int, tuple[int, ...]] = {}  # root id -> ids of its modules (when registered)
         self._given_names: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self._name_count: dict[str, int] = {}  # a model name -> models given it (the next is name#n+1)
+        self.models_made = 0  # models registered (loss modules not counted): a new fold's shows here
         self._known_modules: set[int] = set()
         self._bn_unchecked: set[int] = set()  # BatchNorms whose input's producer is not yet looked at
         self._module_names: dict[int, str] = {}
@@ -1585,6 +1586,7 @@ class Instrumentation:
         # a lazy module's parameters have no size before its first call (counted as 0 until then)
         params = [p for p in module.parameters() if not isinstance(p, self._Uninitialized)]
         devices = sorted({str(p.device) for p in params})
+        self.models_made += 1
         self._pending.append(ModelEvent(
             name=name, cls=type(module).__name__, parameters=sum(p.numel() for p in params),
             trainable=sum(p.numel() for p in params if p.requires_grad), devices=devices))
