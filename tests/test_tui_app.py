@@ -192,6 +192,7 @@ async def test_pause_report_help_and_focus_keys(tmp_path):
         await settle(app, pilot)
         status = text_of(app.status_bar)
         assert "PAUSED" in status and "paused at step 3 (p resumes)" in status and "pausing at" not in status
+        assert "/s" not in status.split("\n")[0]  # no steps/s while nothing steps
         await pilot.press("p")
         assert not mon.paused and "RUNNING" in text_of(app.status_bar)
         await pilot.press("r")

@@ -36,7 +36,7 @@ class StatusBar(Static):
         t.append(f" {script} ", "bold")
         t.append(f" {state.upper()} ", STATE_STYLE.get(state, "bold"))
         t.append(f"  step {step}")
-        if sps:
+        if sps and state != "paused":  # (a run's average: held at its last value while nothing steps)
             t.append(f"  {sps:.1f}/s" if sps < 100 else f"  {sps:.0f}/s")
         t.append(f"  {duration(elapsed)}")
         t.append(f"  recover:{recover}", "dim")
