@@ -298,6 +298,23 @@ def test_ranks_of_one_launch_get_their_own_run_folders_and_say_which_rank_speaks
         assert load_report(tmp_path / "tui_debug_runs" / folder)["summary"]["steps"] == 3
 
 
+def test_one_out_folder_for_a_launch_gets_a_folder_per_rank(tmp_path: Path) -> None:
+    """torchrun ... -m tui_debug --out runs/x: every rank wrote runs/x/report.json, the last one's over
+    the others'."""
+    write(tmp_path / "train.py", RANKED_SCRIPT)
+    procs = []
+    for rank in (0, 1):
+        env = td_env() | {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
+        procs.append(subprocess.Popen(td_cmd("--out", "runs/x", "--report", "reports/r.json", "train.py"),
+                                      cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=RUN_TIMEOUT)
+        assert proc.returncode == 0, err
+    assert sorted(p.name for p in (tmp_path / "runs" / "x").iterdir()) == ["rank0", "rank1"]
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["r.rank0.json", "r.rank1.json"]
+
+
 def test_a_default_run_folder_is_never_one_that_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tui_debug import cli
 
@@ -765,3 +782,34 @@ def test_a_new_folds_model_can_be_rolled_back_before_its_200th_step(tmp_path: Pa
     rollbacks = [a for a in load_report(tmp_path / "run")["actions"] if a["action"] == "rollback"]
     assert rollbacks and rollbacks[0]["ok"] and rollbacks[0]["models"] == ["model#2"], rollbacks
     assert 120 < rollbacks[0]["snapshot_step"] < 180, rollbacks
+
+
+def test_a_forked_child_gets_the_scripts_signal_dispositions_not_the_relay(tmp_path: Path) -> None:
+    """multiprocessing's fork workers inherited the monitor's relay, which had no loop to deliver to
+    there: Process.terminate()'s SIGTERM was swallowed and Pool.__exit__ waited for ever. A handler the
+    script set before forking still runs in the child, as under plain Python."""
+    script = tmp_path / "forks.py"
+    script.write_text(textwrap.dedent("""\
+        import multiprocessing as mp, os, signal, time
+        def block():
+            mp.Event().wait()
+        def usr1_child(q):
+            time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.2)
+        if __name__ == "__main__":
+            ctx = mp.get_context("fork")
+            p = ctx.Process(target=block); p.start(); time.sleep(0.3)
+            p.terminate(); p.join(timeout=20)
+            print("terminated", p.exitcode, flush=True)
+            got = ctx.Queue()
+            signal.signal(signal.SIGUSR1, lambda s, f: got.put(("handled in", os.getpid() != parent)))
+            parent = os.getpid()
+            c = ctx.Process(target=usr1_child, args=(got,)); c.start(); c.join(timeout=20)
+            print(got.get(timeout=20), c.exitcode, flush=True)
+        """), encoding="utf-8")
+    plain = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=RUN_TIMEOUT)
+    proc = run_td("--headless", "--out", tmp_path / "run", script, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout == plain.stdout == "terminated -15\n('handled in', True) 0\n", \
+        describe(proc) + plain.stdout

@@ -146,7 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     rank = launch_rank()
     try:
         run_dir = opts.out or default_run_dir(target.display, rank)
+        if opts.out and rank is not None:  # one --out for the whole launch: a folder per rank in it
+            run_dir = os.path.join(opts.out, f"rank{rank}")
         report = opts.report or os.path.join(run_dir, "report.json")
+        if opts.report and rank is not None:  # (report.json -> report.rank1.json: no rank overwrites another)
+            stem, ext = os.path.splitext(opts.report)
+            report = f"{stem}.rank{rank}{ext}"
         os.makedirs(run_dir, exist_ok=True)
         os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)
     except OSError as exc:

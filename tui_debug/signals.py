@@ -30,6 +30,7 @@ class SignalForwarder:
         self._orig_set_wakeup_fd = signal.set_wakeup_fd
         self._wakeup_fd = -1  # the script's (an asyncio loop's self-pipe), see _set_wakeup_fd
         self._installed = False
+        self._fork_hook = False  # os.register_at_fork done (it cannot be undone: the hook checks _installed)
 
     def install(self) -> None:
         """In the main thread, before the script starts."""
@@ -45,6 +46,32 @@ class SignalForwarder:
         signal.getsignal = self._getsignal  # type: ignore[assignment]
         signal.set_wakeup_fd = self._set_wakeup_fd  # type: ignore[assignment]
         self._installed = True
+        if not self._fork_hook:
+            self._fork_hook = True
+            os.register_at_fork(after_in_child=self._in_forked_child)
+
+    def _in_forked_child(self) -> None:
+        """A forked child (multiprocessing's workers) has no loop to deliver to: it gets the dispositions
+        the script set, as under plain Python. Our relay swallowed the SIGTERM of Pool.terminate(), and
+        the parent waited for that worker for ever."""
+        if not self._installed:
+            return
+        self._installed = False
+        signal.signal = self._orig_signal  # type: ignore[assignment]
+        signal.getsignal = self._orig_getsignal  # type: ignore[assignment]
+        signal.set_wakeup_fd = self._orig_set_wakeup_fd  # type: ignore[assignment]
+        try:
+            self._orig_set_wakeup_fd(-1)  # (the monitor's loop is the parent's)
+        except (ValueError, OSError):
+            pass
+        for sig in FORWARDED:
+            handler = self._script.get(sig)
+            if handler is None:
+                continue
+            try:
+                self._orig_signal(sig, handler)
+            except (ValueError, OSError, TypeError):
+                pass
 
     def uninstall(self) -> None:
         if not self._installed:
