@@ -54,12 +54,8 @@ class SignalForwarder:
         """A forked child (multiprocessing's workers) has no loop to deliver to: it gets the dispositions
         the script set, as under plain Python. Our relay swallowed the SIGTERM of Pool.terminate(), and
         the parent waited for that worker for ever."""
-        if not self._installed:
+        if not self._give_module_back():
             return
-        self._installed = False
-        signal.signal = self._orig_signal  # type: ignore[assignment]
-        signal.getsignal = self._orig_getsignal  # type: ignore[assignment]
-        signal.set_wakeup_fd = self._orig_set_wakeup_fd  # type: ignore[assignment]
         try:
             self._orig_set_wakeup_fd(-1)  # (the monitor's loop is the parent's)
         except (ValueError, OSError):
@@ -73,13 +69,19 @@ class SignalForwarder:
             except (ValueError, OSError, TypeError):
                 pass
 
-    def uninstall(self) -> None:
+    def _give_module_back(self) -> bool:
+        """The signal module's own functions back; False when they were not ours to give back."""
         if not self._installed:
-            return
+            return False
         self._installed = False
         signal.signal = self._orig_signal  # type: ignore[assignment]
         signal.getsignal = self._orig_getsignal  # type: ignore[assignment]
         signal.set_wakeup_fd = self._orig_set_wakeup_fd  # type: ignore[assignment]
+        return True
+
+    def uninstall(self) -> None:
+        if not self._give_module_back():
+            return
         self._wakeup_fd = -1
         for sig, old in self._saved.items():
             try:
