@@ -1,10 +1,12 @@
-"""Per-step cost of the monitor in one process: off, sampled (as it runs) and every step checked.
+"""Per-step cost of the monitor in one process: off, installed but never checked, sampled (as it
+runs) and every step checked.
 
     python -m tui_debug --headless bench/modes.py transformer cnn [--device cuda] [--rounds 6] [--steps 100]
 
-Each round runs ``--steps`` steps with the instrumentation uninstalled, then installed with the
-sampler deciding, then installed with every step checked (after a few steps to settle each switch),
-and prints the medians over the rounds. On a GPU this separates what a checked step costs from what
+Each round runs ``--steps`` steps with the instrumentation uninstalled, then installed with no step
+checked (the cost of the hooks that every step runs: module-call wrapper, backward patch, optimizer
+step hooks), then with the sampler deciding, then with every step checked (after a few steps to
+settle each switch), and prints the medians over the rounds. On a GPU this separates what a checked step costs from what
 the sampled-out steps between checks cost (session 7: the transformer paid ~1 ms a step at 1 check
 in 12, which the checked steps alone did not explain).
 """
@@ -55,12 +57,20 @@ def main() -> None:
         steps(400 if cuda else 60)  # warm-up, and the sampler's first probe
         every, modes, sampled_checked = instr._sampler.every, {}, []
         for _ in range(args.rounds):
-            for mode in ("off", "sampled", "every step"):
+            for mode in ("off", "unchecked", "sampled", "every step"):
+                sampler = instr._sampler
                 if mode == "off":
                     instr.uninstall()
-                else:
+                elif mode == "unchecked":
                     instr.install(torch)
-                    instr._sampler.budget = 0.0 if mode == "every step" else budget
+                    sampler.budget = budget
+                    kept = sampler.every, sampler.next_probe, sampler.probe_left
+                    # no probe, no check (a check forced by the GPU losses kept for later still runs)
+                    sampler.every, sampler.next_probe, sampler.probe_left = 1 << 40, 1 << 62, 0
+                else:
+                    if mode == "sampled":
+                        sampler.every, sampler.next_probe, sampler.probe_left = kept
+                    sampler.budget = 0.0 if mode == "every step" else budget
                 steps(20 if cuda else 3)
                 checked = instr._observed_steps
                 modes.setdefault(mode, []).append(steps(args.steps))
@@ -72,7 +82,8 @@ def main() -> None:
         print(f"MODES {name} on {args.device}: sampler checks 1 step in {every} "
               f"({sum(sampled_checked)} of {args.rounds * args.steps} timed sampled steps checked); ms a step: "
               + ", ".join(f"{m} {v:.3f}" for m, v in med.items())
-              + f"; sampled/off {med['sampled'] / med['off']:.3f}x, every step/off {med['every step'] / med['off']:.3f}x",
+              + f"; unchecked/off {med['unchecked'] / med['off']:.3f}x, sampled/off {med['sampled'] / med['off']:.3f}x, "
+              f"every step/off {med['every step'] / med['off']:.3f}x",
               flush=True)
 
 

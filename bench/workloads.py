@@ -64,6 +64,8 @@ def main():
                    help="under the monitor: switch its instrumentation off and on every BLOCK steps and "
                         "report both step times (same process, so machine noise cancels); the first step "
                         "after each switch is not timed")
+    p.add_argument("--settle", type=int, default=1, metavar="N",
+                   help="with --ab: untimed steps after each switch (default 1)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -125,9 +127,10 @@ def main():
             # The first step after a switch is not timed (as in compare.py): its kernels run ~0.7 ms
             # slower on the transformer, in its allocations' new layout and caches, which a run that
             # installs once pays once, not every block.
-            opt.zero_grad()
-            loss_fn(model(x), y).backward()
-            opt.step()
+            for _ in range(args.settle):
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
             sync()
             tb = time.perf_counter()
         opt.zero_grad()
@@ -149,7 +152,8 @@ def main():
         on, off = blocks[True], blocks[False]
         pairs = [a / b for a, b in zip(on, off)]
         out.update(on_s=statistics.median(on), off_s=statistics.median(off), ab_ratio=statistics.median(pairs),
-                   on_checked=on_checked, on_steps=len(on) * (args.ab + 1))
+                   on_checked=on_checked, on_steps=len(on) * (args.ab + args.settle),
+                   ab_pairs=[round(r, 4) for r in pairs])
     sys.stdout.write("BENCH " + json.dumps(out) + "\n")
 
 

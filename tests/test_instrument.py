@@ -1985,6 +1985,27 @@ def test_a_probe_that_finds_checks_free_is_repeated_soon() -> None:
     assert s.decisions[1]["step"] - s.decisions[0]["step"] <= _Sampler.FREE_REPROBE + 2 * _Sampler.PROBE, kinds
 
 
+def test_steps_that_run_faster_after_a_check_do_not_make_checks_look_free() -> None:
+    """On an H100 (session 15) the CNN's unchecked steps right after a check ran faster than the
+    others (the launch queue catching up on the time the check's step took): a steady decision
+    charged the check a negative spill (-0.97 ms), found checks free, and every step was then
+    checked until the next probe, thousands of steps on (a check costs half the step there)."""
+    from tui_debug.instrument.hooks import _Sampler
+
+    s = _Sampler(0.02)
+    s.fast_s = _Sampler.FAST_S_GPU
+    checked, since, late_checked = True, 99, 0
+    for i in range(20_000):
+        since = 0 if checked else since + 1
+        # a check adds 1 ms to its step; the 3 steps after one give 0.4 ms each back
+        duration = 0.005 + (0.001 if checked else (-0.0004 if since <= 3 else 0.0))
+        checked = s.next(checked, duration)
+        late_checked += checked and i >= 10_000
+    steady = [d for d in s.decisions if d["kind"] == "steady"]
+    assert steady and all(d["every"] >= 5 for d in steady), steady
+    assert late_checked <= 10_000 / 5, late_checked
+
+
 def test_a_probe_cut_by_a_re_install_starts_again() -> None:
     """A probe's unchecked steps on either side of a gap (the instrumentation uninstalled and
     installed again, as bench/workloads.py --ab does) would compare across it: it starts again."""

@@ -311,6 +311,10 @@ class _Sampler:
             spill = sum(_typical_mean(q) - d_skip for q in self.recent_after if q)
             if spill:
                 record["spill_s"] = spill
+            # Steps that ran faster after a check (a GPU's launch queue catching up on the time the
+            # check's step took) give back part of it at most, never more: a negative spill is no
+            # credit (on an H100 one of -0.97 ms made checks look free, and every step was checked)
+            spill = max(0.0, spill)
         else:
             d_obs, d_skip = _median(self.probe_obs or self.recent_obs), _median(self.recent_skip)
             gpu_obs, gpu_skip = self.gpu_durations() if self.gpu_durations is not None else ([], [])
@@ -333,12 +337,13 @@ class _Sampler:
             if every > 1 and self.optimizers > 1 and every % 2 == 0:
                 every += 1  # alternating optimizers (GANs): an odd stride checks each of them in turn
         self.every = every
-        if not steady:
-            if every == 1:  # checks look cheap: look again soon, in case this probe was misled
-                self.next_probe = self.n + self.free_reprobe
-                self.free_reprobe = min(self.REPROBE, 2 * self.free_reprobe)
-            else:
-                self.free_reprobe = self.FREE_REPROBE
+        if every == 1:
+            # checks look cheap: look again soon, in case this decision was misled (checking every
+            # step, no steady decision comes to correct it)
+            self.next_probe = min(self.next_probe, self.n + self.free_reprobe) if steady else self.n + self.free_reprobe
+            self.free_reprobe = min(self.REPROBE, 2 * self.free_reprobe)
+        elif not steady:
+            self.free_reprobe = self.FREE_REPROBE
         record.update(checked_s=d_obs, unchecked_s=d_skip, every=every)
         self.decisions.append(record)  # complete before another thread can see it
 
