@@ -2006,6 +2006,30 @@ def test_steps_that_run_faster_after_a_check_do_not_make_checks_look_free() -> N
     assert late_checked <= 10_000 / 5, late_checked
 
 
+def test_the_samplers_fast_path_for_a_sampled_out_step_decides_as_next_does() -> None:
+    """``skipped`` (the sampled-out step's few lines) must leave the sampler as ``next(False, d)``
+    would, through warm-up, probes, steady decisions, slow spells and an alarm."""
+    import random
+
+    from tui_debug.instrument.hooks import _Sampler
+
+    rng = random.Random(3)
+    a, b = _Sampler(0.02), _Sampler(0.02)
+    checked_a = checked_b = True
+    for i in range(30_000):
+        base = 0.0005 if (i // 3000) % 3 else 0.003  # fast spells and slow ones
+        d = base * rng.uniform(0.8, 1.3) + (0.0002 if checked_a else 0.0)
+        if i == 17_000:
+            a.alarm(), b.alarm()
+        checked_a = a.next(checked_a, d)
+        checked_b = b.next(True, d) if checked_b else b.skipped(d)
+        assert checked_a == checked_b, i
+    assert [(d["kind"], d["every"]) for d in a.decisions] == [(d["kind"], d["every"]) for d in b.decisions]
+    assert (a.n, a.every, a.next_probe, list(a.recent_skip)) == (b.n, b.every, b.next_probe, list(b.recent_skip))
+    kinds = {d["kind"] for d in a.decisions}
+    assert kinds == {"probe", "steady"} and max(d["every"] for d in a.decisions) > 5, a.decisions  # (sampled)
+
+
 def test_a_probe_cut_by_a_re_install_starts_again() -> None:
     """A probe's unchecked steps on either side of a gap (the instrumentation uninstalled and
     installed again, as bench/workloads.py --ab does) would compare across it: it starts again."""
