@@ -2004,6 +2004,12 @@ def test_steps_that_run_faster_after_a_check_do_not_make_checks_look_free() -> N
     steady = [d for d in s.decisions if d["kind"] == "steady"]
     assert steady and all(d["every"] >= 5 for d in steady), steady
     assert late_checked <= 10_000 / 5, late_checked
+    # A steady decision with nothing to compare (no unchecked step timed) checks every step, and is
+    # probed again soon: while every step is checked no steady decision comes to correct it
+    s.recent_skip.clear()
+    s.next_probe, soon = s.n + 10**6, s.n + s.free_reprobe
+    s._decide(steady=True)
+    assert s.every == 1 and s.next_probe <= soon, (s.n, s.next_probe)
 
 
 def test_the_samplers_fast_path_for_a_sampled_out_step_decides_as_next_does() -> None:

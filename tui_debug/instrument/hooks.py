@@ -315,9 +315,9 @@ class _Sampler:
         on the toy a check took 176 us on its own step and 45 us more on the next three, so checks
         cost 2.5% on a 2% budget."""
         if not self.recent_obs or not self.recent_skip:
-            self.every = 1
-            if not steady:
-                self.next_probe = self.n + self.free_reprobe
+            self.every = 1  # (and looked at again soon, as below)
+            again = self.n + self.free_reprobe
+            self.next_probe = min(self.next_probe, again) if steady else again
             return
         record: dict[str, Any] = {"step": self.run_step(), "kind": "steady" if steady else "probe"}
         spill = 0.0
