@@ -1,6 +1,6 @@
 """Training workloads that time their own steps (steady state, after warm-up) and print JSON.
 
-    python bench/workloads.py cnn|transformer|toy [--steps N] [--warmup N] [--anomaly] [--rss-at N] [--device cuda]
+    python bench/workloads.py cnn|transformer|toy [--steps N] [--warmup N] [--batch N] [--anomaly] [--rss-at N] [--device cuda]
 
 On CUDA the clock is read after ``torch.cuda.synchronize()`` (at the start and end of the timed window and at
 each --ab block boundary), so a step time is the GPU's as well as the host's.
@@ -67,10 +67,13 @@ def main():
     p.add_argument("--settle", type=int, default=1, metavar="N",
                    help="with --ab: untimed steps after each switch (default 1)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--batch", type=int, default=0, help="the first N samples of the batch only (a small, fast model)")
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
     model, opt, loss_fn, x, y = {"cnn": cnn, "transformer": transformer, "toy": toy}[args.workload]()
+    if args.batch:
+        x, y = x[:args.batch], y[:args.batch]
     cuda = args.device.startswith("cuda")
     if cuda:  # parameters moved before the optimizer's first step: its state follows them
         model.to(args.device)

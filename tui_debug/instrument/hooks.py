@@ -53,6 +53,11 @@ SENTINEL_CHUNK = 8
 # queued for one _foreach_norm per chunk (or per this many elements) instead of a sum each.
 SENTINEL_CHUNK_CUDA = 32
 SENTINEL_CHUNK_CUDA_ELEMS = 1 << 26
+# A sampled-out step whose CPU loss is this many times its optimizer's recent level is checked after
+# all (its gradients, at its boundary), and so are the LOSS_JUMP_QUIET steps after it: a burst of bad
+# batches shows in the loss first, and a few steps of exploding gradients fell between checks
+LOSS_JUMP = 10.0
+LOSS_JUMP_QUIET = 16
 LATE_MAX = 256  # losses of sampled-out GPU steps waiting for the next checked read (then one is forced)
 PINNED_POOL = 4  # pinned host buffers (+ events) kept per read size and device, reused once read
 SENTINEL_HOT = 1 << 16  # elements: a tensor this large is reduced at once, while it is in the CPU's cache
@@ -122,6 +127,8 @@ class _OptState:
     count: int = 0
     sites: list[int] = dataclasses.field(default_factory=list)  # loss sites of its last checked step
     lrs: tuple[Any, ...] = ()  # its learning rates as last sent (see _opt_state)
+    loss_level: float = -1.0  # moving average of its sampled-out steps' largest |loss| (see LOSS_JUMP)
+    jump_quiet: int = 0  # no jump check before this run step
 
 
 def _release_params(st: _OptState, _ref: Any) -> None:
@@ -147,8 +154,9 @@ def _typical_mean(values: Any) -> float:
 class _Sampler:
     """Decides which steps are checked, so that checks cost at most ``budget`` of the step time.
 
-    Normal steps are all checked. Fast ones are eligible: under ``FAST_S`` (1 ms) on the CPU, where a
-    check's cost grows with the step's data and is only a large share of very fast steps; under
+    Normal steps are all checked. Fast ones are eligible: under ``FAST_S`` (5 ms) on the CPU, where a
+    check's cost grows with the step's data and its hooks' fixed ~20 us a module (a batch-1 CNN's
+    1.6 ms step paid 21% for its checks) matter only on small steps; under
     ``FAST_S_GPU`` (10 ms) when the parameters are on a GPU, where a check costs a fixed ~0.3-1 ms of
     kernel launches and Python whatever the step. For those a probe times steps with and without
     checks, alternately (medians: robust to an evaluation pass or a GC pause; then, while sampling,
@@ -174,7 +182,7 @@ class _Sampler:
     REPROBE = 5000  # steps between probes
     FREE_REPROBE = 256  # steps to the next probe after one found checks cheap (doubling to REPROBE), or
     # to the next look when the steps were not fast enough for a probe
-    FAST_S = 0.001  # only steps faster than this are ever sampled (parameters on the CPU)
+    FAST_S = 0.005  # only steps faster than this are ever sampled (parameters on the CPU)
     FAST_S_GPU = 0.01  # the same, parameters on a GPU
     MAX_EVERY = 256
     SPILL = 3  # unchecked steps after a check whose extra time is the check's (see ``_decide``)
@@ -296,6 +304,15 @@ class _Sampler:
             else:
                 self.recent_skip.append(duration)
         return n % every == 0
+
+    def watch(self, steps: int) -> None:
+        """Check every step for the next ``steps`` (a loss jumped between checks: what follows is
+        looked at whole, forwards included), then probe again."""
+        if self.budget <= 0:
+            return
+        self.every = 1
+        self.probe_left = 0
+        self.next_probe = max(self.n + steps, self.quiet_until)
 
     def restart_probe(self) -> None:
         """After a gap (the instrumentation re-installed): a probe under way would compare steps
@@ -546,6 +563,7 @@ class Instrumentation:
         # (reading each at once would wait for the GPU).
         self._late: list[tuple[int, int, Any]] = []
         self._force_check = False
+        self._loss_jump = False  # the unchecked step being closed is checked for its loss's jump
         self._unobserved_bad: int | None = None  # an unchecked step whose loss was non-finite
         self._span: StepSpan | None = None
         self._sample_last: float | None = None
@@ -1829,6 +1847,20 @@ class Instrumentation:
                     values = [v]
                 else:
                     values.append(v)
+            if values is not None:
+                m = abs(values[0]) if len(values) == 1 else max(map(abs, values))
+                level = st.loss_level
+                st.loss_level = m if level < 0 else level + 0.05 * (m - level)
+                if m > LOSS_JUMP * level > 0 and self.step >= st.jump_quiet:
+                    st.jump_quiet = self.step + LOSS_JUMP_QUIET
+                    self._sampler.watch(LOSS_JUMP_QUIET)
+                    self._unchecked_losses = losses
+                    self._loss_jump = True
+                    try:
+                        self._close_step(st)  # a loss jump: check this step's gradients after all
+                    finally:
+                        self._loss_jump = False
+                    return
         if len(self._stepped) == 1 and st.index in self._stepped:  # (_advance for one optimizer, inline)
             self.step += 1
             st.count += 1
@@ -2171,21 +2203,28 @@ class Instrumentation:
             on_cpu = [t for t in unchecked if t.is_cpu]
             values = [t.item() for t in on_cpu]
             bad = [t for t, v in zip(on_cpu, values) if not math.isfinite(v)]
-            if not bad:
+            if self._loss_jump and not bad:
+                # a finite loss jump: this step's gradients are read, as a checked step's (not skipped)
+                if not self._loss_site_names:
+                    self._new_loss_site((None, 0), None)
+                self._losses = [(site, t.detach().float().reshape(()))
+                                for (site, _), t in zip(self._sited(st, values), on_cpu)]
+            elif not bad:
                 # (its CPU losses count, as a span's do: a new optimizer's first step comes here)
                 self._pending.append(StepRecord(self.step, now, duration, st.index, self._sited(st, values), None,
                                                 None, wait, checked=False))
                 if now - self._last_flush >= FLUSH_INTERVAL_S:
                     self._slice_over(now, duration)
                 return
-            # A non-finite loss on an unchecked step: check this step's gradients now (and skip it).
-            # Its forward was not observed: the next checked step names the module, and says so.
-            self._sampler.alarm()
-            self._unobserved_bad = self.step
-            site = self._last_site if self._last_site is not None else 0
-            if not self._loss_site_names:
-                self._new_loss_site((None, 0), None)
-            self._losses = [(site, t.detach().float().reshape(())) for t in bad]
+            else:
+                # A non-finite loss on an unchecked step: check this step's gradients now (and skip it).
+                # Its forward was not observed: the next checked step names the module, and says so.
+                self._sampler.alarm()
+                self._unobserved_bad = self.step
+                site = self._last_site if self._last_site is not None else 0
+                if not self._loss_site_names:
+                    self._new_loss_site((None, 0), None)
+                self._losses = [(site, t.detach().float().reshape(())) for t in bad]
         if self._hot_pending is not None:
             self._resolve_hot()
         if self._deferred:
