@@ -53,11 +53,16 @@ SENTINEL_CHUNK = 8
 # queued for one _foreach_norm per chunk (or per this many elements) instead of a sum each.
 SENTINEL_CHUNK_CUDA = 32
 SENTINEL_CHUNK_CUDA_ELEMS = 1 << 26
-# A sampled-out step whose CPU loss is this many times its optimizer's recent level is checked after
+# A sampled-out step whose CPU loss is this many times its optimizer's recent high is checked after
 # all (its gradients, at its boundary), and so are the LOSS_JUMP_QUIET steps after it: a burst of bad
-# batches shows in the loss first, and a few steps of exploding gradients fell between checks
+# batches shows in the loss first, and a few steps of exploding gradients fell between checks. The
+# recent high is a peak that decays by LOSS_DECAY a step, not an average: batch-1 losses (mostly
+# ~0.04, a misclassified sample's ~4) cleared 10x their average every ~100 steps, and a third of the
+# steps were checked.
 LOSS_JUMP = 10.0
 LOSS_JUMP_QUIET = 16
+LOSS_DECAY = 0.99
+LOSS_JUMP_WARMUP = 16  # sampled-out steps of an optimizer before its losses can jump
 LATE_MAX = 256  # losses of sampled-out GPU steps waiting for the next checked read (then one is forced)
 PINNED_POOL = 4  # pinned host buffers (+ events) kept per read size and device, reused once read
 SENTINEL_HOT = 1 << 16  # elements: a tensor this large is reduced at once, while it is in the CPU's cache
@@ -127,7 +132,8 @@ class _OptState:
     count: int = 0
     sites: list[int] = dataclasses.field(default_factory=list)  # loss sites of its last checked step
     lrs: tuple[Any, ...] = ()  # its learning rates as last sent (see _opt_state)
-    loss_level: float = -1.0  # moving average of its sampled-out steps' largest |loss| (see LOSS_JUMP)
+    loss_high: float = 0.0  # decaying peak of its sampled-out steps' largest |loss| (see LOSS_JUMP)
+    loss_seen: int = 0  # its sampled-out steps with a CPU loss
     jump_quiet: int = 0  # no jump check before this run step
 
 
@@ -312,7 +318,7 @@ class _Sampler:
             return
         self.every = 1
         self.probe_left = 0
-        self.next_probe = max(self.n + steps, self.quiet_until)
+        self.next_probe = max(self.n + steps * max(1, self.optimizers), self.quiet_until)  # (n: optimizer steps)
 
     def restart_probe(self) -> None:
         """After a gap (the instrumentation re-installed): a probe under way would compare steps
@@ -1849,9 +1855,11 @@ class Instrumentation:
                     values.append(v)
             if values is not None:
                 m = abs(values[0]) if len(values) == 1 else max(map(abs, values))
-                level = st.loss_level
-                st.loss_level = m if level < 0 else level + 0.05 * (m - level)
-                if m > LOSS_JUMP * level > 0 and self.step >= st.jump_quiet:
+                high = st.loss_high
+                decayed = high * LOSS_DECAY
+                st.loss_high = m if m > decayed else decayed
+                st.loss_seen += 1
+                if m > LOSS_JUMP * high > 0 and st.loss_seen > LOSS_JUMP_WARMUP and self.step >= st.jump_quiet:
                     st.jump_quiet = self.step + LOSS_JUMP_QUIET
                     self._sampler.watch(LOSS_JUMP_QUIET)
                     self._unchecked_losses = losses
