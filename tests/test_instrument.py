@@ -2341,9 +2341,18 @@ def test_a_containers_large_output_is_summed_before_its_parent_edits_it_in_place
     assert blamed == ["model.block.0 (Linear)"], rec.findings(step=3)
 
 
-def test_step_records_wait_for_the_next_backward_but_never_longer_than_one_more_slice(rec: Recorder) -> None:
+def test_step_records_wait_for_the_next_backward_but_never_longer_than_one_more_slice(
+        rec: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
     """A due slice of fast steps is handed over as the next backward starts; an evaluation loop
-    (no backward) gets it at its next module call once another slice has passed; a slow step at once."""
+    (no backward) gets it at its next module call once another slice has passed; a slow step at once.
+    (The instrumentation's clock is the test's: on a loaded machine the real one made it depend on
+    how fast a step ran.)"""
+    import types
+
+    from tui_debug.instrument import hooks
+
+    now = [1000.0]
+    monkeypatch.setattr(hooks, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     model = nn.Linear(4, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     x = torch.randn(8, 4)
@@ -2355,21 +2364,22 @@ def test_step_records_wait_for_the_next_backward_but_never_longer_than_one_more_
 
     step()
     rec.inst.flush()
+    rec.inst._last_flush = now[0]
     handed = len(rec.batches)
-    rec.inst._last_flush -= 0.2  # a slice is due at the next step boundary (0.15 s)
-    rec.inst._last_step_time = time.perf_counter()  # and the step was fast
+    now[0] += 0.2  # a slice (0.15 s) later
+    rec.inst._last_step_time = now[0]  # and the step was fast
     step()
     assert rec.inst._flush_due and len(rec.batches) == handed  # waiting for a backward
     with torch.no_grad():
         model(x)
     assert len(rec.batches) == handed  # an evaluation forward right away: still waiting
-    rec.inst._last_flush -= 0.2
+    now[0] += 0.15
     with torch.no_grad():
         model(x)  # one more slice later: handed over
     assert len(rec.batches) == handed + 1 and not rec.inst._flush_due
     assert any(isinstance(e, StepRecord) and e.step == 2 for e in rec.batches[-1])
-    rec.inst._last_flush -= 0.2
-    rec.inst._last_step_time = time.perf_counter() - 0.2  # a slow step: at once
+    now[0] += 0.2
+    rec.inst._last_step_time = now[0] - 0.2  # a slow step: at once
     step()
     assert len(rec.batches) == handed + 2 and not rec.inst._flush_due
 
