@@ -651,13 +651,14 @@ def test_a_signal_ignored_at_launch_stays_ignored(tmp_path: Path) -> None:
 
     script = tmp_path / "hup.py"
     script.write_text(textwrap.dedent("""\
-        import os, signal, time
+        import os, signal, threading, time
         print("ignored:", signal.getsignal(signal.SIGHUP) is signal.SIG_IGN, flush=True)
         os.kill(os.getpid(), signal.SIGHUP)
-        time.sleep(0.3)
-        signal.signal(signal.SIGHUP, lambda *a: print("handled", flush=True))
+        time.sleep(0.3)  # (time for a SIGHUP that was not ignored to end the run)
+        handled = threading.Event()
+        signal.signal(signal.SIGHUP, lambda *a: (print("handled", flush=True), handled.set()))
         os.kill(os.getpid(), signal.SIGHUP)
-        time.sleep(0.5)
+        handled.wait(60)
         print("survived", flush=True)
         """), encoding="utf-8")
     proc = subprocess.run(td_cmd("--headless", "--out", tmp_path / "run", script), cwd=tmp_path, env=td_env(),
