@@ -274,7 +274,7 @@ class _Sampler:
             return (i // self.probe_run) % 2 == 1
         if n >= self.next_probe:
             # Steps too slow to sample (or too soon after a non-finite value): look again in a few
-            # hundred steps, not 5,000 (steps speed up after warm-up; a 1 ms step is borderline)
+            # hundred steps, not 5,000 (steps speed up after warm-up; a step near the threshold is borderline)
             self.next_probe = n + self.FREE_REPROBE
             if self.recent_obs and _median(self.recent_obs) < self.fast_s and n >= self.quiet_until:
                 self.next_probe = n + self.REPROBE
