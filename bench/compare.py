@@ -1,6 +1,6 @@
 """Two versions of the instrumentation in one process: blocks of steps alternate base / this tree / off.
 
-    python bench/compare.py REV [--workload transformer] [--blocks 60] [--block 10]
+    python bench/compare.py REV [--workload transformer] [--blocks 60] [--block 10] [--batch N]
 
 REV is a git revision of this repository (the base). Its ``tui_debug/`` is extracted into a temporary
 folder as the package ``tui_debug_base``, and both versions' ``Instrumentation`` observe the same
@@ -48,6 +48,7 @@ def main() -> None:
     p.add_argument("--workload", default="transformer", choices=["cnn", "transformer", "toy"])
     p.add_argument("--blocks", type=int, default=60)
     p.add_argument("--block", type=int, default=10)
+    p.add_argument("--batch", type=int, default=0, help="the first N samples of the batch only (a small, fast model)")
     args = p.parse_args()
     sys.path.insert(0, extract(args.rev))
     sys.path.insert(0, ROOT)
@@ -62,6 +63,8 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     model, opt, loss_fn, x, y = getattr(workloads, args.workload)()
+    if args.batch:
+        x, y = x[:args.batch], y[:args.batch]
     sink: list = []
 
     def emit(batch: list) -> None:

@@ -1,7 +1,7 @@
 """Per-step cost of the monitor in one process: off, installed but never checked, sampled (as it
 runs) and every step checked.
 
-    python -m tui_debug --headless bench/modes.py transformer cnn [--device cuda] [--rounds 6] [--steps 100]
+    python -m tui_debug --headless bench/modes.py transformer cnn [--device cuda] [--rounds 6] [--steps 100] [--batch N]
 
 Each round runs ``--steps`` steps with the instrumentation uninstalled, then installed with no step
 checked (the cost of the hooks that every step runs: module-call wrapper, backward patch, optimizer
@@ -27,6 +27,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch", type=int, default=0, help="the first N samples of the batch only (a small, fast model)")
     args = p.parse_args()
     from tui_debug import monitor
 
@@ -40,6 +41,8 @@ def main() -> None:
     for name in args.workloads:
         torch.manual_seed(0)
         model, opt, loss_fn, x, y = getattr(workloads, name)()
+        if args.batch:
+            x, y = x[:args.batch], y[:args.batch]
         model.to(args.device)
         x, y = x.to(args.device), y.to(args.device)
         opt = type(opt)(model.parameters(), lr=opt.defaults["lr"])  # its state on the device
