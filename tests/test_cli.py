@@ -315,6 +315,64 @@ def test_one_out_folder_for_a_launch_gets_a_folder_per_rank(tmp_path: Path) -> N
     assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["r.rank0.json", "r.rank1.json"]
 
 
+DDP_SCRIPT = """
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = DDP(torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1)))
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+torch.manual_seed(rank)
+for step in range(80):
+    if step == 5 and rank == 0:
+        from tui_debug import monitor
+        monitor.ACTIVE_MONITOR.request("lower_lr")  # as the UI's key does, on rank 0 only
+    x, y = torch.randn(32, 16), torch.randn(32, 1)
+    if step == 40 and rank == 1:
+        x[0, 0] = float("inf")  # one rank's bad batch: DDP averages its NaN gradients into every rank's
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    opt.zero_grad(); loss.backward(); opt.step()
+print("PARAMS", repr(sum(p.detach().double().sum().item() for p in model.parameters())),
+      "LR", opt.param_groups[0]["lr"], flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_of_a_ddp_run_never_recover_alone_and_stay_replicas(tmp_path: Path) -> None:
+    """Each rank's monitor decides alone (its own sampled steps, the UI on rank 0). A step skipped,
+    or a learning rate lowered, on one rank only left the replicas different: under torchrun, rank 1
+    skipped its NaN step and kept finite parameters while rank 0 applied it. Such changes are now
+    reported as not applied, and the ranks end with the same parameters, as without the monitor."""
+    import socket
+
+    write(tmp_path / "train.py", DDP_SCRIPT)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = td_env() | {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+                          "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen(td_cmd("--out", "runs", "train.py"), cwd=tmp_path, env=env,
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outs = [p.communicate(timeout=RUN_TIMEOUT) for p in procs]
+    ends = []
+    for proc, (out, err) in zip(procs, outs):
+        assert proc.returncode == 0, err
+        ends.append([line for line in out.splitlines() if line.startswith("PARAMS")])
+    assert ends[0] and ends[0] == ends[1], ends  # the same parameters (NaN on both, as plain DDP leaves them)
+    assert ends[0][0].endswith("LR 0.01"), ends
+    rank0 = load_report(tmp_path / "runs" / "rank0")
+    rank1 = load_report(tmp_path / "runs" / "rank1")
+    [lowered] = [a for a in rank0["actions"] if a["action"] == "lower_lr"]
+    assert not lowered["ok"] and "torch.distributed" in lowered["message"], lowered
+    grads = [e for e in rank1["errors"] if e["category"] == "gradient_error"]
+    assert grads and grads[0]["step"] == 41, rank1["errors"]
+    assert grads[0]["recovery_action"].startswith("step not skipped: one of 2 processes"), grads[0]
+
+
 def test_a_default_run_folder_is_never_one_that_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tui_debug import cli
 

@@ -1628,10 +1628,19 @@ def test_a_nan_first_seen_on_a_sampled_out_step_is_named_on_the_next_with_that_s
         model(torch.randn(8, 4)).sum().backward()
         optimizer.step()
     assert {f.category for f in rec.findings(step=2)} == {"loss_error", "gradient_error"}
+    # and the loss finding says why no module is named on its step (its advice once pointed to a
+    # model_error finding that a transient NaN, its step skipped, never gets)
+    [loss] = [f for f in rec.findings(step=2) if f.category == "loss_error"]
+    assert loss.message.endswith("(a sampled-out step: its forward was not checked)")
+    assert loss.context["sampled_out"] is True
+    assert "forward was not checked" in loss.recommendation
+    assert "the model_error finding names the module" not in loss.recommendation
     named = [f for f in rec.findings(step=3) if f.category == "model_error"]
     assert [f.context["module"] for f in named] == ["model.1 (NaNMaker)"]
     assert named[0].context["loss_nonfinite_since_step"] == 2
     assert "first went non-finite at step 2" in named[0].message
+    [checked] = [f for f in rec.findings(step=3) if f.category == "loss_error"]  # a checked step's
+    assert "sampled_out" not in checked.context and "the model_error finding names" in checked.recommendation
 
 
 def test_a_sampled_out_step_whose_loss_jumps_has_its_gradients_read(rec: Recorder) -> None:

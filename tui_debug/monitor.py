@@ -18,6 +18,7 @@ import time
 from types import ModuleType
 from typing import Any, Callable
 
+from . import distributed
 from .capture import OutputCapture
 from .config import DebugConfig
 from .errors import ErrorCategory, ErrorSeverity, ErrorTracker
@@ -122,7 +123,8 @@ class Monitor:
         fresh = instr.models_made != self._snapshot_models  # a new model (a new fold's) since the last
         if (self.config.recover != "off" and interval > 0 and instr.last_step_finite and instr.observed_last
                 and self._snapshots_ok
-                and (self._last_snapshot_step <= 0 or fresh or instr.step - self._last_snapshot_step >= interval)):
+                and (self._last_snapshot_step <= 0 or fresh or instr.step - self._last_snapshot_step >= interval)
+                and distributed.world_size() == 1):  # (no rollback there: see distributed.py)
             # ... and at most one a second: a copy of every state_dict (~0.3 ms on the toy step, which
             # does 200 steps in 30 ms) would otherwise cost fast steps ~1%
             now = time.monotonic()
@@ -156,6 +158,9 @@ class Monitor:
 
     def _auto_recover(self, action: str, key: str) -> str | None:
         """Main thread, --recover auto: the recovery a trend finding calls for (bounded)."""
+        world = distributed.world_size()
+        if world > 1 and action in ("lower_lr", "enable_clipping"):
+            return "not applied: " + distributed.why_not(world)
         if action == "lower_lr":
             if self._lr_halvings >= self.config.max_lr_halvings:
                 return None
@@ -171,6 +176,9 @@ class Monitor:
 
     # -- actions (any thread; applied in the training thread at the next step boundary) ----------
     ACTIONS = ("clear_cache", "lower_lr", "raise_lr", "toggle_clipping", "enable_clipping", "rollback", "checkpoint")
+    # the actions that change the training's math, left out of a distributed run (see distributed.py)
+    CHANGE_THE_RUN = {"lower_lr": "lower_lr", "raise_lr": "raise_lr", "toggle_clipping": "clipping",
+                      "enable_clipping": "clipping", "rollback": "rollback"}
 
     def request(self, name: str) -> int:
         """Queue a recovery action; its ActionResult comes back through the event stream."""
@@ -191,7 +199,12 @@ class Monitor:
         fn = fns[name]
 
         def run() -> None:
-            result = fn(self.instr)
+            world = distributed.world_size() if name in self.CHANGE_THE_RUN else 1
+            if world > 1:  # (decided here, at the step boundary: the script may start its process group late)
+                result = ActionResult(self.CHANGE_THE_RUN[name], False, "not applied: " + distributed.why_not(world),
+                                      self.instr.step)
+            else:
+                result = fn(self.instr)
             result.request_id = request_id
             self.instr._pending.append(result)
             self.instr.flush()

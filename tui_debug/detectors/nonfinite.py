@@ -28,6 +28,7 @@ class StepObservation:
     calls: list[ActivationCall]
     module_label: Callable[[Any], str]
     root_inputs: list[tuple[Any, int, str]]  # (module, sentinel index, "input" | "target" of a loss)
+    forward_checked: bool = True  # False: a sampled-out step, read for its non-finite loss
 
 
 _BAD_INPUT = ("Check the data pipeline: NaN/Inf in the dataset or produced by a transform (normalisation by "
@@ -61,13 +62,17 @@ class NonFiniteDetector:
         findings: list[FindingEvent] = []
         for name, value in obs.losses:
             if not math.isfinite(value):
+                where = ("the model_error finding names the module" if obs.forward_checked else
+                         "this step's forward was not checked, as fast steps are sampled: every step is from "
+                         "here on, and a model_error finding names a module that does it again")
                 findings.append(FindingEvent(
                     severity="error", category="loss_error", step=obs.step, key=f"nonfinite-loss|{name}",
-                    message=f"loss '{name}' is {_kind(value)}",
-                    context={"loss": name, "value": _kind(value)},
-                    recommendation="Find where the loss first went non-finite (the model_error finding names "
-                                   "the module); lower the learning rate, add gradient clipping, or guard "
-                                   "log/div/sqrt against zero and negative inputs."))
+                    message=f"loss '{name}' is {_kind(value)}" + (
+                        "" if obs.forward_checked else " (a sampled-out step: its forward was not checked)"),
+                    context={"loss": name, "value": _kind(value)} | ({} if obs.forward_checked else {"sampled_out": True}),
+                    recommendation=f"Find where the loss first went non-finite ({where}); lower the learning "
+                                   "rate, add gradient clipping, or guard log/div/sqrt against zero and "
+                                   "negative inputs."))
         bad = [(n, v) for n, v in zip(obs.grad_names, obs.grad_norms) if not math.isfinite(v)]
         if bad:
             names = [n for n, _ in bad]

@@ -28,6 +28,7 @@ import weakref
 from types import ModuleType
 from typing import Any, Callable
 
+from .. import distributed
 from ..config import DebugConfig
 from ..detectors.nonfinite import ActivationCall, NonFiniteDetector, StepObservation
 from ..events import (FindingEvent, LateLosses, LossSiteEvent, ModelEvent, OptimizerEvent, RedundantBias, ScalerSkips,
@@ -2527,7 +2528,8 @@ class Instrumentation:
         obs = StepObservation(
             step=step, losses=[(self._loss_site_names[s], v) for s, v in zip(loss_sites, values)],
             grad_names=grad_names or [], grad_norms=values[nl + n_sent:nl + n_sent + n_grads],
-            sentinels=sentinels, calls=calls, module_label=self.module_label, root_inputs=root_inputs)
+            sentinels=sentinels, calls=calls, module_label=self.module_label, root_inputs=root_inputs,
+            forward_checked=self._unobserved_bad != step)
         findings = self.detector.check(obs)
         bad = self._unobserved_bad
         if bad is not None and bad < step:
@@ -2538,10 +2540,12 @@ class Instrumentation:
         grads_bad = grad_names is not None and not all(math.isfinite(v) for v in obs.grad_norms)
         # Only an optimizer's step is skipped; a hand-written update (pseudo-step) needs its gradients.
         if grads_bad and self._immediate and self.skip_nonfinite and opt_index >= 0 and not self._closure_read:
-            self._skip_now = True
+            world = distributed.world_size()
+            self._skip_now = world == 1
             for f in findings:
                 if f.category == "gradient_error":
-                    f.recovery_action = "optimizer step skipped: parameters left unchanged"
+                    f.recovery_action = ("optimizer step skipped: parameters left unchanged" if world == 1
+                                         else "step not skipped: " + distributed.why_not(world))
         if findings:
             self._pending.extend(findings)
             self.flush()
