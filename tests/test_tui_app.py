@@ -399,3 +399,38 @@ async def test_a_batch_is_drawn_when_it_comes_and_the_timer_waits_while_batches_
         app._batch_at -= 10
         app._on_timer()
         assert ticks == [1]  # none for a while (paused, a slow step): the timer ticks
+
+
+@aio
+async def test_the_scripts_input_is_typed_in_the_input_line_not_taken_for_keys(tmp_path):
+    """The script reads its stdin (input(), a breakpoint()'s pdb): Textual owns the terminal, so the
+    app shows an input line and feeds what is typed there to the script's sys.stdin. Keys typed
+    there are text, not the panes' actions; Ctrl+D is the end of file."""
+    from tui_debug.tui.messages import StdinWanted
+
+    app, mon = make_app(tmp_path)
+    requested: list[str] = []
+    mon.request = lambda name: requested.append(name) or 1
+    async with app.run_test(size=(120, 40)) as pilot:
+        mon.setup(("loss",))
+        await settle(app, pilot)
+        assert not app.stdin_line.display
+        mon.capture.listeners[0]("stdout", "run name? ")  # input()'s prompt, through the capture
+        app.post_message(StdinWanted())
+        await settle(app, pilot)
+        assert app.stdin_line.display and app.focused is app.stdin_line
+        await pilot.press("c", "l", "b", "space", "1", "enter")  # (keys of actions, elsewhere)
+        await settle(app, pilot)
+        assert app.stdin.readline() == "clb 1\n" and requested == []
+        assert not app.stdin_line.display and app.focused is not app.stdin_line
+        lines = [str(strip.text) for strip in app.output.log_view.lines]
+        assert any(line.startswith("run name? clb 1") for line in lines), lines  # echoed after its prompt
+        app.post_message(StdinWanted())
+        await settle(app, pilot)
+        await pilot.press("escape")  # back to the panes: keys are actions again
+        assert app.focused is not app.stdin_line and app.stdin_line.display
+        await pilot.press("l")
+        assert requested == ["lower_lr"]
+        await pilot.press("i", "ctrl+d")  # back to the input line; end of file
+        await settle(app, pilot)
+        assert app.stdin.readline() == "" and not app.stdin_line.display

@@ -120,3 +120,39 @@ def test_a_hangup_on_the_final_screen_closes_the_app_and_keeps_the_scripts_repor
     assert code in (-signal.SIGHUP, 128 + signal.SIGHUP), code
     report = load_report(out)
     assert report["run"]["status"] == "finished" and report["run"]["exit_code"] == 0, report["run"]
+
+
+def test_a_script_reading_its_input_gets_the_lines_typed_under_the_ui(tmp_path):
+    """input() and a breakpoint()'s pdb under the UI: the terminal is Textual's, so the script waited
+    for ever for a line it could never get. What is typed in the app's input line reaches it."""
+    script = tmp_path / "ask.py"
+    script.write_text(
+        "import torch\n"
+        "name = input('run name? ')\n"
+        "m = torch.nn.Linear(4, 1); opt = torch.optim.SGD(m.parameters(), lr=0.01)\n"
+        "for step in range(30):\n"
+        "    opt.zero_grad(); m(torch.randn(8, 4)).pow(2).mean().backward(); opt.step()\n"
+        "    if step == 25:\n"
+        "        breakpoint()\n"
+        "print('NAME', repr(name), 'STEP', step)\n")
+    out = tmp_path / "run"
+    term = Terminal(["--exit-on-end", "--out", out, script], cwd=tmp_path, cols=120, rows=40)
+    try:
+        pos = term.wait_for(r"the script reads its input")
+        term.send("exp 7\r")
+        pos = term.wait_for(r"\(Pdb\)", pos)
+        term.send("p 6 * 7\r")
+        pos = term.wait_for(r"42", pos)
+        time.sleep(0.6)  # a user reading pdb's answer (a step over 0.25 s and 20x the median is "slow")
+        term.send("c\r")
+        code = term.finish()
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
+    text = term.text()
+    assert code == 0, text[-3000:]
+    assert "NAME 'exp 7' STEP 29" in text, text[-3000:]  # replayed on the restored terminal
+    report = load_report(out)
+    assert report["run"]["status"] == "finished" and report["summary"]["steps"] == 30
+    # the minutes a user spends at the prompt are no step's: no "slow step" finding for them
+    assert not [e for e in report["errors"] if "took" in e["message"]], report["errors"]

@@ -198,6 +198,17 @@ class OutputCapture:
             self._log.write(data)
             self._log_size += len(data)
 
+    def echo(self, text: str) -> None:
+        """What the user typed for the script's stdin under the UI (see tui/stdin.py), after its prompt,
+        as a terminal would show it: in the tail (the Output pane, the replay, the report) and the log."""
+        self._write_log(text.encode("utf-8", "replace"))
+        self.tail.feed("stdout", text)
+        for listener in list(self.listeners):
+            try:
+                listener("stdout", text)
+            except Exception:
+                pass
+
     def write_monitor(self, text: str) -> None:
         """A line of the monitor's own, straight to the real stderr (not into the captured output)."""
         data = text.encode("utf-8", "replace")

@@ -2032,6 +2032,16 @@ class Instrumentation:
             self.pause_held = False
         self._last_step_time = time.perf_counter()  # the pause is not step time
 
+    def exclude_wait(self, seconds: float) -> None:
+        """Time the training thread spent waiting for the user mid-step (the script reading its input
+        under the UI, a pdb prompt): not the step's, as a pause is not (no "slow step" for it)."""
+        if self._last_step_time is not None:
+            self._last_step_time += seconds
+        if self._sample_last is not None:
+            self._sample_last += seconds
+        if self._step_end is not None:
+            self._step_end += seconds
+
     def _paused_loop(self) -> None:
         while self.paused:
             self.resume_event.wait(0.2)

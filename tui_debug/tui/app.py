@@ -16,17 +16,18 @@ from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.widgets import Footer
+from textual.widgets import Footer, Input
 
 from .errors_pane import ErrorsPane
 from .gpu import GpuPoller, GpuSample
 from .gpu_pane import GpuPane
 from .gradients_pane import GradientsPane
 from .loss_pane import LossPane
-from .messages import GpuSampled, ShowFinding
+from .messages import GpuSampled, ShowFinding, StdinWanted
 from .output_pane import OutputBuffer, OutputPane
 from .screens import ConfirmQuit, FindingDetail, HelpScreen
 from .status import StatusBar
+from .stdin import UiStdin
 
 TICK_S = 0.1  # at most ~10 repaints per second
 # While batches come (the instrumentation hands them over as a backward starts, when the training
@@ -38,6 +39,7 @@ MEMORY_S = 1.0
 HEAVY_S = 0.5  # full repaints at most twice a second
 HEAVY_MAX_S = 2.0  # ... and at least every 2 s
 UI_BUDGET = 0.015  # share of one core the UI thread may use while training runs (it shares the GIL)
+STDIN_PLACEHOLDER = "the script reads its input: type a line, Enter sends it (Ctrl+D: end of file, Esc: the panes, i: back here)"
 ACTION_TEXT = {
     "clear_cache": "clear cache", "lower_lr": "lower LR x0.5", "raise_lr": "raise LR x2",
     "toggle_clipping": "toggle clipping", "rollback": "roll back", "checkpoint": "save checkpoint",
@@ -66,6 +68,21 @@ class _BatchQueue(asyncio.Queue):  # type: ignore[type-arg]
         self._on_put()
 
 
+class StdinLine(Input):
+    """The script's stdin while it reads one (see stdin.py): shown when it asks, hidden once answered."""
+
+    BINDINGS = [
+        Binding("ctrl+d", "eof", "end of file"),
+        Binding("escape", "leave", "panes"),
+    ]
+
+    def action_eof(self) -> None:
+        self.app.send_stdin(None)  # type: ignore[attr-defined]
+
+    def action_leave(self) -> None:
+        self.app.action_focus_pane("errors")  # type: ignore[attr-defined]
+
+
 class TuiDebugApp(App[int]):
     CSS_PATH = "app.tcss"
     TITLE = "tui_debug"
@@ -82,6 +99,7 @@ class TuiDebugApp(App[int]):
         Binding("q", "quit_app", "quit"),
         Binding("ctrl+c", "quit_app", "quit", show=False, priority=True),
         Binding("question_mark", "help", "help", key_display="?"),
+        Binding("i", "focus_stdin", "input", show=False),
         Binding("1", "focus_pane('errors')", "errors", show=False),
         Binding("2", "focus_pane('gradients')", "grads", show=False),
         Binding("3", "focus_pane('loss')", "loss", show=False),
@@ -124,6 +142,9 @@ class TuiDebugApp(App[int]):
         self.requests: dict[int, str] = {}
         self.frames = 0
         self._ended_seen = False
+        # the script's sys.stdin (run_ui installs it): lines typed in the input line go there
+        self.stdin = UiStdin(ask=lambda: self.post_message(StdinWanted()))
+        self.stdin_wanted = False
 
     # -- layout -------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -148,6 +169,9 @@ class TuiDebugApp(App[int]):
         self.output = OutputPane(max_lines=max_lines, id="output", classes="pane")
         self.output.border_title = "5 Output (stderr in red)"
         yield self.output
+        self.stdin_line = StdinLine(id="stdin-line", placeholder=STDIN_PLACEHOLDER)
+        self.stdin_line.display = False
+        yield self.stdin_line
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
@@ -172,6 +196,7 @@ class TuiDebugApp(App[int]):
 
     def on_unmount(self) -> None:
         self.gpu_poller.stop()
+        self.stdin.detach_app()
 
     # -- the timer: drain, fold, repaint once ------------------------------------------------------
     def _on_batch(self) -> None:
@@ -207,6 +232,8 @@ class TuiDebugApp(App[int]):
                 except Exception:
                     pass
             self.sys_mem = self._system_memory()
+        if self.stdin_wanted:  # the script waits on its input: its prompt (and pdb's output) at once
+            self.output.ingest(self.output_buffer.drain())
         if self.notice == "starting the script…" and self.session.steps > 0:
             self.notice = None
         if self.notice is self._pausing_notice and getattr(self.monitor, "pause_held", False):
@@ -315,6 +342,41 @@ class TuiDebugApp(App[int]):
     # -- messages -----------------------------------------------------------------------------
     def on_gpu_sampled(self, message: GpuSampled) -> None:
         self.gpu_sample = message.sample
+
+    def on_stdin_wanted(self, message: StdinWanted) -> None:
+        self.stdin_wanted = True
+        self.stdin_line.display = True
+        if not isinstance(self.screen, (HelpScreen, FindingDetail, ConfirmQuit)):
+            self.stdin_line.focus()
+        self.notice = Text("the script waits for its input (the line at the bottom)", "bold cyan")
+        self.refresh_panes()  # its prompt, in the Output pane
+
+    def on_input_submitted(self, message: Input.Submitted) -> None:
+        if message.input is self.stdin_line:
+            message.stop()
+            self.send_stdin(message.value)
+
+    def send_stdin(self, line: str | None) -> None:
+        """A typed line (its prompt's echo in the Output pane, as a terminal shows it), or None: the end of file."""
+        if not self.stdin_wanted:
+            return
+        self.stdin_wanted = False
+        self.stdin.feed("" if line is None else line + "\n")
+        echo = "^D\n" if line is None else line + "\n"
+        capture = getattr(self.monitor, "capture", None)
+        if capture is not None and hasattr(capture, "echo"):
+            capture.echo(echo)  # (its listeners include the Output pane's buffer)
+        else:
+            self.output_buffer.feed("stdout", echo)
+        self.stdin_line.value = ""
+        self.stdin_line.display = False
+        self.notice = None
+        self.errors.focus()
+        self.refresh_panes()
+
+    def action_focus_stdin(self) -> None:
+        if self.stdin_wanted:
+            self.stdin_line.focus()
 
     def on_show_finding(self, message: ShowFinding) -> None:
         for info in self.monitor.tracker.snapshot():

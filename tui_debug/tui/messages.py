@@ -24,3 +24,10 @@ class ShowFinding(Message):
     def __init__(self, error_id: str) -> None:
         super().__init__()
         self.error_id = error_id
+
+
+class StdinWanted(Message):
+    """From the training thread: the script reads its stdin and waits for a line (see stdin.py)."""
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, StdinWanted)

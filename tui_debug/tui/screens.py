@@ -27,6 +27,8 @@ HELP_KEYS = [
         ("r", "write the report now and show its path"),
         ("q / ctrl+c", "quit: asks first while training runs (stops it cleanly, exit 130)"),
         ("?", "this help"),
+        ("i", "the script's input line, while it reads its stdin (input(), pdb): enter sends a line, "
+              "ctrl+d the end of file, esc back to the panes"),
     ]),
     ("Moving around", [
         ("tab / shift+tab", "next / previous pane"),
