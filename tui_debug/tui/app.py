@@ -170,6 +170,7 @@ class TuiDebugApp(App[int]):
         self.output.border_title = "5 Output (stderr in red)"
         yield self.output
         self.stdin_line = StdinLine(id="stdin-line", placeholder=STDIN_PLACEHOLDER)
+        self.stdin_line.border_title = "the script's input"
         self.stdin_line.display = False
         yield self.stdin_line
         yield Footer(compact=True)
