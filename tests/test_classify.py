@@ -5,6 +5,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
 from tui_debug.classify import classify_exception, human_bytes
 
 from helpers import SCRIPTS, describe, findings, load_report, run_td
@@ -128,3 +133,74 @@ def test_an_exception_from_inside_an_iteration_belongs_to_the_step_in_progress()
     assert raised_mid_step(raised(lambda: 1 / 0), ["model.1 (Bad)"])  # from a model's forward
     # after the loop (saving, evaluation code of the script's own): the steps done
     assert not raised_mid_step(raised(lambda: open("/nonexistent/dir/file")), None)
+
+
+def _raised(fn) -> BaseException:
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001
+        return exc
+    raise AssertionError("it did not raise")
+
+
+def _twice() -> None:
+    x = torch.randn(3, requires_grad=True)
+    y = (x * x).sum()
+    y.backward()
+    y.backward()
+
+
+def _inplace() -> None:
+    x = torch.randn(3, requires_grad=True)
+    y = x.sigmoid()
+    y.mul_(2)
+    y.sum().backward()
+
+
+# The errors PyTorch itself raises (so a change of wording in a new torch fails here), the module a
+# forward was in when it happened, and what the advice must say.
+COMMON_ERRORS = [
+    (lambda: nn.Linear(21, 5)(torch.randn(4, 20)), "model.2 (Linear)",
+     ["model.2 (Linear) takes 21 input features but was given 20", "in_features 20"]),
+    (lambda: torch.randn(4, 20) @ torch.randn(21, 5), None, ["(4x20) by (21x5)", "inner sizes (20, 21)"]),
+    (lambda: nn.Conv2d(3, 8, 3)(torch.randn(2, 1, 8, 8)), "model.0 (Conv2d)",
+     ["model.0 (Conv2d) takes 3 input channels but was given 1", "permute(0, 3, 1, 2)"]),
+    (lambda: nn.Linear(4, 2)(torch.randn(3, 4, dtype=torch.float64)), "model.0 (Linear)",
+     ["two dtypes met in model.0 (Linear)", ".float()"]),
+    (lambda: torch.randn(3, 4) @ torch.randn(4, 2, dtype=torch.float64), None, ["two dtypes", "NumPy"]),
+    (lambda: F.cross_entropy(torch.randn(4, 3), torch.randn(4)), None, ["int64", "labels.long()"]),
+    (lambda: torch.randn(3).sum().backward(), None, ["not connected to any trainable parameter", "no_grad"]),
+    (_twice, None, ["h = h.detach()", "loss.item()"]),
+    (_inplace, None, ["changed the output of Sigmoid", "out-of-place"]),
+    (lambda: nn.Embedding(10, 4)(torch.tensor([3, 12])), "model.emb (Embedding)",
+     ["model.emb (Embedding) was given an index beyond its size", "num_embeddings"]),
+    (lambda: F.cross_entropy(torch.randn(8, 5), torch.randint(0, 5, (6,))), None,
+     ["output has 8 rows and the labels 6", "view(-1"]),
+    (lambda: (torch.randn(3, requires_grad=True) * 2).backward(), None, ["several elements", ".mean()"]),
+    (lambda: torch.zeros(2).cuda(), None, ["has no CUDA (torch " + torch.__version__, "is_available()"]),
+    (lambda: nn.BatchNorm1d(4)(torch.randn(1, 4)), "model.bn (BatchNorm1d)",
+     ["model.bn (BatchNorm1d) in training mode was given a batch of one", "drop_last=True"]),
+    (lambda: nn.LSTM(10, 20)(torch.randn(5, 3, 11)), "model.rnn (LSTM)",
+     ["model.rnn (LSTM) takes input_size 10 but the input's last dimension is 11"]),
+    (lambda: torch.randn(4, 6).view(5, -1), None, ["to [5, -1] cannot hold 24 elements"]),
+    (lambda: nn.LayerNorm(8)(torch.randn(2, 7)), "model.ln (LayerNorm)",
+     ["model.ln (LayerNorm) normalises over [8] but its input is [2, 7]"]),
+    (lambda: nn.MultiheadAttention(32, 4)(*[torch.randn(5, 2, 30)] * 3), "model.attn (MultiheadAttention)",
+     ["made with embed_dim 32 but its query's last dimension is 30"]),
+]
+
+
+@pytest.mark.parametrize("fn, module, says", COMMON_ERRORS)
+def test_common_training_errors_get_advice_derived_from_them(fn, module, says) -> None:
+    """"The script raised; the traceback shows where" told a user nothing they did not know: PyTorch's
+    common errors now get what to change, with the sizes, dtypes and module of this error."""
+    exc = _raised(fn)
+    c = classify_exception(exc, [module] if module else None)
+    assert c.category in ("training_error", "data_error")
+    for phrase in says:
+        assert phrase in c.recommendation, (phrase, c.recommendation)
+
+
+def test_an_error_without_advice_keeps_the_general_recommendation() -> None:
+    c = classify_exception(ValueError("my own check failed"))
+    assert c.category == "training_error" and "traceback shows where" in c.recommendation

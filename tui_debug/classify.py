@@ -7,7 +7,7 @@ import os
 import re
 import sys
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 _CPU_OOM = re.compile(r"you tried to allocate (\d+) bytes")
 _CUDA_OOM = re.compile(r"Tried to allocate ([\d.]+ ?[KMGT]?i?B)")
@@ -153,6 +153,93 @@ def classify_exception(exc: BaseException, failing_modules: list[str] | None = N
         return Classified("error", "data_error", f"{name} while loading data: {_last_line(text) or name}", ctx,
                           "The dataset, sampler or collate_fn raised while building a batch; the "
                           "traceback points at the line.")
+    advice = advise(text, failing_modules[0] if failing_modules else None)
     return Classified("error", "training_error", f"{name}{where}: {_last_line(text)}" if text else f"{name}{where}",
-                      ctx, "The script raised; the traceback shows where. A shape or dtype mismatch names "
-                           "the module it happened in.")
+                      ctx, advice or "The script raised; the traceback shows where (and the module it happened "
+                                     "in, when it was in a forward).")
+
+
+def _torch_version() -> str:
+    torch = sys.modules.get("torch")
+    return str(getattr(torch, "__version__", "?"))
+
+
+# PyTorch's common training errors, told by their message (torch 2.x wording), with what to change.
+# ``who`` is the module the error happened in when a forward was running ("model.2 (Linear)"), else None.
+_ADVICE: list[tuple[re.Pattern[str], Callable[[re.Match[str], str | None], str]]] = [
+    (re.compile(r"mat1 and mat2 shapes cannot be multiplied \((\d+)x(\d+) and (\d+)x(\d+)\)"),
+     lambda m, who: (f"{who} takes {m[3]} input features but was given {m[2]}: make its in_features {m[2]} "
+                     "(nn.LazyLinear infers it), or fix what feeds it (a Flatten's size changes with the image "
+                     "size)." if who and "Linear)" in who else
+                     f"A matrix product{f' in {who}' if who else ''} multiplied ({m[1]}x{m[2]}) by ({m[3]}x{m[4]}): "
+                     f"the inner sizes ({m[2]}, {m[3]}) must match; a Linear's in_features is the second.")),
+    (re.compile(r"weight of size \[(\d+), (\d+)[^\]]*\], expected input\[[^\]]*\] to have (\d+) channels, "
+                r"but got (\d+) channels"),
+     lambda m, who: f"{who or 'The layer'} takes {m[3]} input channels but was given {m[4]}: make its in_channels {m[4]}, or "
+                    "check the data's layout (channels first, N, C, H, W: images loaded as N, H, W, C need "
+                    ".permute(0, 3, 1, 2))."),
+    (re.compile(r"must have the same dtype, but got (\w+) and (\w+)|to have the same dtype, but got: (\w+) != (\w+)"
+                r"|expected scalar type (\w+) but found (\w+)"),
+     lambda m, who: "Tensors of two dtypes met" + (f" in {who}" if who else "") + ": float64 "
+                    "(Double) usually comes from NumPy, whose default torch.from_numpy keeps: convert the batch "
+                    "with .float() (or the model with .double())."),
+    (re.compile(r"expected target dtype to be Long"),
+     lambda m, who: "cross_entropy takes class indices as int64 (labels.long()), or class probabilities of "
+                    "the same shape as its input."),
+    (re.compile(r"element 0 of tensors does not require grad and does not have a grad_fn"),
+     lambda m, who: "The loss is not connected to any trainable parameter: it was computed under "
+                    "torch.no_grad() or inference_mode(), from values taken out of the graph (.detach(), "
+                    ".item(), .numpy(), .data), or every parameter has requires_grad=False."),
+    (re.compile(r"Trying to backward through the graph a second time"),
+     lambda m, who: "A tensor from an earlier iteration's graph is used again: detach what is carried from "
+                    "step to step (an RNN's hidden state: h = h.detach(); a running total: total += "
+                    "loss.item()). retain_graph=True only when two backward passes over one graph are meant."),
+    (re.compile(r"modified by an inplace operation: \[(.+?)\], which is output (\d+) of (\w+)"),
+     lambda m, who: f"An in-place operation changed the output of {m[3]} after autograd saved it for the "
+                    "backward: use the out-of-place form (x = x + y, not x += y; ReLU(inplace=False); no "
+                    "x[i] = ... on it). torch.autograd.set_detect_anomaly(True) names the forward line."),
+    (re.compile(r"index out of range in self"),
+     lambda m, who: f"{who or 'An embedding (or index_select)'} was given an index beyond "
+                    "its size (or a negative one): compare the largest id in the batch with the num_embeddings "
+                    "it was made with (padding and special tokens included)."),
+    (re.compile(r"Expected input batch_size \((\d+)\) to match target batch_size \((\d+)\)"),
+     lambda m, who: f"The model's output has {m[1]} rows and the labels {m[2]}: a view or reshape merged or "
+                    "split the batch dimension, or a sequence model's output needs flattening as its labels "
+                    "are (logits.view(-1, n_classes), labels.view(-1))."),
+    (re.compile(r"grad can be implicitly created only for scalar outputs"),
+     lambda m, who: "backward() was called on a tensor of several elements: reduce it to one loss first "
+                    "(.mean() or .sum()), or pass gradient= of its shape."),
+    (re.compile(r"Torch not compiled with CUDA enabled"),
+     lambda m, who: f"This PyTorch build has no CUDA (torch {_torch_version()}): install a CUDA build, or let "
+                    "the script choose: device = 'cuda' if torch.cuda.is_available() else 'cpu'."),
+    (re.compile(r"Expected all tensors to be on the same device"),
+     lambda m, who: "Tensors on two devices met" + (f" in {who}" if who else "") + ": move the "
+                    "model (model.to(device)) and every tensor of the batch (x.to(device)) to one device; "
+                    "tensors made inside forward need device=x.device."),
+    (re.compile(r"Expected more than 1 value per channel when training"),
+     lambda m, who: f"{who or 'A BatchNorm'} in training mode was given a batch of one "
+                    "sample: DataLoader(drop_last=True) drops a last batch of one; use eval() to run single "
+                    "samples."),
+    (re.compile(r"input.size\(-1\) must be equal to input_size. Expected (\d+), got (\d+)"),
+     lambda m, who: f"{who or 'The RNN'} takes input_size {m[1]} but the input's last dimension is {m[2]} (with "
+                    "batch_first=False the input is (T, N, features))."),
+    (re.compile(r"shape '\[([^\]]*)\]' is invalid for input of size (\d+)"),
+     lambda m, who: f"A view or reshape to [{m[1]}] cannot hold {m[2]} elements: the tensor is not the size "
+                    "the code assumes (a last, smaller batch; an input of another size)."),
+    (re.compile(r"Given normalized_shape=\[([^\]]*)\], expected input with shape \[\*, ([^\]]*)\], but got "
+                r"input of size\s*\[([^\]]*)\]"),
+     lambda m, who: f"{who or 'The LayerNorm'} normalises over [{m[1]}] but its input is [{m[3]}]: its normalized_shape must be "
+                    "the input's last dimension(s)."),
+    (re.compile(r"was expecting embedding dimension of (\d+), but got (\d+)"),
+     lambda m, who: f"{who or 'The MultiheadAttention'} was made with embed_dim {m[1]} but its query's last dimension is {m[2]} (with "
+                    "batch_first=False the input is (T, N, E))."),
+]
+
+
+def advise(text: str, module: str | None = None) -> str | None:
+    """What to change for one of PyTorch's common training errors (``_ADVICE``), else None."""
+    for pattern, make in _ADVICE:
+        m = pattern.search(text)
+        if m:
+            return make(m, module)
+    return None
