@@ -251,3 +251,66 @@ def test_recover_off_leaves_diverging_run_destroyed(tmp_path: Path) -> None:
     assert "parameters finite: False" in proc.stdout, describe(proc)
     assert not [a for a in report["actions"] if a["action"] in ("rollback", "lower_lr")], report["actions"]
     assert pick(report, "loss_error", "error"), show(report)
+
+
+WARNED_SCRIPT = '''
+import torch, torch.nn as nn, torch.nn.functional as F
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+sched = torch.optim.lr_scheduler.StepLR(opt, 50)
+loss_fn = nn.MSELoss()
+for epoch in range(3):
+    sched.step()
+    for i in range(20):
+        x = torch.randn(32, 4); y = x.sum(1)
+        loss = loss_fn(model(x), y)
+        opt.zero_grad(); loss.backward(); opt.step()
+probs = F.softmax(model(torch.randn(5, 4)))
+'''
+
+
+def test_torch_warnings_of_silent_bugs_become_findings_at_the_scripts_line(tmp_path: Path) -> None:
+    """A (32, 1) output against (32,) targets: MSELoss broadcasts them, warns once, and the run trains
+    toward the wrong optimum with a loss that still goes down. The warning scrolls away with the
+    output; the finding stays, at the script's line (not torch's). The script's stderr still shows
+    the warning as Python prints it."""
+    script = tmp_path / "warned.py"
+    script.write_text(WARNED_SCRIPT, encoding="utf-8")
+    proc = run_td("--out", tmp_path / "run", script, cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    assert "UserWarning: Using a target size (torch.Size([32]))" in proc.stderr  # as without the monitor
+    report = load_report(tmp_path / "run")
+    by_key = {e["context"].get("source"): e for e in report["errors"] if "warning" in e["context"]}
+    loss = by_key["warned.py:12"]
+    assert loss["category"] == "loss_error" and loss["severity"] == "warning"
+    assert "broadcasts its target [32] against its input [32, 1]" in loss["message"]
+    assert "squeeze(-1)" in loss["recommendation"]
+    order = by_key["warned.py:9"]
+    assert order["category"] == "optimization_error" and "before optimizer.step()" in order["message"]
+    assert order["count"] == 1  # warned once, though called three times
+    dim = by_key["warned.py:14"]
+    assert dim["severity"] == "info" and dim["message"].startswith("softmax without dim=")
+
+
+def test_the_warnings_detector_chains_to_what_showed_warnings_and_puts_it_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    from tui_debug.detectors.torch_warnings import TorchWarnings
+
+    shown: list[str] = []
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *a, **k: shown.append(str(message)))
+    emitted: list[Any] = []
+    detector = TorchWarnings(emitted.extend, step=lambda: 7)
+    detector.install()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("Implicit dimension choice for log_softmax has been deprecated. Change the call")
+            warnings.warn("something else entirely")
+    finally:
+        detector.uninstall()
+    assert len(shown) == 2  # both printed as before
+    assert [(f.category, f.step, f.key.split("|")[1]) for f in emitted] == [("model_error", 7, "implicit-dim-log_softmax")]
+    assert not hasattr(warnings.showwarning, "__wrapped__")  # the original is back

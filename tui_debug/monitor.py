@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from . import distributed
 from .capture import OutputCapture
+from .detectors.torch_warnings import TorchWarnings
 from .config import DebugConfig
 from .errors import ErrorCategory, ErrorSeverity, ErrorTracker
 from .events import EventBus, FindingEvent, ScriptEnded
@@ -62,6 +63,7 @@ class Monitor:
         self.session.dropped_events = lambda: self.bus.dropped_events
         self.actions: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self.instr = Instrumentation(config, self.bus.emit)
+        self.torch_warnings = TorchWarnings(self.bus.emit, step=lambda: self.instr.step)
         self.instr.actions = self.actions
         self.watcher = TorchImportWatcher(self._on_torch_import)
         self.runner = ScriptRunner(target, on_end=self._on_script_end, before_exit=self.instr.finish,
@@ -298,6 +300,7 @@ class Monitor:
         self.forwarder.install()
         self.capture.start()
         self.watcher.install()
+        self.torch_warnings.install()
         self.runner.start()
 
     def run_headless(self) -> int:
@@ -354,6 +357,7 @@ class Monitor:
         if ACTIVE_MONITOR is self:
             ACTIVE_MONITOR = None
         self.watcher.uninstall()
+        self.torch_warnings.uninstall()
         self.forwarder.uninstall()
         backlog = self.bus.detach()  # from now on emits wait in the backlog
         if self._terminate is not None and self.session.ended is None:  # (after the end: the script's own)
