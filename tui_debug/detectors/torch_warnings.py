@@ -74,6 +74,7 @@ class TorchWarnings:
         self._orig: Any = None
         self._library_codes: dict[Any, bool] = {}
         self._lock = threading.Lock()
+        self._fork_hook = False
 
     def install(self) -> None:
         if self._orig is not None:
@@ -91,6 +92,9 @@ class TorchWarnings:
 
         showwarning.__wrapped__ = orig  # type: ignore[attr-defined]
         warnings.showwarning = showwarning
+        if not self._fork_hook:  # a forked child (a DataLoader worker) has no consumer to emit to
+            os.register_at_fork(after_in_child=self.uninstall)
+            self._fork_hook = True
 
     def uninstall(self) -> None:
         if self._orig is not None and getattr(warnings.showwarning, "__wrapped__", None) is self._orig:
