@@ -314,3 +314,41 @@ def test_the_warnings_detector_chains_to_what_showed_warnings_and_puts_it_back(
     assert len(shown) == 2  # both printed as before
     assert [(f.category, f.step, f.key.split("|")[1]) for f in emitted] == [("model_error", 7, "implicit-dim-log_softmax")]
     assert not hasattr(warnings.showwarning, "__wrapped__")  # the original is back
+
+
+EVAL_SCRIPT = '''
+import sys, torch, torch.nn as nn
+torch.manual_seed(0)
+net = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 1))
+opt = torch.optim.Adam(net.parameters(), 1e-3)
+for epoch in range(3):
+    for i in range(40):
+        x = torch.randn(16, 8)
+        loss = (net(x) - x.sum(1, keepdim=True)).pow(2).mean()
+        opt.zero_grad(); loss.backward(); opt.step()
+    net.eval()
+    with torch.no_grad():
+        net(torch.randn(64, 8))
+    if "--fixed" in sys.argv:
+        net.train()
+'''
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_a_model_left_in_eval_mode_while_it_trains_is_flagged(tmp_path: Path, fixed: bool) -> None:
+    """model.eval() for a validation pass, and no model.train() after it: the next epochs train with
+    dropout off and BatchNorm on its running statistics, and nothing fails. The script that calls
+    model.train() again gets no such finding."""
+    script = tmp_path / "evaluate.py"
+    script.write_text(EVAL_SCRIPT, encoding="utf-8")
+    proc = run_td("--out", tmp_path / "run", script, *(["--fixed"] if fixed else []), cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    flagged = [e for e in load_report(tmp_path / "run")["errors"] if e["error_id"] and "eval mode" in e["message"]]
+    if fixed:
+        assert flagged == []
+        return
+    [finding] = flagged
+    assert finding["severity"] == "warning" and finding["category"] == "model_error"
+    assert finding["message"].startswith("net trains in eval mode") and finding["step"] > 40
+    assert finding["context"]["modules"] == ["BatchNorm1d", "Dropout"]
+    assert "net.train()" in finding["recommendation"]

@@ -501,6 +501,9 @@ class Instrumentation:
         self._failing: tuple[int, list[str]] | None = None
         # models
         self._roots: dict[int, tuple[str, Any]] = {}  # id -> (name, weakref)
+        # roots with layers that behave differently in train and eval mode: id -> their classes
+        self._mode_sensitive: dict[int, tuple[str, ...]] = {}
+        self._eval_warned: set[int] = set()
         self._dead_roots: list[Any] = []  # weak references of roots freed since (appended by their callbacks)
         self._root_ids: dict[int, tuple[int, ...]] = {}  # root id -> ids of its modules (when registered)
         self._given_names: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
@@ -628,6 +631,7 @@ class Instrumentation:
         self._containers = frozenset(getattr(nn, n) for n in CONTAINERS if hasattr(nn, n))
         self._sum_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16))
         self._BatchNorm = nn.modules.batchnorm._BatchNorm
+        self._mode_types = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
         self._Uninitialized = getattr(nn.parameter, "UninitializedTensorMixin", ())
         self._nn_module = nn_module
         try:
@@ -1627,6 +1631,9 @@ class Instrumentation:
             self._known_modules.update(contained)
         if isinstance(module, self._Loss):
             return  # loss functions are named, not listed as models
+        kinds = sorted({type(m).__name__ for m in modules if isinstance(m, self._mode_types)})
+        if kinds:
+            self._mode_sensitive[id(module)] = tuple(kinds)
         self._bn_unchecked.update(id(m) for m in module.modules() if isinstance(m, self._BatchNorm))
         # a lazy module's parameters have no size before its first call (counted as 0 until then)
         params = [p for p in module.parameters() if not isinstance(p, self._Uninitialized)]
@@ -1635,6 +1642,34 @@ class Instrumentation:
         self._pending.append(ModelEvent(
             name=name, cls=type(module).__name__, parameters=sum(p.numel() for p in params),
             trainable=sum(p.numel() for p in params if p.requires_grad), devices=devices))
+
+    def _check_train_mode(self, st: _OptState) -> None:
+        """A model that trains in eval mode (``model.eval()`` for an evaluation, no ``model.train()``
+        after it): its dropout is off and its BatchNorm normalises with running statistics, silently.
+        Looked at on checked steps, for the models whose layers behave differently in the two modes and
+        whose parameters this optimizer steps; said once per model."""
+        for rid, kinds in list(self._mode_sensitive.items()):
+            entry = self._roots.get(rid)
+            root = entry[1]() if entry is not None else None
+            if root is None:
+                del self._mode_sensitive[rid]
+                continue
+            if root.training or rid in self._eval_warned:
+                continue
+            ids = {id(p) for p in st.params}
+            if not any(id(p) in ids and p.grad is not None for p in root.parameters()):
+                continue
+            self._eval_warned.add(rid)
+            name = entry[0]
+            self._pending.append(FindingEvent(
+                severity="warning", category="model_error", step=self.step, key=f"eval-mode|{name}",
+                message=f"{name} trains in eval mode: model.eval() was called and no model.train() after it, "
+                        f"so its {', '.join(kinds)} behave as at inference (dropout off, BatchNorm on its "
+                        "running statistics)",
+                context={"model": name, "modules": list(kinds)},
+                recommendation=f"Call {name}.train() after evaluating, before the next training step. If the "
+                               "eval mode is meant (BatchNorm statistics frozen for fine-tuning), call .eval() "
+                               "on those layers only."))
 
     def _forget_dead_roots(self) -> None:
         """Models freed since go, with the ids of their modules: CPython gives a freed object's address
@@ -2259,6 +2294,8 @@ class Instrumentation:
         flat.extend(sent)
         grad_names: list[str] | None = None
         groups = self._grad_layout(st) if self._track_grads else []
+        if self._mode_sensitive and st.index >= 0:
+            self._guarded(self._check_train_mode, st)
         if groups:
             sampler = self._sampler
             sampler.fast_s = sampler.FAST_S if st.on_cpu else sampler.FAST_S_GPU
