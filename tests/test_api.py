@@ -384,6 +384,23 @@ def test_nan_run_is_recovered_by_rollback_and_lower_lr():
     di.close()
 
 
+def test_in_a_multi_process_run_findings_change_nothing_on_one_rank_alone(monkeypatch):
+    """The same diverging run as one of 2 processes (torch.distributed): a rollback or a learning rate
+    halved on this rank alone would make DDP's replicas diverge, so they are recorded, not applied."""
+    from tui_debug import distributed
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    di = DebuggingInterface(quiet(recover="auto", snapshot_interval=4))
+    model = nn.Linear(8, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    di.debug_training_loop(model, optimizer, nn.MSELoss(), regression(n=256, features=8, batch=16, scale=100.0),
+                           num_epochs=2)
+    refused = [a for a in di.recovery_manager.actions_taken if a["action"] in ("rollback", "lower_lr")]
+    assert refused and all(not a["ok"] and "2 processes training together" in a["message"] for a in refused)
+    assert optimizer.param_groups[0]["lr"] == 1.0
+    di.close()
+
+
 def test_ui_true_runs_headless_without_a_ui():
     di = DebuggingInterface(quiet(), ui=True)
     model = mlp()

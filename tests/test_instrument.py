@@ -2416,3 +2416,18 @@ def test_the_learning_rate_reported_is_the_current_one() -> None:
     events = [e for b in batches for e in b if isinstance(e, OptimizerEvent)]
     assert [round(math.log10(e.lr[0])) for e in events] == [-1, -2, -3, -4, -5, -6], events
     assert {e.index for e in events} == {0}
+
+
+def test_time_waiting_for_the_user_is_no_steps_but_only_the_training_threads(rec: Recorder) -> None:
+    """The script's input under the UI: the training thread's wait is taken out of its step's time;
+    another thread's (a "press Enter to stop" reader) is none of the steps' business."""
+    import threading
+
+    inst = rec.inst
+    inst._last_step_time, inst._sample_last, inst._step_end = 100.0, 100.0, None
+    other = threading.Thread(target=inst.exclude_wait, args=(5.0,))
+    other.start()
+    other.join()
+    assert (inst._last_step_time, inst._sample_last) == (100.0, 100.0)
+    inst.exclude_wait(5.0)  # (the fixture's thread is the training thread)
+    assert (inst._last_step_time, inst._sample_last) == (105.0, 105.0)

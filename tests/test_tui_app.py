@@ -405,32 +405,55 @@ async def test_a_batch_is_drawn_when_it_comes_and_the_timer_waits_while_batches_
 async def test_the_scripts_input_is_typed_in_the_input_line_not_taken_for_keys(tmp_path):
     """The script reads its stdin (input(), a breakpoint()'s pdb): Textual owns the terminal, so the
     app shows an input line and feeds what is typed there to the script's sys.stdin. Keys typed
-    there are text, not the panes' actions; Ctrl+D is the end of file."""
-    from tui_debug.tui.messages import StdinWanted
+    there are text, not the panes' actions; Ctrl+D is the end of file; a reader that stops waiting
+    (interrupted) closes the line."""
+    import threading
 
     app, mon = make_app(tmp_path)
     requested: list[str] = []
     mon.request = lambda name: requested.append(name) or 1
+
+    def read_in_thread() -> tuple[threading.Thread, list[str]]:
+        got: list[str] = []
+        t = threading.Thread(target=lambda: got.append(app.stdin.readline()), daemon=True)
+        t.start()
+        return t, got
+
+    async def until(cond) -> None:
+        for _ in range(200):
+            if cond():
+                return
+            await settle(app, pilot)
+            await asyncio.sleep(0.01)
+        raise AssertionError("never")
+
     async with app.run_test(size=(120, 40)) as pilot:
         mon.setup(("loss",))
         await settle(app, pilot)
         assert not app.stdin_line.display
         mon.capture.listeners[0]("stdout", "run name? ")  # input()'s prompt, through the capture
-        app.post_message(StdinWanted())
-        await settle(app, pilot)
-        assert app.stdin_line.display and app.focused is app.stdin_line
+        reader, got = read_in_thread()  # the script's thread asks the app for a line
+        await until(lambda: app.stdin_line.display)
+        assert app.focused is app.stdin_line
         await pilot.press("c", "l", "b", "space", "1", "enter")  # (keys of actions, elsewhere)
+        reader.join(10)
+        assert got == ["clb 1\n"] and requested == []
         await settle(app, pilot)
-        assert app.stdin.readline() == "clb 1\n" and requested == []
         assert not app.stdin_line.display and app.focused is not app.stdin_line
         lines = [str(strip.text) for strip in app.output.log_view.lines]
         assert any(line.startswith("run name? clb 1") for line in lines), lines  # echoed after its prompt
-        app.post_message(StdinWanted())
-        await settle(app, pilot)
+        reader, got = read_in_thread()
+        await until(lambda: app.stdin_line.display)
         await pilot.press("escape")  # back to the panes: keys are actions again
         assert app.focused is not app.stdin_line and app.stdin_line.display
         await pilot.press("l")
         assert requested == ["lower_lr"]
         await pilot.press("i", "ctrl+d")  # back to the input line; end of file
-        await settle(app, pilot)
-        assert app.stdin.readline() == "" and not app.stdin_line.display
+        reader.join(10)
+        assert got == [""]
+        await until(lambda: not app.stdin_line.display)
+        reader, got = read_in_thread()
+        await until(lambda: app.stdin_line.display)
+        app.stdin.feed("from elsewhere\n")  # the reader is done without the line (as when interrupted)
+        reader.join(10)
+        await until(lambda: not app.stdin_line.display)  # the line closes by itself

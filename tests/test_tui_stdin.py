@@ -90,3 +90,23 @@ def test_the_time_spent_waiting_is_reported_and_an_interrupt_reaches_the_reader(
     t.join(10)
     assert not t.is_alive() and isinstance(box.get("error"), KeyboardInterrupt)
     assert len(waits) == 1 and waits[0] >= 0.2
+
+
+def test_a_zero_size_read_returns_at_once_and_a_waiting_reader_asks_again() -> None:
+    """readline(0) is "" at once, as io's is (it waited for a whole line, then returned "", which reads
+    as the end of file). Two threads reading at once: the app merges their asks and one line answers
+    one reader, so a reader that still waits asks again."""
+    asks = []
+    stdin = UiStdin(ask=lambda: asks.append(time.monotonic()))
+    assert stdin.readline(0) == "" and asks == []
+    t1, box1 = reader(stdin.readline)
+    t2, box2 = reader(stdin.readline)
+    stdin.feed("one\n")
+    deadline = time.monotonic() + 10
+    while len(asks) < 3 and time.monotonic() < deadline:  # the second reader's ask again
+        time.sleep(0.05)
+    assert len(asks) >= 3 and stdin.waiting == 1
+    stdin.feed("two\n")
+    t1.join(10)
+    t2.join(10)
+    assert sorted([box1["value"], box2["value"]]) == ["one\n", "two\n"] and stdin.waiting == 0

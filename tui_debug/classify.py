@@ -180,9 +180,7 @@ _ADVICE: list[tuple[re.Pattern[str], Callable[[re.Match[str], str | None], str]]
                     ".permute(0, 3, 1, 2))."),
     (re.compile(r"must have the same dtype, but got (\w+) and (\w+)|to have the same dtype, but got: (\w+) != (\w+)"
                 r"|expected scalar type (\w+) but found (\w+)"),
-     lambda m, who: "Tensors of two dtypes met" + (f" in {who}" if who else "") + ": float64 "
-                    "(Double) usually comes from NumPy, whose default torch.from_numpy keeps: convert the batch "
-                    "with .float() (or the model with .double())."),
+     lambda m, who: _dtype_advice([g for g in m.groups() if g], who)),
     (re.compile(r"expected target dtype to be Long"),
      lambda m, who: "cross_entropy takes class indices as int64 (labels.long()), or class probabilities of "
                     "the same shape as its input."),
@@ -234,6 +232,24 @@ _ADVICE: list[tuple[re.Pattern[str], Callable[[re.Match[str], str | None], str]]
      lambda m, who: f"{who or 'The MultiheadAttention'} was made with embed_dim {m[1]} but its query's last dimension is {m[2]} (with "
                     "batch_first=False the input is (T, N, E))."),
 ]
+
+
+def _dtype_advice(dtypes: list[str], who: str | None) -> str:
+    """Which of the two dtypes is the odd one, and where it usually comes from."""
+    names = " and ".join(dtypes)
+    lowered = {d.lower() for d in dtypes}
+    if lowered & {"double", "float64"}:
+        why = ("float64 (Double) usually comes from NumPy, whose dtype torch.from_numpy keeps: convert the batch "
+               "with .float() (or the model with .double()).")
+    elif lowered & {"half", "bfloat16", "float16"}:
+        why = ("a half-precision tensor met a float32 one outside autocast: run the op inside torch.autocast, or "
+               "cast one side (.float(), or the model with .half()).")
+    elif lowered & {"long", "int", "int64", "int32", "bool", "byte", "char", "short"}:
+        why = ("an integer tensor (labels, indices, a mask) went into a floating-point op: convert it with .float() "
+               "where a value is meant.")
+    else:
+        why = "cast one side so that both match."
+    return f"Tensors of two dtypes ({names}) met" + (f" in {who}" if who else "") + ": " + why
 
 
 def advise(text: str, module: str | None = None) -> str | None:

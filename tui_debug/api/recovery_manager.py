@@ -12,6 +12,7 @@ import collections
 import threading
 from typing import Any, Callable
 
+from .. import distributed
 from ..errors import ErrorCategory, ErrorInfo
 from ..recovery import actions
 from ..recovery.actions import ActionResult, Snapshots
@@ -19,6 +20,8 @@ from .debugger import Debugger
 
 Strategy = Callable[[ErrorInfo], Any]
 MAX_ACTIONS_KEPT = 1_000
+# a finding's recoveries that change the training's math: not applied in a multi-process run
+CHANGE_THE_RUN = frozenset(("lower_lr", "raise_lr", "toggle_clipping", "enable_clipping", "rollback"))
 
 
 class APITrainingState:
@@ -213,6 +216,11 @@ class RecoveryManager:
 
         At most once per step per action name. Returns a description, or None when skipped.
         """
+        world = distributed.world_size() if info is not None and name in CHANGE_THE_RUN else 1
+        if world > 1:  # a finding's recovery, decided on this rank alone (see tui_debug/distributed.py)
+            result = ActionResult(name, False, "not applied: " + distributed.why_not(world), self.state.step)
+            self._record(info, result)
+            return result.message
         with self._lock:
             if name != "lower_lr" and self._done.get(name) == self.state.step:
                 return None

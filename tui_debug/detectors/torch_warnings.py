@@ -3,8 +3,9 @@
 A warning is printed once per place and scrolls away with the output, yet some say that the run
 computes something else than was meant: a loss broadcasting its target over its input, a scheduler
 stepped before its optimizer, a softmax over a dimension torch guessed, a GradScaler switched off.
-``warnings.showwarning`` is wrapped, chained to whatever it was, so what Python prints is unchanged;
-a script that filters warnings out (or turns them into errors) gets no finding from them.
+What shows a warning is wrapped (``warnings._showwarnmsg``), chained to what it was, so what Python
+prints is unchanged; a script that filters warnings out (or turns them into errors) gets no finding
+from them.
 """
 
 from __future__ import annotations
@@ -75,30 +76,40 @@ class TorchWarnings:
         self._library_codes: dict[Any, bool] = {}
         self._lock = threading.Lock()
         self._fork_hook = False
+        self._active = False
+        self._attr = "_showwarnmsg"
 
     def install(self) -> None:
+        """Wraps ``warnings._showwarnmsg``, which every shown warning goes through (C ``_warnings``
+        included) whatever ``showwarning`` is: ``logging.captureWarnings(True)`` replaces that one
+        without chaining. (A Python without it: ``showwarning``.)"""
         if self._orig is not None:
             return
-        self._orig = warnings.showwarning
-        orig = self._orig
+        self._attr = "_showwarnmsg" if callable(getattr(warnings, "_showwarnmsg", None)) else "showwarning"
+        self._orig = orig = getattr(warnings, self._attr)
+        self._active = True
 
-        def showwarning(message: Any, category: type[Warning], filename: str, lineno: int,
-                        file: Any = None, line: str | None = None) -> None:
-            try:
-                self.observe(str(message), sys._getframe(1))
-            except Exception:  # never in the way of the warning itself
-                pass
-            orig(message, category, filename, lineno, file, line)
+        def shown(*args: Any, **kwargs: Any) -> Any:
+            if self._active:
+                try:
+                    msg = args[0] if args else None
+                    text = str(getattr(msg, "message", msg)) if self._attr == "_showwarnmsg" else str(msg)
+                    self.observe(text, sys._getframe(1))
+                except Exception:  # never in the way of the warning itself
+                    pass
+            return orig(*args, **kwargs)
 
-        showwarning.__wrapped__ = orig  # type: ignore[attr-defined]
-        warnings.showwarning = showwarning
+        shown.__wrapped__ = orig  # type: ignore[attr-defined]
+        setattr(warnings, self._attr, shown)
         if not self._fork_hook:  # a forked child (a DataLoader worker) has no consumer to emit to
             os.register_at_fork(after_in_child=self.uninstall)
             self._fork_hook = True
 
     def uninstall(self) -> None:
-        if self._orig is not None and getattr(warnings.showwarning, "__wrapped__", None) is self._orig:
-            warnings.showwarning = self._orig
+        """Puts the original back; a wrapper of the script's above ours keeps ours, which goes quiet."""
+        self._active = False
+        if self._orig is not None and getattr(getattr(warnings, self._attr, None), "__wrapped__", None) is self._orig:
+            setattr(warnings, self._attr, self._orig)
         self._orig = None
 
     def observe(self, text: str, frame: Any = None) -> FindingEvent | None:

@@ -504,6 +504,7 @@ class Instrumentation:
         # roots with layers that behave differently in train and eval mode: id -> their classes
         self._mode_sensitive: dict[int, tuple[str, ...]] = {}
         self._eval_warned: set[int] = set()
+        self._not_stepped: set[tuple[int, int, int]] = set()  # (root id, optimizer, its params' layout)
         self._dead_roots: list[Any] = []  # weak references of roots freed since (appended by their callbacks)
         self._root_ids: dict[int, tuple[int, ...]] = {}  # root id -> ids of its modules (when registered)
         self._given_names: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
@@ -1631,7 +1632,11 @@ class Instrumentation:
             self._known_modules.update(contained)
         if isinstance(module, self._Loss):
             return  # loss functions are named, not listed as models
-        kinds = sorted({type(m).__name__ for m in modules if isinstance(m, self._mode_types)})
+        self._mode_sensitive.pop(id(module), None)  # (a freed model's id, given to this one)
+        self._eval_warned.discard(id(module))
+        if self._not_stepped:
+            self._not_stepped = {k for k in self._not_stepped if k[0] != id(module)}
+        kinds = sorted({type(m).__name__ for m in modules if self._mode_matters(m)})
         if kinds:
             self._mode_sensitive[id(module)] = tuple(kinds)
         self._bn_unchecked.update(id(m) for m in module.modules() if isinstance(m, self._BatchNorm))
@@ -1642,6 +1647,13 @@ class Instrumentation:
         self._pending.append(ModelEvent(
             name=name, cls=type(module).__name__, parameters=sum(p.numel() for p in params),
             trainable=sum(p.numel() for p in params if p.requires_grad), devices=devices))
+
+    def _mode_matters(self, m: Any) -> bool:
+        """A layer that computes otherwise in eval mode: dropout with p > 0, BatchNorm that keeps
+        running statistics (a pretrained model's dropout of 0.0 does not care)."""
+        if isinstance(m, self._mode_types[0]):
+            return getattr(m, "p", 0) > 0
+        return isinstance(m, self._mode_types[1]) and bool(getattr(m, "track_running_stats", False))
 
     def _check_train_mode(self, st: _OptState) -> None:
         """A model that trains in eval mode (``model.eval()`` for an evaluation, no ``model.train()``
@@ -1654,10 +1666,16 @@ class Instrumentation:
             if root is None:
                 del self._mode_sensitive[rid]
                 continue
-            if root.training or rid in self._eval_warned:
+            if root.training or rid in self._eval_warned or (rid, st.index, st.n_params) in self._not_stepped:
                 continue
             ids = {id(p) for p in st.params}
-            if not any(id(p) in ids and p.grad is not None for p in root.parameters()):
+            if not any(id(p) in ids for p in root.parameters()):
+                # a teacher or EMA model, meant to stay in eval mode: not this optimizer's (not looked again)
+                if len(self._not_stepped) > 1024:
+                    self._not_stepped.clear()
+                self._not_stepped.add((rid, st.index, st.n_params))
+                continue
+            if not any(p.grad is not None for p in root.parameters()):
                 continue
             self._eval_warned.add(rid)
             name = entry[0]
@@ -1680,6 +1698,8 @@ class Instrumentation:
         for rid in [rid for rid, (_, ref) in self._roots.items() if ref() is None]:
             del self._roots[rid]
             gone.update(self._root_ids.pop(rid, (rid,)))
+            self._mode_sensitive.pop(rid, None)
+            self._eval_warned.discard(rid)
         if len(gone) > 1:  # (a model, not a loss module made per step): keep what a live root shares
             for ids in self._root_ids.values():
                 gone.difference_update(ids)
@@ -2069,7 +2089,10 @@ class Instrumentation:
 
     def exclude_wait(self, seconds: float) -> None:
         """Time the training thread spent waiting for the user mid-step (the script reading its input
-        under the UI, a pdb prompt): not the step's, as a pause is not (no "slow step" for it)."""
+        under the UI, a pdb prompt): not the step's, as a pause is not (no "slow step" for it). Another
+        thread's wait (a "press Enter to stop" reader) is no step's business."""
+        if threading.get_ident() != self._tid:
+            return
         if self._last_step_time is not None:
             self._last_step_time += seconds
         if self._sample_last is not None:

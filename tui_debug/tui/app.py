@@ -235,6 +235,8 @@ class TuiDebugApp(App[int]):
             self.sys_mem = self._system_memory()
         if self.stdin_wanted:  # the script waits on its input: its prompt (and pdb's output) at once
             self.output.ingest(self.output_buffer.drain())
+            if not self.stdin.waiting:  # it stopped waiting (interrupted): the line closes
+                self._close_stdin_line()
         if self.notice == "starting the script…" and self.session.steps > 0:
             self.notice = None
         if self.notice is self._pausing_notice and getattr(self.monitor, "pause_held", False):
@@ -361,7 +363,6 @@ class TuiDebugApp(App[int]):
         """A typed line (its prompt's echo in the Output pane, as a terminal shows it), or None: the end of file."""
         if not self.stdin_wanted:
             return
-        self.stdin_wanted = False
         self.stdin.feed("" if line is None else line + "\n")
         echo = "^D\n" if line is None else line + "\n"
         capture = getattr(self.monitor, "capture", None)
@@ -369,6 +370,10 @@ class TuiDebugApp(App[int]):
             capture.echo(echo)  # (its listeners include the Output pane's buffer)
         else:
             self.output_buffer.feed("stdout", echo)
+        self._close_stdin_line()
+
+    def _close_stdin_line(self) -> None:
+        self.stdin_wanted = False
         self.stdin_line.value = ""
         self.stdin_line.display = False
         self.notice = None

@@ -140,6 +140,7 @@ def run_ui(monitor: Any, exit_on_end: bool = False) -> int:
     app = TuiDebugApp(monitor, exit_on_end=exit_on_end, driver_class=make_driver(term_fd))
     own_write = printer.set_writer(lambda text: app.output_buffer.feed("tui_debug", text.removeprefix(f"{printer.prefix}: ")))
     guard.install_exit_guard(lambda code: replay_tail(term_fd, monitor.capture.tail.tail()))
+    stdin_before = sys.stdin
     sys.stdin = app.stdin  # Textual reads the terminal's fd 0; the script reads the app's input line
     app.stdin.waited = monitor.instr.exclude_wait  # (the time a user takes to answer is no step's)
     failure: BaseException | None = None
@@ -149,6 +150,8 @@ def run_ui(monitor: Any, exit_on_end: bool = False) -> int:
         failure = exc
     finally:
         app.stdin.detach_app()  # a script still reading gets the end of file
+        if sys.stdin is app.stdin:  # (the API's ui=True returns to the user's process: its stdin back)
+            sys.stdin = stdin_before
         guard.restore()
         guard.uninstall_exit_guard()
         printer.set_writer(own_write)

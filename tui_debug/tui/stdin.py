@@ -15,6 +15,7 @@ import time
 from typing import Callable
 
 WAIT_S = 0.1  # between two looks at the queue: an interrupt (q, Ctrl+C) reaches a waiting script
+ASK_AGAIN_S = 1.0  # a waiting reader asks again (the app merges the asks): two readers, one line typed
 
 
 class UiStdin(io.TextIOBase):
@@ -27,6 +28,7 @@ class UiStdin(io.TextIOBase):
         self._lines: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._rest = ""  # what a sized read left of the last line
         self._gone = False  # the app has ended: every read is the end of file
+        self.waiting = 0  # readers waiting now (the app closes its input line when none is)
 
     # -- the app's side -----------------------------------------------------------------------
     def feed(self, text: str) -> None:
@@ -66,8 +68,9 @@ class UiStdin(io.TextIOBase):
             return self._lines.get_nowait()  # typed ahead
         except queue.Empty:
             pass
+        self.waiting += 1
         self._ask()
-        start = time.perf_counter()
+        start = asked = time.perf_counter()
         try:
             while True:
                 try:
@@ -75,11 +78,18 @@ class UiStdin(io.TextIOBase):
                 except queue.Empty:
                     if self._gone:
                         return ""
+                    now = time.perf_counter()
+                    if now - asked >= ASK_AGAIN_S:
+                        asked = now
+                        self._ask()
         finally:
+            self.waiting -= 1
             if self.waited is not None:
                 self.waited(time.perf_counter() - start)
 
     def readline(self, size: int | None = -1) -> str:  # type: ignore[override]
+        if size == 0:
+            return ""
         line = self._line()
         if size is not None and 0 <= size < len(line):
             line, self._rest = line[:size], line[size:]
