@@ -409,6 +409,8 @@ async def test_the_scripts_input_is_typed_in_the_input_line_not_taken_for_keys(t
     (interrupted) closes the line."""
     import threading
 
+    from tui_debug.tui.messages import StdinWanted
+
     app, mon = make_app(tmp_path)
     requested: list[str] = []
     mon.request = lambda name: requested.append(name) or 1
@@ -445,6 +447,9 @@ async def test_the_scripts_input_is_typed_in_the_input_line_not_taken_for_keys(t
         reader, got = read_in_thread()
         await until(lambda: app.stdin_line.display)
         await pilot.press("escape")  # back to the panes: keys are actions again
+        assert app.focused is not app.stdin_line and app.stdin_line.display
+        app.post_message(StdinWanted())  # the waiting reader asks again (every second): focus stays
+        await settle(app, pilot)
         assert app.focused is not app.stdin_line and app.stdin_line.display
         await pilot.press("l")
         assert requested == ["lower_lr"]

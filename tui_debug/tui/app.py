@@ -347,6 +347,8 @@ class TuiDebugApp(App[int]):
         self.gpu_sample = message.sample
 
     def on_stdin_wanted(self, message: StdinWanted) -> None:
+        if self.stdin_wanted and self.stdin_line.display:
+            return  # a waiting reader asking again: the line is open (and focus stays where the user put it)
         self.stdin_wanted = True
         self.stdin_line.display = True
         if not isinstance(self.screen, (HelpScreen, FindingDetail, ConfirmQuit)):
