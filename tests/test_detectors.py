@@ -361,3 +361,42 @@ def test_a_model_left_in_eval_mode_while_it_trains_is_flagged(tmp_path: Path, va
     assert finding["message"].startswith("net trains in eval mode") and finding["step"] > 40
     assert finding["context"]["modules"] == ["BatchNorm1d", "Dropout"]
     assert "net.train()" in finding["recommendation"]
+
+
+GRADLESS_SCRIPT = '''
+import sys, torch, torch.nn as nn
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+if "--remade" in sys.argv:
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))  # opt keeps the old one's
+frozen = torch.optim.SGD(nn.Linear(4, 4).requires_grad_(False).parameters(), lr=0.1)  # a frozen stage's
+for step in range(60):
+    x = torch.randn(32, 4)
+    loss = nn.functional.mse_loss(model(x), x.sum(1, keepdim=True))
+    if "--zero-between" in sys.argv:
+        loss.backward(); opt.zero_grad(); opt.step()
+    else:
+        opt.zero_grad(); loss.backward(); opt.step()
+    frozen.step()
+print("loss", loss.item())
+'''
+
+
+@pytest.mark.parametrize("variant", ["--remade", "--zero-between", None])
+def test_an_optimizer_whose_parameters_never_get_gradients_is_an_error(tmp_path: Path, variant: str | None) -> None:
+    """The model re-made after its optimizer (which keeps stepping the old one), or zero_grad() between
+    backward() and step(): nothing fails, the loss just never goes down. An optimizer of frozen
+    parameters (requires_grad False) that steps anyway is by design."""
+    script = tmp_path / "gradless.py"
+    script.write_text(GRADLESS_SCRIPT, encoding="utf-8")
+    proc = run_td("--out", tmp_path / "run", script, *([variant] if variant else []), cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    flagged = [e for e in load_report(tmp_path / "run")["errors"] if e["message"].startswith("optimizer")]
+    if variant is None:
+        assert flagged == [], flagged
+        return
+    [finding] = flagged
+    assert finding["severity"] == "error" and finding["category"] == "optimization_error"
+    assert finding["message"].startswith("optimizer0 (SGD) steps 4 parameters and none of them has a gradient")
+    assert finding["count"] == 1 and "zero_grad()" in finding["recommendation"]

@@ -136,6 +136,7 @@ class _OptState:
     loss_high: float = 0.0  # decaying peak of its sampled-out steps' largest |loss| (see LOSS_JUMP)
     loss_seen: int = 0  # its sampled-out steps with a CPU loss
     jump_quiet: int = 0  # no jump check before this run step
+    gradless: int = 0  # its checked steps in a row, after a backward, with no gradient on any parameter
 
 
 def _release_params(st: _OptState, _ref: Any) -> None:
@@ -1648,6 +1649,27 @@ class Instrumentation:
             name=name, cls=type(module).__name__, parameters=sum(p.numel() for p in params),
             trainable=sum(p.numel() for p in params if p.requires_grad), devices=devices))
 
+    def _gradless_step(self, st: _OptState) -> None:
+        """A backward ran, and this optimizer steps, yet none of its parameters has a gradient: the
+        loss does not reach them, and training does nothing. Said once, after 3 checked steps so."""
+        if not any(p.requires_grad for p in st.params):
+            return  # a frozen stage: nothing to step, by design
+        st.gradless += 1
+        if st.gradless != 3:
+            return
+        opt = st.ref() if st.ref is not None else None
+        label = f"optimizer{st.index} ({type(opt).__name__})" if opt is not None else f"optimizer{st.index}"
+        n = sum(1 for p in st.params if p.requires_grad)
+        self._pending.append(FindingEvent(
+            severity="error", category="optimization_error", step=self.step, key=f"gradless|{st.index}",
+            message=f"{label} steps {n} parameters and none of them has a gradient at its step, so they do "
+                    "not train: the loss's backward does not reach them, or zero_grad() ran between backward() "
+                    "and step()",
+            context={"optimizer": st.index, "parameters": n, "checked_steps": st.gradless},
+            recommendation="Make the optimizer from the model that computes the loss (a model re-created after "
+                           "optimizer = ...(model.parameters()) leaves the optimizer with the old one's), and "
+                           "call zero_grad() before backward() or after step(), not between them."))
+
     def _mode_matters(self, m: Any) -> bool:
         """A layer that computes otherwise in eval mode: dropout with p > 0, BatchNorm that keeps
         running statistics (a pretrained model's dropout of 0.0 does not care)."""
@@ -2319,6 +2341,10 @@ class Instrumentation:
         groups = self._grad_layout(st) if self._track_grads else []
         if self._mode_sensitive and st.index >= 0:
             self._guarded(self._check_train_mode, st)
+        if st.present or st.index < 0 or not losses or not self._track_grads:
+            st.gradless = 0
+        else:
+            self._guarded(self._gradless_step, st)
         if groups:
             sampler = self._sampler
             sampler.fast_s = sampler.FAST_S if st.on_cpu else sampler.FAST_S_GPU
