@@ -1754,26 +1754,112 @@ def test_actions_and_pause_reach_sampled_out_steps() -> None:
             nn.functional.mse_loss(model(x), y).backward()
             opt.step()
 
-        for _ in range(5):
+        for _ in range(40):
             step()
         assert inst._post_handle is None  # steady state: no Python after optimizer.step
+        assert inst._fast.armed  # (the fast path's run of sampled-out steps: see _FastPath)
         applied: list[tuple[int, int]] = []
         inst.actions.put(lambda: applied.append((inst.step, threading.get_ident())))
         inst.wake = True  # what Monitor.request does
         step()
-        assert applied == [(6, threading.get_ident())]
+        assert applied == [(41, threading.get_ident())]
         step()
         assert inst._post_handle is None  # back to sleep once done
 
+        for _ in range(30):
+            step()
+        assert inst._fast.armed
         inst.paused, inst.wake = True, True  # what Monitor.pause does
         inst.resume_event.clear()
         resumed = threading.Timer(0.3, lambda: (setattr(inst, "paused", False), inst.resume_event.set()))
         resumed.start()
         t0 = time.perf_counter()
         step()  # waits at this step's boundary until resumed
-        assert time.perf_counter() - t0 >= 0.25 and inst.step == 8
+        assert time.perf_counter() - t0 >= 0.25 and inst.step == 73
     finally:
         inst.uninstall()
+
+
+def _fast_path_run(tmp_path: Path, fast: bool, steps: int = 400, bad: dict[int, float] | None = None,
+                   recover: str = "safe") -> tuple[dict[str, Any], int, list[float], list[Any]]:
+    """A toy run that checks every 20th step (the sampler's timing decisions left out), with the fast
+    path for runs of sampled-out steps on or off: what it leaves behind, the steps it ran armed,
+    the script's losses, the events. ``bad``: step -> a factor for that step's input (inf, nan...)."""
+    from tui_debug.errors import ErrorTracker
+    from tui_debug.events import StepRecord
+    from tui_debug.session import Session
+
+    batches: list[list[Any]] = []
+    config = DebugConfig(recover=recover, log_file=str(tmp_path / f"debug{fast}.log"),
+                         error_file=str(tmp_path / f"errors{fast}.log"))
+    inst = Instrumentation(config, batches.append)
+    if not fast:
+        inst._arm_fast = lambda st: None  # type: ignore[method-assign]
+    sampler = inst._sampler
+    sampler.every, sampler.next_probe = 20, 1 << 40
+    sampler._decide = lambda steady=False: None  # type: ignore[method-assign]
+    armed = 0
+    losses: list[float] = []
+    inst.install(torch)
+    try:
+        torch.manual_seed(0)
+        model = nn.Linear(4, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        x, y = torch.randn(8, 4), torch.randn(8, 1)
+        for step in range(1, steps + 1):
+            armed += inst._fast.armed
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(x * (bad or {}).get(step, 1.0)), y)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        inst.finish()
+        (st,) = inst._opts.values()
+    finally:
+        inst.uninstall()
+    events = [e for b in batches for e in b]
+    session = Session(config, ErrorTracker(config))
+    session.handle(events)
+    (tracked,) = session.losses.values()
+    state = {
+        "steps": session.steps, "timed": session.step_times.count, "step": inst.step,
+        "loss": (tracked.count, tracked.first, tracked.last, tracked.min, tracked.max, tracked.nonfinite),
+        "read": sorted(e.step for e in events if isinstance(e, StepRecord) and e.grad_norms),
+        "optimizer": (st.count, st.loss_seen, st.loss_high),
+        "sampler": (sampler.n, sampler.since_check),
+        "weights": [p.detach().tolist() for p in model.parameters()],
+    }
+    return state, armed, losses, events
+
+
+def test_the_fast_path_for_runs_of_sampled_out_steps_leaves_what_the_long_way_leaves(tmp_path: Path) -> None:
+    """Most toy steps run in the fast path (see _FastPath); the counts, losses, checked steps and
+    the sampler's and optimizer's state are the long way's, to the last step."""
+    fast, armed, losses, _ = _fast_path_run(tmp_path, fast=True)
+    slow, armed_slow, losses_slow, _ = _fast_path_run(tmp_path, fast=False)
+    assert armed > 250 and armed_slow == 0
+    assert losses == losses_slow
+    assert fast == slow
+    assert fast["steps"] == fast["step"] == 400 and fast["timed"] == 399 and fast["loss"][0] == 400
+    assert fast["read"] == [1] + list(range(21, 400, 20))  # (the sampler counts from the second step)
+
+
+@pytest.mark.parametrize("factor", [float("nan"), float("inf"), 1e4])
+def test_a_bad_loss_on_a_step_of_the_fast_path_is_caught_on_that_step(tmp_path: Path, factor: float) -> None:
+    """A non-finite loss (skipped, its gradients read) or a jumping one (its gradients read) in the
+    middle of a run of sampled-out steps: handled on its own step, as the long way does."""
+    step = 215  # (a sampled-out step, in the middle of a run of them)
+    fast, armed, _, events = _fast_path_run(tmp_path, fast=True, steps=260, bad={step: factor})
+    slow, _, _, _ = _fast_path_run(tmp_path, fast=False, steps=260, bad={step: factor})
+    assert armed > 150
+    assert step in fast["read"]
+    assert fast == slow
+    findings = [e for e in events if isinstance(e, FindingEvent) and e.severity == "error"]
+    if factor != factor or factor == float("inf"):
+        assert {f.category for f in findings if f.step == step} >= {"loss_error"}
+        assert torch.isfinite(torch.tensor(fast["weights"][0])).all()  # the step was skipped
+    else:
+        assert not findings
 
 
 class _OnDevice(torch.Tensor):

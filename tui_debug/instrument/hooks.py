@@ -115,6 +115,44 @@ UNREAD_FORWARDS = 8
 # rarely goes that far
 ACCUMULATION_MAX = 1024
 _INF = float("inf")
+_NAN = float("nan")
+
+
+def _no_ref() -> None:
+    """A weak reference to nothing (see _FastPath.ref)."""
+    return None
+
+
+class _FastPath:
+    """A run of sampled-out steps of one optimizer, between two that need more (a check, a probe, a
+    flush, a non-finite or jumping loss, a request): their per-step state in one small object.
+
+    The training thread's per-step Python runs in caches that the step's kernels cooled: on the toy
+    step its bookkeeping cost 9 us in place against 1.4 us in a loop, mostly misses on the
+    Instrumentation's 150-entry ``__dict__``. Here the hooks read a few slots of one object, and
+    what a step adds is folded into the span, the sampler and the optimizer's state when the run ends
+    (``Instrumentation._fast_off``). ``armed`` may be cleared by any thread (a request); the rest is
+    the training thread's."""
+
+    __slots__ = ("armed", "tid", "ref", "st", "span", "site", "losses", "n", "every", "next_probe", "flush_at",
+                 "high", "last", "durations", "values")
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.tid = 0
+        self.ref: Any = _no_ref  # the optimizer's weak reference (a freed one's id may be reused)
+        self.st: Any = None
+        self.span: Any = None
+        self.site = 0
+        self.losses: list[Any] = []
+        self.n = 0
+        self.every = 1
+        self.next_probe = 0
+        self.flush_at = 0.0
+        self.high = 0.0
+        self.last = 0.0
+        self.durations: list[float] = []
+        self.values: list[float] = []
 
 
 @dataclasses.dataclass
@@ -412,7 +450,8 @@ class Instrumentation:
         # The optimizer post-step hook is registered only around checked steps and while an action or
         # a pause waits (``wake``): a sampled-out step runs no Python after optimizer.step.
         self._post_handle: Any = None
-        self.wake = False
+        self._fast = _FastPath()
+        self._wake = False
         self.observed_last = True  # the step that just ended was checked (its values are known)
         self._orig_backward: Callable[..., Any] | None = None
         self._orig_scale: Callable[..., Any] | None = None
@@ -551,7 +590,7 @@ class Instrumentation:
         self.broken: str | None = None
         self.actions: Any = None  # a queue.SimpleQueue of callables, applied at step boundaries
         self.on_step_end: Callable[[], None] | None = None  # e.g. periodic snapshots (recovery)
-        self.paused = False
+        self._paused = False
         self.pause_held = False  # the training thread is waiting in a pause (not only asked to)
         self.resume_event = threading.Event()
         self.clip_norm: float | None = None
@@ -595,6 +634,27 @@ class Instrumentation:
         self._gpu_marks: list[tuple[int, bool, Any, Any]] = []  # (sampler step, checked, CUDA event) in a probe window
 
     # -- install / uninstall --------------------------------------------------------------
+    @property
+    def wake(self) -> bool:
+        """An action or a pause waits: the next step boundary runs the post-step hook."""
+        return self._wake
+
+    @wake.setter
+    def wake(self, value: bool) -> None:
+        self._wake = value
+        if value:
+            self._fast.armed = False  # (any thread) the next boundary takes the path that sees it
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @paused.setter
+    def paused(self, value: bool) -> None:
+        self._paused = value
+        if value:
+            self._fast.armed = False
+
     def install(self, torch: ModuleType) -> None:
         """Register hooks; called in the thread that imported torch (the training thread)."""
         if self._installed:
@@ -647,7 +707,7 @@ class Instrumentation:
         self._install_module_call(nn_module.Module)
         self._optim_module = optim_module
         self._watch_optimizers(optim_module.Optimizer)
-        self._handles.append(optim_module.register_optimizer_step_pre_hook(self._pre_step))
+        self._handles.append(optim_module.register_optimizer_step_pre_hook(self._fast_step_hook()))
         self._post_handle = optim_module.register_optimizer_step_post_hook(self._post_step)
         self._orig_backward = torch.autograd.backward
         orig_backward = self._orig_backward
@@ -655,7 +715,16 @@ class Instrumentation:
         get_ident = threading.get_ident
         tensor_type = torch.Tensor
 
+        fast = self._fast
+        dispatch_modes = self._dispatch_modes
+
         def backward(*args: Any, **kwargs: Any) -> Any:
+            f = fast
+            if f.armed and get_ident() == f.tid:  # a run of sampled-out steps (see _FastPath): keep the loss
+                t = args[0] if args else kwargs.get("tensors")
+                if isinstance(t, tensor_type) and not dispatch_modes():
+                    f.losses.append(t)
+                return orig_backward(*args, **kwargs)
             if me._flush_due and get_ident() == me._tid:
                 me._guarded(me.flush)  # see _slice_over
             if not me._observe and me._opts and get_ident() == me._tid and not me.broken:
@@ -739,6 +808,7 @@ class Instrumentation:
         me = self
         orig_call = module_type.__call__  # torch's, or whoever wrapped it before: chained, not skipped
         is_compiling = self._is_compiling
+        fast = self._fast
         get_ident = threading.get_ident
         pre, post = self._pre_hook, self._post_hook
         light_plain, light_inplace, tensor_type = self._light_plain, self._light_inplace, self._Tensor
@@ -750,7 +820,7 @@ class Instrumentation:
         # ``self`` by name: torch.profiler(with_stack=True) takes this code for Module.__call__'s and
         # reads the frame's local ``self`` (another name crashed the process with SIGSEGV).
         def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-            if is_compiling():
+            if is_compiling() or fast.armed:  # (armed: a run of sampled-out steps, see _FastPath)
                 return orig_call(self, *args, **kwargs)
             if me._flush_due and get_ident() == me._tid:
                 me._guarded(me._late_slice)  # see _slice_over
@@ -824,6 +894,7 @@ class Instrumentation:
         if not self._installed:
             return
         self._installed = False
+        self._fast_off()
         self._fwd_on = False
         self._stack.clear()
         for h in self._handles + ([self._post_handle] if self._post_handle else []):
@@ -877,6 +948,7 @@ class Instrumentation:
         import traceback
 
         self.broken = f"{type(exc).__name__}: {exc}"
+        self._fast.armed = False
         self._pending.append(FindingEvent(
             severity="warning", category="system_error", step=self.step, key="monitor-disabled",
             message=f"tui_debug's instrumentation failed and was switched off; training goes on ({self.broken})",
@@ -1863,6 +1935,109 @@ class Instrumentation:
             st.generation = -1
         return st
 
+    def _fast_step_hook(self) -> Callable[[Any, Any, Any], None]:
+        """The optimizer step pre-hook: an armed run's step in a few lines (see _FastPath), anything
+        else through ``_pre_step``. Exact as the long way: one finite CPU loss that does not jump,
+        ended early (through ``_pre_step``) by whatever the long way would do more for a step."""
+        me = self
+        fast = self._fast
+        pre_step = self._pre_step
+        is_compiling = self._is_compiling
+        get_ident = threading.get_ident
+        perf_counter = time.perf_counter
+
+        def step_pre_hook(opt: Any, args: Any, kwargs: Any) -> None:
+            f = fast
+            if not is_compiling():  # (first: torch.compile must not guard on the run's state)
+                if f.armed and f.ref() is opt and len(args) == 1 and not kwargs and get_ident() == f.tid:
+                    losses = f.losses
+                    if len(losses) == 1:
+                        t = losses[0]
+                        if t.is_cpu:
+                            try:
+                                v = t.item()
+                            except RuntimeError:  # not one element: the long way
+                                v = _NAN
+                            m = abs(v)  # (NaN fails every comparison below: the long way)
+                            high = f.high
+                            if m <= LOSS_JUMP * high or (high <= 0.0 and m < _INF):
+                                now = perf_counter()
+                                duration = now - f.last
+                                n = f.n + 1
+                                if duration <= SPAN_BREAK_S and n % f.every and n < f.next_probe and now < f.flush_at:
+                                    losses.clear()
+                                    decayed = high * LOSS_DECAY
+                                    f.high = m if m > decayed else decayed
+                                    f.n = n
+                                    f.last = now
+                                    f.durations.append(duration)
+                                    f.values.append(v)
+                                    me.step += 1
+                                    return
+                if f.armed or f.durations:
+                    me._fast_off()
+            pre_step(opt, args, kwargs)
+
+        return step_pre_hook
+
+    def _arm_fast(self, st: _OptState) -> None:
+        """After a sampled-out step with one CPU loss: arm the fast path when the next steps need no
+        more than it does (one optimizer, steady sampling, nothing waiting)."""
+        s = self._sampler
+        span = self._span
+        if (s.budget <= 0 or s.every <= 1 or s.probe_left or s.n + 1 >= s.next_probe or s.since_check < s.SPILL
+                or span is None or span.optimizer != st.index or self._width != 1 or len(self._stepped) != 1
+                or st.index not in self._stepped or not st.sites or not st.on_cpu or st.ref is None
+                or st.loss_seen <= LOSS_JUMP_WARMUP or self.step < st.jump_quiet
+                or self._observe or self._fwd_on or self._held_grads or self.broken or not self._installed
+                or self._closure_step is not None or self._wake or self._paused or self._upd_start is not None
+                or self._flush_due or self._force_check or self._post_handle is not None or self._amp_seen
+                or self._unchecked_losses or self._late or self._last_step_time is None
+                or self._sample_last != self._last_step_time or not self.config.enable_loss_tracking):
+            return
+        if st.ref() is None:
+            return
+        f = self._fast
+        f.tid, f.ref, f.st, f.span, f.site = self._tid, st.ref, st, span, st.sites[0]
+        f.losses = self._unchecked_losses
+        f.n, f.every, f.next_probe = s.n, s.every, s.next_probe
+        f.flush_at = self._last_flush + FLUSH_INTERVAL_S
+        f.high, f.last = st.loss_high, self._last_step_time
+        f.armed = True
+        if self._wake or self._paused:  # asked for meanwhile, by another thread
+            f.armed = False
+
+    def _fast_off(self) -> None:
+        """End the fast path's run: fold its steps into the span, the sampler and the optimizer's
+        state, as the long way would have left them."""
+        f = self._fast
+        f.armed = False
+        durations, values, st, span = f.durations, f.values, f.st, f.span
+        # Nothing held past the run: a loss left for the long way (it stays in _unchecked_losses) holds
+        # its graph, whose AccumulateGrad nodes hold the model's weights (a k-fold run's earlier folds)
+        f.st = f.span = None
+        f.ref = _no_ref  # (not None: the hook may be reading it in the training thread, if this is another)
+        f.losses = []
+        if not durations:
+            return
+        f.durations, f.values = [], []
+        k = len(durations)
+        st.count += k
+        st.loss_seen += k
+        st.loss_high = f.high
+        self._boundaries += k
+        span.last_step = span.first_step + len(span.durations) + k - 1
+        span.time = f.last
+        span.durations.extend(durations)
+        site = f.site
+        span.losses.extend([(site, v) for v in values])
+        s = self._sampler
+        s.n += k
+        s.since_check += k
+        s.recent_skip.extend(durations)
+        self._last_step_time = self._sample_last = f.last
+        self._wait = 0.0
+
     def _pre_step(self, opt: Any, args: Any, kwargs: Any) -> None:
         if self._get_ident() != self._tid or self.broken or self._is_compiling():
             return
@@ -1981,6 +2156,8 @@ class Instrumentation:
         if now - self._last_flush >= FLUSH_INTERVAL_S:
             self._slice_over(now, duration)
         self._sample(False, st, now)
+        if values is not None and len(values) == 1 and deferred is None and not self._observe:
+            self._arm_fast(st)
 
     def _advance(self, st: _OptState) -> None:
         """Count the run's step. An iteration ends when an optimizer that already stepped in it steps
@@ -2115,6 +2292,7 @@ class Instrumentation:
         thread's wait (a "press Enter to stop" reader) is no step's business."""
         if threading.get_ident() != self._tid:
             return
+        self._fast_off()
         if self._last_step_time is not None:
             self._last_step_time += seconds
         if self._sample_last is not None:
@@ -2236,7 +2414,7 @@ class Instrumentation:
             self._set_forward_hooks(observe)
         # This step's post-step hook: for a checked step (update ratio), before a checked one (the
         # data-wait clock starts there), and for pending actions or a pause.
-        post = observed or observe or self.wake or self.paused or self._upd_start is not None
+        post = observed or observe or self._wake or self._paused or self._upd_start is not None
         if post is not (self._post_handle is not None):
             self._set_post_hook(post)
 
@@ -2665,6 +2843,8 @@ class Instrumentation:
 
     def flush(self) -> None:
         """Hand what is pending to the bus (one batch)."""
+        if self._fast.armed or self._fast.durations:
+            self._fast_off()
         self._flush_due = False
         self._span = None  # handed over: the consumer may read it from now on
         if self._skips_unsent:
