@@ -1862,6 +1862,134 @@ def test_a_bad_loss_on_a_step_of_the_fast_path_is_caught_on_that_step(tmp_path: 
         assert not findings
 
 
+def test_a_flush_from_another_thread_in_the_middle_of_a_fast_step_breaks_nothing(monkeypatch: Any) -> None:
+    """The monitor's main thread flushes (a stopped run's last report) while the training thread is
+    inside a fast step: the run is folded there, the step lands after it, and training, the step
+    count and the final flush go on (review: an AttributeError reached optimizer.step())."""
+    import threading
+
+    inst = Instrumentation(DebugConfig(), lambda batch: None)
+    s = inst._sampler
+    s.every, s.next_probe = 20, 1 << 40
+    s._decide = lambda steady=False: None  # type: ignore[method-assign]
+    real = time.perf_counter
+    due = {"now": False, "done": 0}
+
+    def clock() -> float:  # the hook's clock, read after its checks: the other thread runs there
+        if due["now"]:
+            due["now"] = False
+            other = threading.Thread(target=inst.flush)
+            other.start()
+            other.join()
+            due["done"] += 1
+        return real()
+
+    monkeypatch.setattr(time, "perf_counter", clock)
+    inst.install(torch)  # (the hook takes its clock here)
+    monkeypatch.setattr(time, "perf_counter", real)
+    try:
+        model = nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        x, y = torch.randn(8, 4), torch.randn(8, 1)
+        for i in range(200):
+            if i in (150, 170) and inst._fast.armed:
+                due["now"] = True
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        assert due["done"] == 2 and inst.broken is None and inst.step == 200
+        inst.finish()
+        assert inst.broken is None
+    finally:
+        inst.uninstall()
+
+
+def test_an_error_inside_the_fast_path_switches_the_monitor_off_not_the_training() -> None:
+    class Loss(torch.Tensor):
+        bad = False
+
+        @classmethod
+        def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            if func is torch.Tensor.item and Loss.bad:
+                raise TypeError("item() unsupported here")
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    inst = Instrumentation(DebugConfig(), lambda batch: None)
+    s = inst._sampler
+    s.every, s.next_probe = 20, 1 << 40
+    inst.install(torch)
+    try:
+        model = nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        x, y = torch.randn(8, 4), torch.randn(8, 1)
+        for i in range(1, 101):
+            if i == 75:
+                assert inst._fast.armed
+            Loss.bad = i == 75
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).as_subclass(Loss).backward()
+            opt.step()  # never raises
+        assert inst.broken == "TypeError: item() unsupported here"
+    finally:
+        Loss.bad = False
+        inst.uninstall()
+
+
+def test_a_grad_scaler_that_starts_in_a_fast_run_counts_its_skipped_steps_as_the_long_way(tmp_path: Path) -> None:
+    """A GradScaler started mid-run (after an FP32 warm-up), whose first iterations overflow: its
+    skipped iterations are told apart from the steps of the fast run before it (review: the run's
+    steps were missing from the boundary count the scaler compares with, and 9 steps were taken for
+    skipped ones)."""
+
+    class InfGrad(torch.autograd.Function):  # finite outputs, gradients that overflow: a skipped step
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+            return g * float("inf")
+
+    def run(fast: bool) -> tuple[bool, dict[str, int]]:
+        inst = Instrumentation(DebugConfig(log_file=str(tmp_path / "d.log"), error_file=str(tmp_path / "e.log")),
+                               lambda batch: None)
+        if not fast:
+            inst._arm_fast = lambda st: None  # type: ignore[method-assign]
+        s = inst._sampler
+        s.every, s.next_probe = 20, 1 << 40
+        s._decide = lambda steady=False: None  # type: ignore[method-assign]
+        inst.install(torch)
+        try:
+            torch.manual_seed(0)
+            model = nn.Linear(4, 1)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01)
+            x, y = torch.randn(8, 4), torch.randn(8, 1)
+            for _ in range(70):
+                opt.zero_grad()
+                nn.functional.mse_loss(model(x), y).backward()
+                opt.step()
+            armed = inst._fast.armed
+            scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+            for i in range(71, 81):
+                opt.zero_grad()
+                out = model(x)
+                loss = nn.functional.mse_loss(InfGrad.apply(out) if i == 73 else out, y)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            inst.finish()
+            (st,) = inst._opts.values()
+            return armed, {"step": inst.step, "skips": inst.scaler_skips, "count": st.count, "n": s.n,
+                           "seen": st.loss_seen, "boundaries": inst._boundaries}
+        finally:
+            inst.uninstall()
+
+    armed, fast = run(True)
+    _, slow = run(False)
+    assert armed
+    assert fast == slow and fast["skips"] == 1 and fast["step"] == 79
+
+
 class _OnDevice(torch.Tensor):
     """A CPU tensor that says it is not on the CPU: drives the GPU path (no .item() per step)."""
 

@@ -451,6 +451,7 @@ class Instrumentation:
         # a pause waits (``wake``): a sampled-out step runs no Python after optimizer.step.
         self._post_handle: Any = None
         self._fast = _FastPath()
+        self._fast_lock = threading.Lock()
         self._wake = False
         self.observed_last = True  # the step that just ended was checked (its values are known)
         self._orig_backward: Callable[..., Any] | None = None
@@ -768,6 +769,8 @@ class Instrumentation:
 
             def scale(scaler: Any, outputs: Any) -> Any:
                 out = orig_scale(scaler, outputs)
+                if fast.armed or fast.durations:
+                    me._guarded(me._fast_off)  # (its steps count in _boundaries, which the mark reads)
                 me._amp_seen = True
                 me._scaler_marks.setdefault(id(scaler), me._boundaries)
                 if isinstance(outputs, me._Tensor) and isinstance(out, me._Tensor):
@@ -782,6 +785,8 @@ class Instrumentation:
             def update(scaler: Any, new_scale: Any = None) -> Any:
                 # No optimizer step since this iteration's first scale(): the scaler skipped it.
                 mark = me._scaler_marks.pop(id(scaler), None)
+                if fast.armed or fast.durations:
+                    me._guarded(me._fast_off)
                 if mark is not None and mark == me._boundaries and threading.get_ident() == me._tid \
                         and not me.broken:
                     me._guarded(me._scaler_skipped)
@@ -1949,11 +1954,11 @@ class Instrumentation:
         def step_pre_hook(opt: Any, args: Any, kwargs: Any) -> None:
             f = fast
             if not is_compiling():  # (first: torch.compile must not guard on the run's state)
-                if f.armed and f.ref() is opt and len(args) == 1 and not kwargs and get_ident() == f.tid:
-                    losses = f.losses
-                    if len(losses) == 1:
-                        t = losses[0]
-                        if t.is_cpu:
+                try:
+                    if f.armed and f.ref() is opt and len(args) == 1 and not kwargs and get_ident() == f.tid:
+                        losses = f.losses
+                        t = losses[0] if len(losses) == 1 else None
+                        if t is not None and t.is_cpu:
                             try:
                                 v = t.item()
                             except RuntimeError:  # not one element: the long way
@@ -1974,8 +1979,11 @@ class Instrumentation:
                                     f.values.append(v)
                                     me.step += 1
                                     return
-                if f.armed or f.durations:
-                    me._fast_off()
+                    if f.armed or f.durations:
+                        me._fast_off()
+                except Exception as exc:  # a bug of ours: switch off, never fail the step (as _pre_step)
+                    me._disable(exc)
+                    return
             pre_step(opt, args, kwargs)
 
         return step_pre_hook
@@ -2009,34 +2017,36 @@ class Instrumentation:
 
     def _fast_off(self) -> None:
         """End the fast path's run: fold its steps into the span, the sampler and the optimizer's
-        state, as the long way would have left them."""
+        state, as the long way would have left them. The training thread does it at a run's end;
+        another thread may too (the monitor's flush when the run is stopped): folds are serialized,
+        and a step the hook was adding meanwhile loses at most its time and loss value."""
         f = self._fast
-        f.armed = False
-        durations, values, st, span = f.durations, f.values, f.st, f.span
-        # Nothing held past the run: a loss left for the long way (it stays in _unchecked_losses) holds
-        # its graph, whose AccumulateGrad nodes hold the model's weights (a k-fold run's earlier folds)
-        f.st = f.span = None
-        f.ref = _no_ref  # (not None: the hook may be reading it in the training thread, if this is another)
-        f.losses = []
-        if not durations:
-            return
-        f.durations, f.values = [], []
-        k = len(durations)
-        st.count += k
-        st.loss_seen += k
-        st.loss_high = f.high
-        self._boundaries += k
-        span.last_step = span.first_step + len(span.durations) + k - 1
-        span.time = f.last
-        span.durations.extend(durations)
-        site = f.site
-        span.losses.extend([(site, v) for v in values])
-        s = self._sampler
-        s.n += k
-        s.since_check += k
-        s.recent_skip.extend(durations)
-        self._last_step_time = self._sample_last = f.last
-        self._wait = 0.0
+        with self._fast_lock:
+            f.armed = False
+            # Nothing held past the run: a loss left for the long way (it stays in _unchecked_losses)
+            # holds its graph, whose AccumulateGrad nodes hold the model's weights (a k-fold's folds)
+            f.losses = []
+            durations, values = f.durations, f.values
+            if not durations:
+                return
+            f.durations, f.values = [], []
+            k = len(durations)
+            st, span = f.st, f.span  # (kept: the hook reads neither)
+            st.count += k
+            st.loss_seen += k
+            st.loss_high = f.high
+            self._boundaries += k
+            span.last_step = span.first_step + len(span.durations) + k - 1
+            span.time = f.last
+            span.durations.extend(durations)
+            site = f.site
+            span.losses.extend([(site, v) for v in values])
+            s = self._sampler
+            s.n += k
+            s.since_check += k
+            s.recent_skip.extend([d for d in durations if d > 0])  # (as _Sampler.skipped)
+            self._last_step_time = self._sample_last = f.last
+            self._wait = 0.0
 
     def _pre_step(self, opt: Any, args: Any, kwargs: Any) -> None:
         if self._get_ident() != self._tid or self.broken or self._is_compiling():
