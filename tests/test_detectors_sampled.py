@@ -8,6 +8,8 @@ import math
 import time
 from pathlib import Path
 
+import pytest
+
 from helpers import SCRIPTS
 from test_detectors import UNSAMPLED, names_in, pick, run_fixture, show
 
@@ -69,6 +71,41 @@ def test_tiny_updates_warn_while_the_loss_is_stuck_but_not_once_it_has_converged
 
     assert run([2.0, 1.99, 1.99, 1.98, 1.98]) == ["update-ratio|low"]
     assert run([2.0, 0.5, 1e-4, 1e-9, 3e-13]) == []
+
+
+def test_tiny_updates_of_gradients_that_shrank_1000x_are_no_warning_of_a_far_too_small_learning_rate() -> None:
+    """A noisy regression at its minimum: the loss flat well above 0, the gradients ~0, and float32
+    adds nothing to the weights (a ratio of exactly 0). Gradients 1000x smaller than earlier in the
+    run say they shrank (convergence, or vanishing): an info finding that says so, not the warning
+    that the learning rate is far too small (a toy run got it at its minimum). Gradients as large as
+    they were still get that warning."""
+    from tui_debug.config import DebugConfig
+    from tui_debug.detectors.trends import UpdateRatio
+    from tui_debug.events import FindingEvent, StepRecord
+    from tui_debug.session import GradStats
+
+    def run(ratio: float, grad_max: float, grad_last: float) -> list[FindingEvent]:
+        detector = UpdateRatio(DebugConfig())
+        detector.grads = {n: GradStats(last=grad_last, max=grad_max, count=50) for n in ("model.weight", "model.bias")}
+        out = []
+        for i in range(3):
+            rec = StepRecord(step=100 * (i + 1), time=float(i), duration=0.01, optimizer=0, losses=[(0, 0.71)],
+                             grad_names=None, grad_norms=None,
+                             update_ratios=[("model.weight", ratio), ("model.bias", ratio)])
+            detector.observe_losses(rec)
+            out += [v.finding for v in detector.observe(rec)]
+        return out
+
+    (converged,) = run(0.0, grad_max=0.8, grad_last=3e-6)
+    assert converged.severity == "info" and converged.key == "update-ratio|low"
+    assert converged.message.startswith("updates no longer change the weights (too small for float32 to add)")
+    assert "gradients 2.7e+05x smaller than their largest" in converged.message
+    assert "converged" in converged.message and converged.context["gradient_shrink"] == pytest.approx(0.8 / 3e-6)
+    (zero,) = run(0.0, grad_max=0.8, grad_last=0.0)
+    assert zero.severity == "info" and "gradients are 0 now" in zero.message and zero.context["gradient_shrink"] is None
+    (stuck,) = run(1e-10, grad_max=0.9, grad_last=0.5)
+    assert stuck.severity == "warning" and "learning rate is far too small" in stuck.message
+    assert stuck.message.startswith("updates are 1e-10x the size of the weights")
 
 
 def test_huge_finite_gradient_norms_are_finite_and_nonfinite_ones_are_counted() -> None:

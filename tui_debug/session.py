@@ -125,6 +125,7 @@ class Session:
         self.data_stall = DataStall(config)
         self.activation_health = ActivationHealth(config)
         self.update_ratio = UpdateRatio(config)
+        self.update_ratio.grads = self.grads  # (its low finding tells shrunk gradients apart)
         self.grad_detector.converged = self.plateau.converged = self.update_ratio.converged
         self._finite_streak = 0
         self._gil = GilYield()

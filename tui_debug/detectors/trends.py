@@ -527,6 +527,17 @@ class UpdateRatio:
     has fallen 1000x from its first value: a run that converged has tiny gradients and tiny updates."""
 
     CONVERGED = 1e-3
+    SHRUNK = 1000.0  # gradients this many times smaller than their largest: they shrank (see observe)
+
+    def _grad_shrink(self, names: list[str]) -> float | None:
+        """The median over ``names`` of (largest gradient norm seen) / (latest one)."""
+        shrink = []
+        for n in names:
+            g = self.grads.get(n)
+            if g is None or not g.count or not 0 < g.max < math.inf:
+                continue
+            shrink.append(g.max / g.last if g.last > 0 else math.inf)
+        return statistics.median(shrink) if shrink else None
 
     def __init__(self, config: DebugConfig) -> None:
         self.high = config.update_ratio_high
@@ -535,6 +546,8 @@ class UpdateRatio:
         self.fired: set[str] = set()
         self.first_loss: dict[int, float] = {}
         self.last_loss: dict[int, float] = {}
+        # the session's gradient figures by parameter name (``max`` and ``last`` norm over checked steps)
+        self.grads: dict[str, Any] = {}
 
     def observe_losses(self, rec: StepRecord) -> None:
         """Every checked step's losses (cheap): the first and the latest size of each."""
@@ -571,9 +584,27 @@ class UpdateRatio:
         self.low_count = self.low_count + 1 if med < self.low and not self.converged() else 0
         if self.low_count == 3 and "update-low" not in self.fired:
             self.fired.add("update-low")
-            out.append(Verdict(FindingEvent(
-                severity="warning", category="optimization_error", step=rec.step, key="update-ratio|low",
-                message=f"updates are {med:.2g}x the size of the weights (median over layers): the learning rate "
-                        f"is far too small, or gradients vanish",
-                context=ctx, recommendation="Raise the learning rate; check that gradients reach the weights.")))
+            size = ("no longer change the weights (too small for float32 to add)" if med == 0
+                    else f"are {med:.2g}x the size of the weights")
+            shrink = self._grad_shrink([n for n, _ in rec.update_ratios or []])
+            if shrink is not None and shrink >= self.SHRUNK:
+                # Their gradients were 1000x larger earlier in the run: a run at its minimum looks like this
+                # (a regression down to its noise: the loss flat, not 1000x lower), as do gradients that
+                # vanish; a learning rate far too small leaves the gradients as large as they were.
+                ctx["gradient_shrink"] = shrink if math.isfinite(shrink) else None  # (None: now exactly 0)
+                shrank = ("their gradients are 0 now" if math.isinf(shrink)
+                          else f"their gradients {shrink:.2g}x smaller than their largest")
+                out.append(Verdict(FindingEvent(
+                    severity="info", category="optimization_error", step=rec.step, key="update-ratio|low",
+                    message=f"updates {size} (median over layers) and {shrank}: as when a run has converged, "
+                            f"or gradients vanish",
+                    context=ctx, recommendation="Nothing to do if the loss is where it should be. If it is still "
+                                                "too high, look for dead or saturated units and check that "
+                                                "gradients reach the weights.")))
+            else:
+                out.append(Verdict(FindingEvent(
+                    severity="warning", category="optimization_error", step=rec.step, key="update-ratio|low",
+                    message=f"updates {size} (median over layers): the learning rate is far too small, or "
+                            f"gradients vanish",
+                    context=ctx, recommendation="Raise the learning rate; check that gradients reach the weights.")))
         return out
