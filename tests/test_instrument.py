@@ -1904,6 +1904,48 @@ def test_a_flush_from_another_thread_in_the_middle_of_a_fast_step_breaks_nothing
         inst.uninstall()
 
 
+def test_a_forked_child_does_not_wait_for_a_fast_path_lock_held_in_the_parent() -> None:
+    """A DataLoader worker forked while the monitor's thread folds a run (its lock held): the child's
+    hooks come off at once, it does not wait for a lock that no thread of its own will release."""
+    import os
+    import signal
+    import threading
+
+    inst = Instrumentation(DebugConfig(), lambda batch: None)
+    inst.install(torch)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with inst._fast_lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(5)
+        pid = os.fork()
+        if pid == 0:  # the child: the fork hooks have run by now
+            os._exit(0 if not inst._installed else 3)
+        release.set()
+        deadline = time.monotonic() + 20
+        status = None
+        while time.monotonic() < deadline:
+            done, code = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = code
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        assert status is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        release.set()
+        holder.join()
+        inst.uninstall()
+
+
 def test_an_error_inside_the_fast_path_switches_the_monitor_off_not_the_training() -> None:
     class Loss(torch.Tensor):
         bad = False

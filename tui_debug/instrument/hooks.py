@@ -796,7 +796,7 @@ class Instrumentation:
             scaler_type.update = update  # type: ignore[method-assign]
         except Exception:
             self._orig_scale = self._orig_update = None
-        os.register_at_fork(after_in_child=self.uninstall)
+        os.register_at_fork(after_in_child=self._in_forked_child)
         self._installed = True
 
     def _install_module_call(self, module_type: type) -> None:
@@ -893,6 +893,12 @@ class Instrumentation:
         self._call_wrapper = __call__
         module_type.__call__ = __call__  # type: ignore[method-assign]
         self._fwd_on = self._observe  # re-installed on a sampled-out step: its calls stay unobserved
+
+    def _in_forked_child(self) -> None:
+        """A forked child (a DataLoader worker) runs no training of ours: hooks off. Its copy of the fast
+        path's lock may have been held by another thread of the parent at the fork: a new one."""
+        self._fast_lock = threading.Lock()
+        self.uninstall()
 
     def uninstall(self) -> None:
         """Remove every hook and patch (also run in forked DataLoader workers)."""
