@@ -292,7 +292,8 @@ def test_ranks_of_one_launch_get_their_own_run_folders_and_say_which_rank_speaks
         assert proc.returncode == 0, err
         ours = [line for line in err.splitlines() if line.startswith("tui_debug")]
         assert ours and all(line.startswith(f"tui_debug[rank {rank}]: ") for line in ours), err
-    folders = sorted(p.name for p in (tmp_path / "tui_debug_runs").iterdir())
+    # (by rank: the two ranks' time stamps may fall either side of a second)
+    folders = sorted((p.name for p in (tmp_path / "tui_debug_runs").iterdir()), key=lambda n: n.rsplit("-", 1)[-1])
     assert len(folders) == 2 and folders[0].endswith("-train-rank0") and folders[1].endswith("-train-rank1")
     for folder in folders:
         assert load_report(tmp_path / "tui_debug_runs" / folder)["summary"]["steps"] == 3
