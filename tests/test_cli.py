@@ -479,11 +479,13 @@ def _finish(proc: subprocess.Popen[str]) -> tuple[str, str]:
         pytest.fail(f"the run did not end after the signal:\n{out}\n{err}")
 
 
-def test_sigint_interrupts_the_script_exit_130(tmp_path: Path) -> None:
+def test_sigint_interrupts_the_script_and_dies_by_sigint(tmp_path: Path) -> None:
+    """As plain Python after an uncaught KeyboardInterrupt: killed by SIGINT (130 in a shell, whose
+    loops stop there; an exit status of 130 would let a sweep run on), after the report is written."""
     proc = _start_until_ready(tmp_path)
     proc.send_signal(signal.SIGINT)
     _, err = _finish(proc)
-    assert proc.returncode == 130, err
+    assert proc.returncode == -signal.SIGINT, err
     assert str(PACKAGE_DIR) not in err, "the KeyboardInterrupt traceback must not show tui_debug's frames"
     report = load_report(tmp_path / "run")
     assert report["run"]["status"] == "interrupted"
@@ -788,7 +790,7 @@ def test_a_ctrl_c_the_blocked_script_has_not_acted_on_is_explained(tmp_path: Pat
         while "press Ctrl+C once more" not in lines[-1]:
             lines.append(proc.stderr.readline())
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 130
+        assert proc.wait(timeout=60) == -signal.SIGINT
     finally:
         proc.kill()
     assert load_report(tmp_path / "run")["run"]["status"] == "interrupted"
@@ -873,3 +875,139 @@ def test_a_forked_child_gets_the_scripts_signal_dispositions_not_the_relay(tmp_p
     proc = run_td("--headless", "--out", tmp_path / "run", script, cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout == plain.stdout == "terminated -15\n('handled in', True) 0\n", \
         describe(proc) + plain.stdout
+
+
+# -- faithful to plain Python: cases a review found (session 18) -------------------------------------
+
+def _plain_python(*args: str | os.PathLike[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *(os.fspath(a) for a in args)], cwd=cwd, capture_output=True,
+                          encoding="utf-8", errors="replace", timeout=RUN_TIMEOUT, stdin=subprocess.DEVNULL)
+
+
+def test_an_output_log_that_cannot_be_written_never_stops_the_script(tmp_path: Path) -> None:
+    """A full disk under the run folder: the log stops (said once), the script's output still passes
+    through and the run ends with its report. The reader thread used to die, and the script then
+    blocked for ever in a print once the pipe's 64 KiB had filled."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "output.log").symlink_to("/dev/full")
+    script = write(tmp_path / "spam.py", 'for i in range(20000):\n    print("line", i, "x" * 40)\nprint("done")\n')
+    proc = run_td("--out", run, script, cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    assert proc.stdout.splitlines()[-1] == "done" and len(proc.stdout.splitlines()) == 20001
+    said = [line for line in nonempty_lines(proc.stderr) if "no longer written" in line]
+    assert len(said) == 1 and "No space left on device" in said[0], describe(proc)
+    assert load_report(run)["run"]["status"] == "finished"
+
+
+def test_a_signal_handler_gets_the_frame_the_script_was_running(tmp_path: Path) -> None:
+    script = write(tmp_path / "sig.py", """\
+        import os, signal
+        seen = None
+        def handler(signum, frame):
+            global seen
+            seen = frame
+        signal.signal(signal.SIGUSR1, handler)
+        def train():
+            os.kill(os.getpid(), signal.SIGUSR1)
+            while seen is None:
+                pass
+        train()
+        print("frame:", seen.f_code.co_name, seen.f_code.co_filename == __file__, flush=True)
+        """)
+    proc = run_td("--out", tmp_path / "run", script, cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    assert proc.stdout == "frame: train True\n", describe(proc)
+
+
+def test_an_exception_raised_by_a_signal_handler_is_the_very_object(tmp_path: Path) -> None:
+    """A keyword-only exception class was rebuilt from its args (TypeError); now the script catches
+    the object its handler raised. Uncaught, its traceback shows the handler's line, as Python's."""
+    script = write(tmp_path / "sig.py", """\
+        import os, signal, sys, time
+        class Preempted(Exception):
+            def __init__(self, *, step):
+                super().__init__(f"preempted at step {step}")
+                self.step = step
+        def handler(signum, frame):
+            raise Preempted(step=3)  # the handler's line
+        signal.signal(signal.SIGUSR1, handler)
+        try:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            for _ in range(1000):
+                time.sleep(0.01)
+        except Preempted as exc:
+            print("caught", type(exc) is Preempted, exc, exc.step, flush=True)
+        if sys.argv[1:] == ["again"]:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            for _ in range(1000):
+                time.sleep(0.01)
+        """)
+    proc = run_td("--out", tmp_path / "run", script, cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    assert proc.stdout == "caught True preempted at step 3 3\n", describe(proc)
+    proc = run_td("--out", tmp_path / "run2", script, "again", cwd=tmp_path)
+    assert proc.returncode == 1, describe(proc)
+    block = _traceback_block(proc.stderr)
+    assert block[-1] == "Preempted: preempted at step 3", describe(proc)
+    assert any("in handler" in line for line in block) and "raise Preempted(step=3)  # the handler's line" in \
+        "\n".join(block), describe(proc)
+    assert str(PACKAGE_DIR) not in proc.stderr
+
+
+def test_an_uncaught_keyboard_interrupt_runs_atexit_then_dies_by_sigint_as_python(tmp_path: Path) -> None:
+    script = write(tmp_path / "ki.py", """\
+        import atexit
+        atexit.register(lambda: print("atexit ran", flush=True))
+        raise KeyboardInterrupt
+        """)
+    plain = _plain_python(script, cwd=tmp_path)
+    proc = run_td("--out", tmp_path / "run", script, cwd=tmp_path)
+    assert (proc.returncode, proc.stdout) == (plain.returncode, plain.stdout) == (-signal.SIGINT, "atexit ran\n"), \
+        describe(proc)
+    assert load_report(tmp_path / "run")["run"]["status"] == "interrupted"
+
+
+def test_a_zip_application_and_a_pyc_file_run_as_python_runs_them(tmp_path: Path) -> None:
+    import py_compile
+    import zipfile
+
+    app = tmp_path / "app.zip"
+    with zipfile.ZipFile(app, "w") as zf:
+        zf.writestr("__main__.py", "import sys, helper\nprint(__name__, helper.VALUE, sys.argv[1:])\n"
+                                   "sys.exit(4)\n")
+        zf.writestr("helper.py", "VALUE = 42\n")
+    source = write(tmp_path / "src.py", "import sys\nprint(__name__, sys.argv[1:])\nsys.exit(3)\n")
+    pyc = tmp_path / "compiled.pyc"
+    py_compile.compile(str(source), cfile=str(pyc), doraise=True)
+    for target, code in ((app, 4), (pyc, 3)):
+        plain = _plain_python(target, "q", cwd=tmp_path)
+        proc = run_td("--out", tmp_path / f"run-{target.suffix[1:]}", target, "q", cwd=tmp_path)
+        assert (proc.returncode, proc.stdout) == (plain.returncode, plain.stdout), describe(proc)
+        assert proc.returncode == code and proc.stdout.endswith("['q']\n"), describe(proc)
+
+
+def test_a_package_that_fails_to_import_under_dash_m_gives_its_traceback_and_exit_1(tmp_path: Path) -> None:
+    """Python imports ``-m pkg.mod``'s package with argv ['-m', *args]; its error is the script's own
+    (traceback, exit 1), not a usage error."""
+    write(tmp_path / "pkg" / "__init__.py", 'import sys\nprint("init argv", sys.argv, flush=True)\n'
+                                            'if "--bad" in sys.argv:\n    {}["missing"]\n')
+    write(tmp_path / "pkg" / "train.py", 'import sys\nprint("train argv", sys.argv[1:])\n')
+    proc = run_td("--out", tmp_path / "run", "-m", "pkg.train", "--lr", "3", cwd=tmp_path)
+    plain = _plain_python("-m", "pkg.train", "--lr", "3", cwd=tmp_path)
+    assert (proc.returncode, proc.stdout) == (plain.returncode, plain.stdout) == (
+        0, "init argv ['-m', '--lr', '3']\ntrain argv ['--lr', '3']\n"), describe(proc)
+    proc = run_td("--out", tmp_path / "run2", "-m", "pkg.train", "--bad", cwd=tmp_path)
+    assert proc.returncode == 1, describe(proc)
+    assert _traceback_block(proc.stderr)[-1] == "KeyError: 'missing'", describe(proc)
+    assert str(PACKAGE_DIR) not in proc.stderr
+
+
+def test_the_closing_line_starts_a_line_of_its_own_after_an_open_progress_bar(tmp_path: Path) -> None:
+    script = write(tmp_path / "bar.py", 'for i in range(3):\n    print(f"\\rprogress {i}/2", end="", flush=True)\n')
+    proc = subprocess.run(td_cmd("--out", tmp_path / "run", script), cwd=tmp_path, env=td_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", timeout=RUN_TIMEOUT,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout
+    last = proc.stdout.splitlines()[-2:]
+    assert last[0].endswith("progress 2/2") and last[1].startswith("tui_debug: finished"), proc.stdout

@@ -12,7 +12,7 @@ import pytest
 from tui_debug.config import ConfigError, DebugConfig, DebugLevel, load_config
 from tui_debug.errors import ErrorCategory, ErrorSeverity, ErrorTracker
 
-from helpers import describe, nonempty_lines, run_td
+from helpers import describe, load_report, nonempty_lines, run_td
 
 W, E = ErrorSeverity.WARNING, ErrorSeverity.ERROR
 
@@ -292,6 +292,9 @@ def test_unknown_key_in_pyproject_is_a_config_error(tmp_path: Path) -> None:
     ({"plateau_steps": 0}, "plateau_steps"),
     ({"dead_fraction": 1.5}, "dead_fraction"),
     ({"max_overhead": float("nan")}, "max_overhead"),
+    ({"log_file": ""}, "log_file"),  # (IsADirectoryError from the log handler)
+    ({"error_file": "logs/"}, "error_file"),
+    ({"output_tail_lines": 10 ** 20}, "output_tail_lines"),  # (OverflowError from its deque)
 ])
 def test_bad_values_are_config_errors(tmp_path: Path, values: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=field):
@@ -311,6 +314,52 @@ def test_cli_config_with_unknown_key_is_one_line_exit_2(tmp_path: Path) -> None:
     assert "no_such_setting" in lines[0]
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""
+
+
+def test_a_bad_value_in_pyproject_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text("[tool.tui_debug]\nloss_window = 0\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"pyproject\.toml: loss_window must be"):
+        load_config(None, tmp_path)
+
+
+@pytest.mark.parametrize("case", ["not_toml", "not_utf8"])
+def test_a_pyproject_that_cannot_be_read_is_said_and_skipped(tmp_path: Path, case: str) -> None:
+    """The project's own file, which plain Python never reads: a warning, and the run goes on."""
+    project = tmp_path / "project"
+    project.mkdir()
+    content = b"[project\nname = 1\n" if case == "not_toml" else b"[project]\nname = '\xe9t\xe9'\n"
+    (project / "pyproject.toml").write_bytes(content)
+    script = project / "script.py"
+    script.write_text("print('the script ran')\n", encoding="utf-8")
+    proc = run_td("--out", tmp_path / "run", script, cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    assert proc.stdout == "the script ran\n"
+    warning = [line for line in nonempty_lines(proc.stderr) if "warning" in line]
+    assert len(warning) == 1 and "pyproject.toml" in warning[0] and "not applied" in warning[0], describe(proc)
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line_exit_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_bytes(b"max_errors = 5 # \xff\xfe\n")
+    script = tmp_path / "script.py"
+    script.write_text("print('the script ran')\n", encoding="utf-8")
+    proc = run_td("--config", cfg, "--out", tmp_path / "run", script, cwd=tmp_path)
+    assert proc.returncode == 2, describe(proc)
+    lines = nonempty_lines(proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith("tui_debug: error:") and "UTF-8" in lines[0], describe(proc)
+    assert proc.stdout == ""
+
+
+def test_an_infinite_threshold_turns_its_detector_off_and_the_report_is_still_written(tmp_path: Path) -> None:
+    cfg = tmp_path / "td.toml"
+    cfg.write_text("loss_explosion_factor = inf\nprogress_interval_s = inf\n", encoding="utf-8")
+    script = tmp_path / "script.py"
+    script.write_text("print('ran')\n", encoding="utf-8")
+    proc = run_td("--config", cfg, "--out", tmp_path / "run", script, cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    config = load_report(tmp_path / "run")["config"]
+    assert config["loss_explosion_factor"] == "inf" and config["progress_interval_s"] == "inf"
 
 
 @pytest.mark.parametrize("case", ["missing", "not_toml", "bad_value", "pyproject"])

@@ -92,6 +92,7 @@ class OutputCapture:
         self.log_path = log_path
         self.max_log_bytes = max_log_bytes
         self._log = None
+        self.log_error: str | None = None  # why output.log stopped being written
         self._log_size = 0
         self._log_lock = threading.Lock()
         self._term_lock = threading.Lock()  # pass-through writes and the monitor's lines, whole
@@ -99,11 +100,15 @@ class OutputCapture:
         self._streams: list[_Stream] = []
         self.listeners: list[OutputListener] = []
         self.active = False
+        self._ended_midline = False  # stopped while the script's last line was open (see stop)
         self._fault_was_on = False
 
     def start(self) -> None:
         if self.log_path:
-            self._log = open(self.log_path, "ab")
+            try:
+                self._log = open(self.log_path, "ab")
+            except OSError as exc:
+                self.log_error = f"{self.log_path}: {exc.strerror or exc}"
         _flush_all()
         for fd, name in ((1, "stdout"), (2, "stderr")):
             try:
@@ -190,13 +195,32 @@ class OutputCapture:
         with self._log_lock:
             if self._log is None:
                 return
-            if self._log_size + len(data) > self.max_log_bytes and self.log_path:
-                self._log.close()
-                os.replace(self.log_path, self.log_path + ".1")
-                self._log = open(self.log_path, "ab")
-                self._log_size = 0
-            self._log.write(data)
-            self._log_size += len(data)
+            try:
+                if self._log_size + len(data) > self.max_log_bytes and self.log_path:
+                    self._log.close()
+                    os.replace(self.log_path, self.log_path + ".1")
+                    self._log = open(self.log_path, "ab")
+                    self._log_size = 0
+                self._log.write(data)
+                self._log_size += len(data)
+            except (OSError, ValueError) as exc:
+                # A full disk or a deleted run folder: the log stops, never the reader (a dead reader
+                # leaves the script blocked in its next write once the pipe fills).
+                self.log_error = f"{self.log_path}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
+                log, self._log = self._log, None
+                try:
+                    log.close()
+                except (OSError, ValueError):
+                    pass
+                self._say(f"tui_debug: the script's output is no longer written to {self.log_error} "
+                          "(it still passes through, and the report keeps its tail)\n")
+
+    def _say(self, text: str) -> None:
+        """A monitor line at once, from a reader thread (which must not wait for a line to end)."""
+        try:
+            _write_all(self.terminal_fd if self.active else 2, text.encode("utf-8", "replace"))
+        except OSError:
+            pass
 
     def echo(self, text: str) -> None:
         """What the user typed for the script's stdin under the UI (see tui/stdin.py), after its prompt,
@@ -223,6 +247,9 @@ class OutputCapture:
                 for st in self._streams:
                     if st.shares_terminal:
                         st.midline = False
+            elif self._ended_midline and not self.active:
+                data = b"\n" + data
+                self._ended_midline = False
             try:
                 _write_all(self.terminal_fd if self.active else 2, data)
             except OSError:
@@ -248,13 +275,18 @@ class OutputCapture:
         for st in self._streams:
             if st.thread is not None:
                 st.thread.join(timeout)  # a child that still holds the pipe must not hang us
+        # The script's last line left open (a progress bar): the monitor's closing lines start a new one
+        self._ended_midline = self.passthrough and not self._line_ended()
         for st in self._streams:
             os.close(st.saved)
         self._streams.clear()
         with self._log_lock:
-            if self._log is not None:
-                self._log.close()
-                self._log = None
+            log, self._log = self._log, None
+            if log is not None:
+                try:
+                    log.close()
+                except (OSError, ValueError) as exc:  # its buffered tail could not be written
+                    self.log_error = f"{self.log_path}: {exc}"
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if script is None and module is None:
         return _fail(f"no script given (usage: {USAGE})")
 
-    from .runner import UsageError, prepare_module, prepare_script
+    from .runner import PackageError, UsageError, prepare_module, prepare_script
 
     try:
         target = prepare_module(module, script_args) if module else prepare_script(script or "", script_args)
@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     except SyntaxError as exc:
         sys.stderr.write("".join(traceback.format_exception_only(type(exc), exc)))
         return 1
+    except PackageError as err:
+        sys.stderr.write("".join(traceback.format_exception(type(err.exc), err.exc, err.exc.__traceback__)))
+        return 1
     overrides = {}
     if opts.recover:
         overrides["recover"] = opts.recover
@@ -140,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["debug_level"] = opts.debug_level
     start_dir = os.path.dirname(target.path) if target.path else os.getcwd()
     try:
-        config = load_config(opts.config, start_dir, overrides)
+        config = load_config(opts.config, start_dir, overrides,
+                             warn=lambda msg: print(f"tui_debug: warning: {msg}", file=sys.stderr, flush=True))
     except ConfigError as exc:
         return _fail(str(exc))
     rank = launch_rank()

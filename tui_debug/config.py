@@ -10,7 +10,7 @@ import dataclasses
 import enum
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 try:  # Python 3.11+
     import tomllib
@@ -105,6 +105,14 @@ class DebugConfig:
                 raise ConfigError(f"{name} must be a positive integer, not {getattr(self, name)!r}")
         if int(self.backup_count) < 0:
             raise ConfigError(f"backup_count must be >= 0, not {self.backup_count!r}")
+        for name in ("log_file", "error_file"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip() or value.endswith(("/", os.sep)):
+                raise ConfigError(f"{name} must name a file, not {value!r}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 1 << 62:
+                raise ConfigError(f"{f.name} is too large: {value!r}")
         # Detector and sampler settings: a value outside its range would switch a detector off with a
         # traceback mid-run (loss_window = 0) or make it fire on every step (a factor below 1).
         for names, ok, what in (
@@ -138,7 +146,10 @@ class DebugConfig:
             if key not in fields:
                 raise ConfigError(f"{source}: unknown setting {key!r}")
             current[key] = _coerce(key, value, getattr(self, key), source)
-        return DebugConfig(**current)
+        try:
+            return DebugConfig(**current)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -187,15 +198,27 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: not UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
 def load_config(config_file: str | None, start_dir: str | os.PathLike[str],
-                overrides: dict[str, Any] | None = None) -> DebugConfig:
-    """Defaults <- nearest pyproject ``[tool.tui_debug]`` <- ``config_file`` <- ``overrides``."""
+                overrides: dict[str, Any] | None = None,
+                warn: Callable[[str], None] | None = None) -> DebugConfig:
+    """Defaults <- nearest pyproject ``[tool.tui_debug]`` <- ``config_file`` <- ``overrides``.
+    ``warn``: told of a pyproject.toml that cannot be read (it is skipped)."""
     config = DebugConfig()
     pyproject = find_pyproject(Path(start_dir).resolve())
     if pyproject is not None:
-        table = _read_toml(pyproject).get("tool", {}).get("tui_debug")
+        try:
+            data = _read_toml(pyproject)
+        except ConfigError as exc:
+            # Not necessarily ours: the project's file, which plain Python never reads. Said, not fatal.
+            if warn is not None:
+                warn(f"{exc}; its [tool.tui_debug] settings, if any, are not applied")
+            data = {}
+        tool = data.get("tool", {})
+        table = tool.get("tui_debug") if isinstance(tool, dict) else None
         if table is not None:
             if not isinstance(table, dict):
                 raise ConfigError(f"{pyproject}: [tool.tui_debug] must be a table")

@@ -7,6 +7,7 @@ training thread only emits batches and applies queued actions at step boundaries
 from __future__ import annotations
 
 import asyncio
+import atexit
 import gc
 import itertools
 import os
@@ -79,7 +80,8 @@ class Monitor:
         self.session.auto_recover = self._auto_recover
         self._lr_halvings = 0
         self._request_ids = itertools.count(1)
-        self.forwarder = SignalForwarder(self._schedule, self._on_default_signal, self._on_handler_exception)
+        self.forwarder = SignalForwarder(self._schedule, self._on_default_signal, self._on_handler_exception,
+                                         script_frame=self.runner.script_frame)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[list[Any]] | None = None
         self._terminate: int | None = None
@@ -88,6 +90,7 @@ class Monitor:
         self._snapshots_ok = True  # taking one has not failed
         self._last_snapshot_time = 0.0
         self._sigints = 0
+        self._stop_asked = False  # the UI's quit stopped the script (exit 130, not a death by SIGINT)
         self._finished = False
 
     # -- training-thread callbacks ------------------------------------------------------------
@@ -240,6 +243,7 @@ class Monitor:
         False when the training thread is not running. A paused run is resumed so it can unwind.
         """
         self.runner.interrupted = True
+        self._stop_asked = True
         ok = self.runner.inject(KeyboardInterrupt)
         if self.instr.paused:
             self.resume()
@@ -391,12 +395,28 @@ class Monitor:
             sys.stderr.flush()
             self.runner.real_os_exit(self.runner.os_exit)
         if self._terminate is not None:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            if self._terminate == signal.SIGINT:
-                os._exit(130)
-            signal.signal(self._terminate, signal.SIG_DFL)
-            os.kill(os.getpid(), self._terminate)
-            time.sleep(1)
-            os._exit(128 + self._terminate)
+            _die_by(self._terminate)
+        if (isinstance(self.runner.exception, KeyboardInterrupt) and not self._stop_asked
+                and self.runner.target.kind != "callable"):  # (the API re-raises it to its caller)
+            # Python's way out of an uncaught KeyboardInterrupt: its cleanup (atexit), then death by
+            # SIGINT, which a shell's loop takes for Ctrl+C and stops at (an exit status of 130 does not)
+            try:
+                atexit._run_exitfuncs()
+            except BaseException:
+                pass
+            _die_by(signal.SIGINT)
         return self.session.exit_code if self.session.exit_code is not None else 0
+
+
+def _die_by(signum: int) -> None:
+    """End the process by ``signum``'s default action, as the signal would have without us."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:
+        pass
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    time.sleep(1)
+    os._exit(128 + signum)
+

@@ -133,7 +133,7 @@ def build_report(session: Session) -> dict[str, Any]:
             "page_faults_per_step": session.page_faults_per_step(),
         },
         "actions": _jsonable(session.actions),
-        "config": session.config.to_dict(),
+        "config": _jsonable(session.config.to_dict()),  # (inf turns a threshold off; JSON has no inf)
         "output_tail": [{"stream": s, "text": t} for s, t in session.output_tail()[-200:]],
         "recommendations": recommendations(session, errors),
     }
@@ -141,13 +141,16 @@ def build_report(session: Session) -> dict[str, Any]:
 
 def write_report(path: str, report: dict[str, Any]) -> None:
     """Temp file in the same folder + rename: a reader never sees half a report."""
+    try:
+        text = json.dumps(report, indent=2, allow_nan=False, default=repr)
+    except ValueError:  # a NaN or inf that no field converted: as the fields do, a string
+        text = json.dumps(_jsonable(report), indent=2, allow_nan=False, default=repr)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".json.tmp", dir=folder)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2, allow_nan=False, default=repr)
-            fh.write("\n")
+            fh.write(text + "\n")
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -12,10 +12,13 @@ import builtins
 import ctypes
 import dataclasses
 import importlib.machinery
+import importlib.util
+import marshal
 import os
 import sys
 import threading
 import types
+import zipfile
 from typing import Any, Callable
 
 from .events import ScriptEnded
@@ -25,6 +28,14 @@ _OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 class UsageError(Exception):
     """Bad command line or unusable script: one line, exit status 2."""
+
+
+class PackageError(Exception):
+    """``-m pkg.mod``: importing its package raised (the script's own code): exit status 1."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(str(exc))
+        self.exc = exc
 
 
 @dataclasses.dataclass
@@ -51,6 +62,8 @@ def prepare_script(script: str, args: list[str]) -> Target:
         if not os.path.isfile(main):
             raise UsageError(f"can't find '__main__' module in {script!r}")
         sys_path0, path = path, main
+    elif zipfile.is_zipfile(path):
+        return _prepare_zip(script, path, args)
     else:
         sys_path0 = os.path.dirname(os.path.realpath(path))
     try:
@@ -62,24 +75,49 @@ def prepare_script(script: str, args: list[str]) -> Target:
         raise UsageError(f"can't open file {script!r}: permission denied") from None
     except OSError as exc:
         raise UsageError(f"can't open file {script!r}: {exc.strerror or exc}") from None
-    code = compile(source, path, "exec", dont_inherit=True)
+    if path.endswith(".pyc") or source[:4] == importlib.util.MAGIC_NUMBER:  # as Python, compiled code runs
+        if source[:4] != importlib.util.MAGIC_NUMBER:
+            raise UsageError(f"can't run {script!r}: bad magic number in .pyc file (another Python's?)")
+        code = marshal.loads(source[16:])
+    else:
+        code = compile(source, path, "exec", dont_inherit=True)
     return Target(kind="script", name=script, argv=[script, *args], code=code, path=path, sys_path0=sys_path0)
+
+
+def _prepare_zip(script: str, path: str, args: list[str]) -> Target:
+    """A zip application: its ``__main__`` imported from the archive, which is sys.path[0]."""
+    import zipimport
+
+    try:
+        importer = zipimport.zipimporter(path)
+        spec = importer.find_spec("__main__")
+        if spec is None:
+            raise UsageError(f"can't find '__main__' module in {script!r}")
+        code = importer.get_code("__main__")
+    except (zipimport.ZipImportError, OSError) as exc:
+        raise UsageError(f"can't run {script!r}: {exc}") from None
+    return Target(kind="script", name=script, argv=[script, *args], code=code, path=spec.origin, spec=spec,
+                  sys_path0=path)
 
 
 def prepare_module(module: str, args: list[str]) -> Target:
     import runpy
 
     sys.path.insert(0, os.getcwd())
+    saved_argv = sys.argv[:]
+    sys.argv[:] = ["-m", *args]  # what Python's argv is while it imports the module's packages
     try:
         mod_name, spec, code = runpy._get_module_details(module)  # type: ignore[attr-defined]
     except ImportError as exc:
         raise UsageError(str(exc).replace("Error while finding module specification for", "can't find module")) from None
     except SyntaxError:
         raise
-    except Exception as exc:
-        raise UsageError(f"can't run module {module!r}: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # the package's own code failed: Python's traceback, exit 1
+        trim_exception(exc)
+        raise PackageError(exc) from None
     finally:
         sys.path.pop(0)
+        sys.argv[:] = saved_argv
     return Target(kind="module", name=module, argv=[spec.origin or module, *args], code=code,
                   path=spec.origin, spec=spec, sys_path0=os.getcwd())
 
@@ -120,15 +158,36 @@ def exit_code_of(exc: SystemExit) -> tuple[int, str | None]:
 
 
 def async_exception(exc: BaseException) -> type[BaseException]:
-    """A class that, raised with no arguments, reproduces ``exc`` (async exceptions take a type)."""
+    """A class that, raised with no arguments, raises ``exc`` itself (async exceptions take a type):
+    the script catches the very object its signal handler raised, with its class, arguments and
+    attributes (rebuilt from its arguments, a keyword-only ``__init__`` raised TypeError instead)."""
     cls = type(exc)
-    args = exc.args
 
-    def __init__(self: BaseException) -> None:
-        cls.__init__(self, *args)
+    def __new__(klass: type, *args: Any, **kwargs: Any) -> BaseException:
+        return exc  # not an instance of klass: __init__ is not called, and CPython raises it as it is
 
-    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
-                                       "__qualname__": cls.__qualname__})
+    try:
+        return type(cls.__name__, (cls,), {"__new__": __new__, "__module__": cls.__module__,
+                                           "__qualname__": cls.__qualname__})
+    except TypeError:  # a class that cannot be subclassed: its kind, at least
+        return cls
+
+
+def append_traceback(exc: BaseException, tb: types.TracebackType | None) -> None:
+    """``tb`` (where a signal handler raised ``exc``, in the monitor's thread) after the frames it
+    crossed in the training thread, as Python shows a handler's frame below the interrupted line."""
+    if tb is None:
+        return
+    last = exc.__traceback__
+    if last is None:
+        exc.__traceback__ = tb
+        return
+    while last.tb_next is not None:
+        last = last.tb_next
+    try:
+        last.tb_next = tb
+    except ValueError:  # a loop
+        pass
 
 
 class ScriptRunner:
@@ -153,6 +212,8 @@ class ScriptRunner:
         self.real_os_exit: Callable[[int], Any] = os._exit
         self._pid = os.getpid()
         self._started_threads: set[int] = set()
+        # the exception a signal handler raised, and its traceback then (see inject)
+        self._injected: tuple[BaseException, types.TracebackType | None] | None = None
 
     def start(self) -> None:
         t = self.target
@@ -162,7 +223,7 @@ class ScriptRunner:
             return
         main = types.ModuleType("__main__")
         main.__dict__["__builtins__"] = builtins  # the module, as in a real __main__
-        if t.kind == "script":
+        if t.kind == "script" and t.spec is None:
             main.__file__ = t.path
             main.__loader__ = importlib.machinery.SourceFileLoader("__main__", t.path or "")
             main.__spec__ = None
@@ -215,6 +276,9 @@ class ScriptRunner:
             if self.interrupted:
                 status = "interrupted"
         except BaseException as exc:  # noqa: BLE001 - we are the top of the thread
+            injected, self._injected = self._injected, None
+            if injected is not None and injected[0] is exc:
+                append_traceback(exc, injected[1])
             trim_exception(exc)
             try:
                 sys.excepthook(type(exc), exc, exc.__traceback__)
@@ -307,8 +371,21 @@ class ScriptRunner:
         if thread is None or not thread.is_alive() or thread.ident is None:
             return False
         exc_type = exc if isinstance(exc, type) else async_exception(exc)
+        if not isinstance(exc, type):
+            self._injected = (exc, exc.__traceback__)  # the handler's frames, which the raise replaces
         n = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(exc_type))
         return n == 1
+
+    def script_frame(self) -> types.FrameType | None:
+        """The training thread's innermost frame outside tui_debug: the ``frame`` a script's signal
+        handler gets (Python passes the frame the main thread was running, and the script is ours)."""
+        thread = self.thread
+        if thread is None or thread.ident is None:
+            return None
+        frame = sys._current_frames().get(thread.ident)
+        while frame is not None and frame.f_code.co_filename.startswith(_OWN_DIR):
+            frame = frame.f_back
+        return frame
 
     def alive(self) -> bool:
         return self.thread is not None and self.thread.is_alive()

@@ -19,8 +19,10 @@ FORWARDED = tuple(s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, sign
 
 class SignalForwarder:
     def __init__(self, schedule: Callable[[Callable[[], None]], None],
-                 on_default: Callable[[int], None], on_handler_exception: Callable[[BaseException], None]) -> None:
+                 on_default: Callable[[int], None], on_handler_exception: Callable[[BaseException], None],
+                 script_frame: Callable[[], Any] = lambda: None) -> None:
         self._schedule = schedule
+        self._script_frame = script_frame  # the frame a handler is given (see ScriptRunner.script_frame)
         self._on_default = on_default
         self._on_handler_exception = on_handler_exception
         self._script: dict[int, Any] = {}
@@ -177,6 +179,10 @@ class SignalForwarder:
             self._on_default(signum)
             return
         try:
-            handler(signum, None)
+            frame = self._script_frame()
+        except Exception:
+            frame = None
+        try:
+            handler(signum, frame)
         except BaseException as exc:  # e.g. a handler that raises KeyboardInterrupt or calls sys.exit
             self._on_handler_exception(exc)
