@@ -812,6 +812,11 @@ def test_torch_compile_traces_the_instrumented_model_without_graph_breaks(
     records = rec.events(StepRecord)
     assert [r.step for r in records] == [1, 2, 3]
     assert all(r.losses and math.isfinite(r.losses[0][1]) for r in records)
+    # the model inside runs compiled (no call of ours): registered with the wrapper, under its name,
+    # so that its parameters are named (they were optimizer0.param0...)
+    assert [(m.name, m.cls) for m in rec.events(ModelEvent)] == [("compiled", "Sequential")]
+    assert records[-1].grad_names == ["compiled.0.weight", "compiled.0.bias", "compiled.2.0.weight",
+                                      "compiled.2.0.bias", "compiled.3.weight", "compiled.3.bias"]
 
 
 def test_jit_trace_of_an_observed_model_passes_its_check_and_training_is_still_observed(rec: Recorder) -> None:
@@ -2687,3 +2692,198 @@ def test_time_waiting_for_the_user_is_no_steps_but_only_the_training_threads(rec
     assert (inst._last_step_time, inst._sample_last) == (100.0, 100.0)
     inst.exclude_wait(5.0)  # (the fixture's thread is the training thread)
     assert (inst._last_step_time, inst._sample_last) == (105.0, 105.0)
+
+
+class SparseLookup(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 8, sparse=True)
+        self.fc = nn.Linear(8, 1)
+        self.poison = False
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        e = self.emb(idx)
+        out = self.fc(e)
+        if self.poison:  # NaN in the embedding's gradient only: sqrt's gradient at a negative value
+            out = out + torch.where(e > 100, torch.sqrt(e - 100), torch.zeros_like(e)).sum()
+        return out
+
+
+def test_a_nan_in_a_sparse_gradient_is_named_on_its_step_and_the_step_skipped(rec: Recorder) -> None:
+    """An Embedding(sparse=True)'s gradient was left out of the norms: its NaN went unseen, the step
+    was not skipped, and the table stayed NaN for the rest of the run."""
+    torch.manual_seed(0)
+    model = SparseLookup()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(1, 7):
+        model.poison = step == 4
+        optimizer.zero_grad()
+        model(torch.randint(0, 50, (16,))).pow(2).mean().backward()
+        optimizer.step()
+    bad = [f for f in rec.findings() if f.category == "gradient_error"]
+    assert len(bad) == 1 and bad[0].step == 4 and "model.emb.weight" in bad[0].message, bad
+    assert rec.inst.skipped_steps == 1
+    assert bool(model.emb.weight.isfinite().all())
+
+
+def test_clipping_scales_a_sparse_gradient_itself(rec: Recorder) -> None:
+    torch.manual_seed(0)
+    model = SparseLookup()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    rec.inst.clip_norm = 1e-3
+    for _ in range(3):
+        optimizer.zero_grad()
+        (model(torch.randint(0, 50, (16,))) * 1e3).pow(2).mean().backward()
+        optimizer.step()
+    grads = [p.grad.coalesce().values() if p.grad.is_sparse else p.grad for p in model.parameters()]
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    assert float(total) == pytest.approx(1e-3, rel=1e-3)
+
+
+class ScaleThenInplaceReLU(nn.Module):
+    """Its own code scales the Linear's output in place (to inf on the bad step), then an in-place ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.act = nn.Linear(8, 8), nn.ReLU(inplace=True)
+        self.scale = 1.0
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        o = self.lin(h)
+        o.mul_(self.scale)
+        return self.act(o)
+
+
+def test_a_nan_made_just_before_an_inplace_relu_is_put_on_the_code_that_made_it(rec: Recorder) -> None:
+    """The ReLU's (small) input waited for its chunk's reduction while relu_ changed it: stale, so the
+    inf was put on the ReLU, which cannot make one ("its input was not measured")."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), ScaleThenInplaceReLU(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    for step in range(1, 6):
+        model[1].scale = 1e39 if step == 4 else 1.0
+        optimizer.zero_grad()
+        model(torch.randn(16, 4)).pow(2).mean().backward()
+        optimizer.step()
+    named = [f.context["module"] for f in rec.findings(step=4) if f.category == "model_error"]
+    assert named == ["model.1 (ScaleThenInplaceReLU)"], rec.findings(step=4)
+
+
+def test_jagged_nested_tensor_batches_leave_the_monitor_on(rec: Recorder) -> None:
+    """A jagged batch's activations went into _foreach_norm, which has no kernel for them
+    (NotImplementedError): the monitor switched itself off at the first step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(6):
+        batch = torch.nested.nested_tensor([torch.randn(n, 4) for n in (2, 3, 5)], layout=torch.jagged)
+        loss = torch.cat([o.pow(2).mean().reshape(1) for o in model(batch).unbind()]).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert rec.inst.broken is None and rec.findings() == []
+    assert rec.inst.step == 6
+
+
+class InfOnce(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.on = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * float("inf") if self.on else x * 1.0
+
+
+def test_a_gans_discriminator_fed_the_generators_output_is_not_told_its_data_is_bad(rec: Recorder) -> None:
+    """D(fake.detach()) and D(fake) take G's output, not data: G's module is named, and no
+    input_validation finding sends the user to the data pipeline."""
+    torch.manual_seed(0)
+    G = nn.Sequential(nn.Linear(4, 16), nn.LeakyReLU(0.2), InfOnce(), nn.Linear(16, 2))
+    D = nn.Sequential(nn.Linear(2, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+    opt_g, opt_d = torch.optim.Adam(G.parameters(), lr=1e-3), torch.optim.Adam(D.parameters(), lr=1e-3)
+    bce = nn.BCEWithLogitsLoss()
+    for step in range(1, 6):
+        G[2].on = step == 4
+        fake = G(torch.randn(16, 4))
+        d_loss = bce(D(torch.randn(16, 2) + 3), torch.ones(16, 1)) + bce(D(fake.detach()), torch.zeros(16, 1))
+        opt_d.zero_grad()
+        d_loss.backward()
+        opt_d.step()
+        g_loss = bce(D(fake), torch.ones(16, 1))
+        opt_g.zero_grad()
+        g_loss.backward()
+        opt_g.step()
+    found = rec.findings()
+    assert [f for f in found if f.category == "input_validation"] == [], found
+    assert [f.context["module"] for f in found if f.category == "model_error"][:1] == ["G.2 (InfOnce)"], found
+
+
+def test_an_optimizer_without_gradients_is_resolved_once_they_come(rec: Recorder) -> None:
+    """A linear probe first (the backbone's features detached), then fine-tuning: the backbone's
+    optimizer had no gradients for its first steps, then has them; the finding stops holding."""
+    from tui_debug.errors import ErrorTracker
+    from tui_debug.session import Session
+
+    torch.manual_seed(0)
+    backbone, head = nn.Sequential(nn.Linear(6, 16), nn.ReLU()), nn.Linear(16, 1)
+    opt_b, opt_h = torch.optim.SGD(backbone.parameters(), lr=1e-3), torch.optim.SGD(head.parameters(), lr=1e-3)
+    for i in range(10):
+        features = backbone(torch.randn(8, 6))
+        if i < 5:
+            features = features.detach()
+        opt_b.zero_grad()
+        opt_h.zero_grad()
+        head(features).pow(2).mean().backward()
+        opt_b.step()
+        opt_h.step()
+    rec.inst.finish()
+    config = DebugConfig()
+    session = Session(config, ErrorTracker(config))
+    session.handle([e for b in rec.batches for e in b])
+    [found] = [f for f in session.tracker.snapshot() if f.category.value == "optimization_error"]
+    assert found.key == "gradless|0" and found.resolved
+
+
+def test_training_in_a_thread_of_the_scripts_own_is_monitored(rec: Recorder) -> None:
+    """torch imported in one thread, the loop run in another: every call was ignored (0 steps, no
+    finding). The thread of the first backward becomes the training thread."""
+    import threading
+
+    def train() -> None:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(1, 8):
+            x = torch.randn(8, 4)
+            if step == 5:
+                x[0, 0] = float("nan")
+            optimizer.zero_grad()
+            model(x).pow(2).mean().backward()
+            optimizer.step()
+
+    worker = threading.Thread(target=train, name="trainer")
+    worker.start()
+    worker.join()
+    assert rec.inst.step == 7
+    found = rec.findings()
+    assert [(f.category, f.step) for f in found if f.severity == "info"] == [("system_error", 0)], found
+    assert {f.category for f in found if f.step == 5} >= {"loss_error", "input_validation"}, found
+
+
+def test_a_nan_loss_before_any_optimizer_step_is_reported_at_its_backward(rec: Recorder) -> None:
+    """Parameters updated by hand beside an optimizer kept for zero_grad(): its backwards count as steps
+    only after ACCUMULATION_MAX of them (they may be micro-batches), and until then a NaN loss went unseen."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # only for zero_grad
+    for i in range(1, 11):
+        x = torch.randn(8, 4)
+        if i == 6:
+            x[0, 0] = float("nan")
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * torch.nan_to_num(p.grad)
+    [found] = [f for f in rec.findings() if f.category == "loss_error"]
+    assert found.context["backward"] == 6 and found.context["value"] == "nan", found

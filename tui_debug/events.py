@@ -116,6 +116,14 @@ class FindingEvent:
 
 
 @dataclasses.dataclass(slots=True)
+class Resolved:
+    """A finding of the training thread's (its key) stopped holding at ``step``."""
+
+    key: str
+    step: int
+
+
+@dataclasses.dataclass(slots=True)
 class LossSiteEvent:
     """A new loss call site was seen (``d_loss`` at ``train.py:42``)."""
 

@@ -17,8 +17,8 @@ from typing import Any, Callable
 from .classify import classify_exception, memory_context, raised_mid_step
 from .config import DebugConfig
 from .errors import ErrorCategory, ErrorSeverity, ErrorTracker, format_exception
-from .events import (GilYield, FindingEvent, LateLosses, LossSiteEvent, ModelEvent, OptimizerEvent, RedundantBias, ScalerSkips,
-                     ScriptEnded, StepRecord, StepSpan)
+from .events import (GilYield, FindingEvent, LateLosses, LossSiteEvent, ModelEvent, OptimizerEvent, RedundantBias, Resolved,
+                     ScalerSkips, ScriptEnded, StepRecord, StepSpan)
 from .detectors.trends import all_finite, ActivationHealth, DataStall, UpdateRatio, GradientNorms, LossExplosion, MemoryGrowth, Plateau, SlowSteps, Verdict
 from .history import DownsampledHistory, Reservoir
 from .recovery.actions import ActionResult
@@ -174,6 +174,8 @@ class Session:
                         self._apply(verdicts)
                 elif isinstance(ev, FindingEvent):
                     self._on_finding(ev)
+                elif isinstance(ev, Resolved):
+                    self.tracker.resolve(ev.key)
                 elif isinstance(ev, LossSiteEvent):
                     self.losses[ev.index] = LossStats(ev.name, ev.source,
                                                       history=DownsampledHistory(self.config.history_points))

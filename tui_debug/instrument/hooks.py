@@ -31,8 +31,8 @@ from typing import Any, Callable
 from .. import distributed
 from ..config import DebugConfig
 from ..detectors.nonfinite import ActivationCall, NonFiniteDetector, StepObservation
-from ..events import (FindingEvent, LateLosses, LossSiteEvent, ModelEvent, OptimizerEvent, RedundantBias, ScalerSkips,
-                      StepRecord, StepSpan)
+from ..events import (FindingEvent, LateLosses, LossSiteEvent, ModelEvent, OptimizerEvent, RedundantBias, Resolved,
+                      ScalerSkips, StepRecord, StepSpan)
 from . import naming
 from .norms import foreach_norm
 
@@ -175,6 +175,7 @@ class _OptState:
     loss_seen: int = 0  # its sampled-out steps with a CPU loss
     jump_quiet: int = 0  # no jump check before this run step
     gradless: int = 0  # its checked steps in a row, after a backward, with no gradient on any parameter
+    sparse: bool = False  # some gradient is sparse (an Embedding(sparse=True)): its values are read
 
 
 def _release_params(st: _OptState, _ref: Any) -> None:
@@ -481,6 +482,7 @@ class Instrumentation:
         self._hot_calls: dict[int, int] = {}  # id(module) -> large outputs it made this step
         self._inf_kept: set[int] = set()  # hot slots whose sum was a real inf (see _sum_hot)
         self._inf_marker: Any = None  # a 0-d inf tensor: what the read's exact re-check sees for those
+        self._backwards_here = 0  # backwards seen from the training thread (see _adopt_thread)
         self._in_backward = 0  # inside torch.autograd.backward (activation checkpointing recomputes there)
         self._graph_task: Callable[[], int] | None = None  # torch's: -1 outside any backward
         self._defer_ok: set[tuple[int, int]] = set()  # _hot_mod keys whose output a later sum proved finite
@@ -588,6 +590,7 @@ class Instrumentation:
         self._last_flush = time.perf_counter()
         self._reads: list[tuple[Any, Any, Any, Any]] = []
         self._foreach_dtype = True
+        self._sparse_grads: dict[int, Any] = {}  # id(values read) -> the sparse gradient (see _grad_layout)
         self.broken: str | None = None
         self.actions: Any = None  # a queue.SimpleQueue of callables, applied at step boundaries
         self.on_step_end: Callable[[], None] | None = None  # e.g. periodic snapshots (recovery)
@@ -728,6 +731,8 @@ class Instrumentation:
                 return orig_backward(*args, **kwargs)
             if me._flush_due and get_ident() == me._tid:
                 me._guarded(me.flush)  # see _slice_over
+            if not me._backwards_here and get_ident() != me._tid and not me.broken:
+                me._guarded(me._adopt_thread)
             if not me._observe and me._opts and get_ident() == me._tid and not me.broken:
                 # A sampled-out step (the common case at high step rates): keep the loss, nothing else.
                 t = args[0] if args else kwargs.get("tensors")
@@ -739,6 +744,7 @@ class Instrumentation:
                 # not a loss, nor a step
                 return orig_backward(*args, **kwargs)
             if get_ident() == me._tid and not me.broken and not me._dispatch_modes():
+                me._backwards_here += 1
                 me._guarded(me._on_backward, args[0] if args else kwargs.get("tensors"))
             me._in_backward += 1
             try:
@@ -894,6 +900,23 @@ class Instrumentation:
         module_type.__call__ = __call__  # type: ignore[method-assign]
         self._fwd_on = self._observe  # re-installed on a sampled-out step: its calls stay unobserved
 
+    def _adopt_thread(self) -> None:
+        """The first backward comes from another thread than the one that imported torch (a script
+        that trains in a thread of its own): that thread is the training thread from now on. Its
+        calls were all ignored, and the run ended with "0 steps" and no finding."""
+        if self._backwards_here:
+            return
+        self._tid = threading.get_ident()
+        self._stack.clear()
+        self._clear_step()
+        self._unchecked_losses = []
+        self._step_end = None
+        self._pending.append(FindingEvent(
+            severity="info", category="system_error", step=self.step, key="training-thread",
+            message=f"training runs in thread {threading.current_thread().name!r}, not the one that imported torch: "
+                    "monitoring that thread from its first backward",
+            context={"thread": threading.current_thread().name}))
+
     def _in_forked_child(self) -> None:
         """A forked child (a DataLoader worker) runs no training of ours: hooks off. Its copy of the fast
         path's lock may have been held by another thread of the parent at the fork: a new one."""
@@ -1012,13 +1035,33 @@ class Instrumentation:
             if isinstance(x, self._Tensor) and x.is_floating_point():
                 idx, new = self._measure_input(x)
                 if new:
-                    if is_root and idx >= 0:  # data entering a model (not another module's output)
+                    if self._acts and module.__dict__.get("inplace") is True:
+                        # ReLU(inplace=True) and kin: read its input now, before the module overwrites
+                        # it (a queued input was stale by the chunk's reduction, and the NaN that the
+                        # code before it made was put on the ReLU, "its input was not measured")
+                        self._reduce_acts()
+                    if is_root and idx >= 0 and x.grad_fn is None \
+                            and not (self._n_sent > 1 and self._guarded(self._made_here, x)):
+                        # data entering a model, not a model's output (autograd made it, or it is one
+                        # detached, as a GAN's D(G(z).detach()): a NaN there was reported as bad data)
                         self._root_inputs.append((module, idx, "input"))
                     self._impl = (idx,) if idx >= 0 else ()
                 self._last_in = (module, x, x._version, idx, self._impl)
             if len(args) > 1 and isinstance(module, self._Loss):
                 self._loss_target(module, args[1])
         return None
+
+    def _made_here(self, x: Any) -> bool:
+        """``x`` holds a measured output of this step under another tensor: ``D(fake.detach())`` is
+        G's output, not data (a NaN in it was reported as bad data as well as on G's module)."""
+        ptr = x.data_ptr()
+        if not ptr:
+            return False
+        for ref in self._refs:
+            t = ref()
+            if t is not None and t is not x and t.data_ptr() == ptr and t.shape == x.shape:
+                return True
+        return False
 
     def _loss_target(self, module: Any, y: Any) -> None:
         """A loss's floating-point target (regression labels, a reconstruction's reference) not
@@ -1232,6 +1275,8 @@ class Instrumentation:
         On CUDA there is no cache to catch and every reduction is a launch, so all go through the chunks
         (``SENTINEL_CHUNK_CUDA``, or fewer when they hold ``SENTINEL_CHUNK_CUDA_ELEMS`` elements).
         """
+        if t.is_nested:  # (jagged batches: no _foreach_norm for them; they stay unmeasured)
+            return -1
         n = self._n_sent
         numel = t.numel()
         if n >= self._max_sent or numel == 0:
@@ -1680,8 +1725,13 @@ class Instrumentation:
     def _register_root(self, module: Any) -> None:
         self._known_modules.add(id(module))
         self._find_optimized_module()
+        held = module  # what the script's variable holds (named after it)
         if isinstance(module, self._OptimizedModule):
-            return  # torch.compile's wrapper: the model it wraps is registered when it runs
+            # torch.compile's wrapper: the model inside runs compiled, never through our __call__, so it
+            # is registered here, under the wrapper's name (its parameters went unnamed: optimizer0.param3)
+            module = getattr(module, "_orig_mod", None)
+            if not isinstance(module, self._nn_module.Module):
+                return
         if id(module) in self._module_names:  # a submodule of a known model, called directly
             return
         frame = sys._getframe(1)
@@ -1690,9 +1740,12 @@ class Instrumentation:
         while call is not None and call.f_code is not wrapper:  # our Module.__call__: its caller called the model
             call = call.f_back
         caller = call.f_back if call is not None else None
+        if held is not module:  # reached through OptimizedModule.__call__ (torch's): the script's call is further out
+            while caller is not None and naming.is_library_frame(caller.f_code):
+                caller = caller.f_back
         name = self._given_names.get(module)  # a model registered before (then inside a wrapper) keeps its name
         if name is None:
-            base = naming.variable_name(module, frame, caller) or type(module).__name__
+            base = naming.variable_name(held, frame, caller) or type(module).__name__
             count = self._name_count[base] = self._name_count.get(base, 0) + 1
             name = base if count == 1 else f"{base}#{count}"
             try:
@@ -1905,6 +1958,14 @@ class Instrumentation:
         self._losses.append((site, value))
         if len(self._losses) > 4096:  # backward without any step: keep the latest only
             del self._losses[:2048]
+        if not self._opts and self._backwards_without_optimizer and value.is_cpu and self._optimizer_made():
+            # Backwards of an optimizer that has never stepped: micro-batches, or a hand-written update
+            # beside an optimizer kept for zero_grad(), which counts steps only after ACCUMULATION_MAX
+            # of them: their losses are looked at now (on the CPU, free), not at a step that may never come
+            v = value.item()
+            if not math.isfinite(v):
+                self._late_nonfinite(self.step, site, v, self.step, before_step=self._backwards_without_optimizer + 1)
+                self.flush()
 
     def _new_loss_site(self, key: tuple[Any, int], frame: Any) -> int:
         if frame is None:
@@ -2385,9 +2446,8 @@ class Instrumentation:
             groups: dict[tuple[Any, Any], list[int]] = {}
             for i in present:
                 g = grads[i]
-                if g.is_sparse:
-                    continue
                 groups.setdefault((g.device, g.dtype), []).append(i)
+            st.sparse = any(grads[i].is_sparse for i in present)
             st.present = present
             st.groups = list(groups.values())
             st.dtypes = [dtype for _, dtype in groups]
@@ -2399,7 +2459,17 @@ class Instrumentation:
                     names.append(self._param_names.get(id(params[i])) or f"optimizer{st.index}.param{i}")
             st.names = names
             st.generation = self._generation
-        return [[grads[i] for i in idxs] for idxs in st.groups]
+        layout = [[grads[i] for i in idxs] for idxs in st.groups]
+        if st.sparse:
+            self._sparse_grads = {}
+            for group in layout:
+                for k, g in enumerate(group):
+                    if g.is_sparse:
+                        # the norm of its values, summed per index first (an Embedding's gradient repeats
+                        # the indices a batch repeats); a NaN in it was missed, and the step not skipped
+                        group[k] = v = (g if g.is_coalesced() else g.coalesce())._values()
+                        self._sparse_grads[id(v)] = g
+        return layout
 
     def _close_step(self, st: _OptState) -> None:
         """The step boundary: read the step, then let the sampler decide whether the next is checked.
@@ -2536,6 +2606,8 @@ class Instrumentation:
         if self._mode_sensitive and st.index >= 0:
             self._guarded(self._check_train_mode, st)
         if st.present or st.index < 0 or not losses or not self._track_grads:
+            if st.gradless >= 3 and st.present:  # said, and no longer so (a head trained alone first)
+                self._pending.append(Resolved(f"gradless|{st.index}", self.step))
             st.gradless = 0
         else:
             self._guarded(self._gradless_step, st)
@@ -2760,9 +2832,17 @@ class Instrumentation:
         if self._unobserved_bad is not None and step > self._unobserved_bad:
             self._unobserved_bad = None  # only the first checked step after it is about it
 
-    def _late_nonfinite(self, step: int, site: int, value: float, read_at: int) -> None:
+    def _late_nonfinite(self, step: int, site: int, value: float, read_at: int, before_step: int = 0) -> None:
         name = self._loss_site_names[site] if site < len(self._loss_site_names) else "loss"
         kind = "nan" if value != value else ("inf" if value > 0 else "-inf")
+        if before_step:
+            self._pending.append(FindingEvent(
+                severity="error", category="loss_error", step=step, key=f"nonfinite-loss|{name}",
+                message=f"loss '{name}' is {kind} at backward {before_step}, and no optimizer has stepped yet",
+                context={"loss": name, "value": kind, "backward": before_step},
+                recommendation="Gradient accumulation, or parameters updated by hand: the step that follows "
+                               "takes this loss's non-finite gradients."))
+            return
         self._pending.append(FindingEvent(
             severity="error", category="loss_error", step=step, key=f"nonfinite-loss|{name}",
             message=f"loss '{name}' is {kind} (a sampled-out step, read at step {read_at})",
@@ -2776,9 +2856,12 @@ class Instrumentation:
         if total is None or not math.isfinite(total) or total <= self.clip_norm:  # type: ignore[operator]
             return
         coef = self.clip_norm / (total + 1e-6)  # type: ignore[operator]
+        sparse = self._sparse_grads
         for i, grads in enumerate(groups):
             if i == 0 and merged:
                 grads = grads[merged:]
+            if sparse:  # a sparse gradient's values were a coalesced copy: scale the gradient itself
+                grads = [sparse[id(g)]._values() if id(g) in sparse else g for g in grads]
             self.torch._foreach_mul_(grads, coef)  # type: ignore[union-attr]
 
     def _check_nonfinite(self, read: tuple[Any, ...], values: list[float]) -> None:
