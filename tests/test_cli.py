@@ -1011,3 +1011,12 @@ def test_the_closing_line_starts_a_line_of_its_own_after_an_open_progress_bar(tm
     assert proc.returncode == 0, proc.stdout
     last = proc.stdout.splitlines()[-2:]
     assert last[0].endswith("progress 2/2") and last[1].startswith("tui_debug: finished"), proc.stdout
+
+
+def test_a_report_path_under_a_file_names_the_report_not_the_run_folder(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x", encoding="utf-8")
+    script = write(tmp_path / "s.py", "print('ran')\n")
+    proc = run_td("--out", tmp_path / "run", "--report", tmp_path / "afile" / "r.json", script, cwd=tmp_path)
+    line = assert_one_error_line(proc)
+    assert "--report" in line and "run folder" not in line, line
+    assert proc.stdout == ""

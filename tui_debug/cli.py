@@ -157,9 +157,12 @@ def main(argv: list[str] | None = None) -> int:
             stem, ext = os.path.splitext(opts.report)
             report = f"{stem}.rank{rank}{ext}"
         os.makedirs(run_dir, exist_ok=True)
-        os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)
     except OSError as exc:
         return _fail(f"cannot create the run folder {opts.out or 'tui_debug_runs'!r}: {exc.strerror or exc}")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)
+    except OSError as exc:
+        return _fail(f"cannot create the folder of --report {report!r}: {exc.strerror or exc}")
     if os.path.isdir(report):
         return _fail(f"--report {report!r} is a folder; give a file path")
     for folder, what in ((os.path.dirname(os.path.abspath(report)), f"--report {report!r}"),
