@@ -156,6 +156,7 @@ SEMANTICS = """\
     import json
     import os
     import sys
+    import threading
 
     import sibling_helper
 
@@ -165,6 +166,7 @@ SEMANTICS = """\
         "argv": sys.argv,
         "path0": sys.path[0],
         "sibling": sibling_helper.VALUE,
+        "thread": threading.Thread(target=print).name,  # (numbered from 1, as no thread of ours is unnamed)
     }), flush=True)
 """
 
@@ -191,6 +193,7 @@ def test_script_semantics_match_python(tmp_path: Path) -> None:
     assert sem["argv"] == ["link/train.py", *args]
     assert sem["path0"] == os.path.realpath(real)
     assert sem["sibling"] == 42
+    assert sem["thread"] == "Thread-1 (print)"
     assert not (tmp_path / "x").exists(), "the script's --out must not be taken as ours"
 
 

@@ -119,6 +119,15 @@ class ErrorInfo:
         return f"{self.severity.value.upper()} {self.category.value} {step}: {self.message}{repeat}"
 
 
+class _NamedQueueListener(logging.handlers.QueueListener):
+    """Its thread named: an unnamed one takes a number from threading's counter, and the script's first
+    thread was "Thread-2" instead of "Thread-1"."""
+
+    def start(self) -> None:
+        self._thread = t = threading.Thread(target=self._monitor, name="tui_debug-log", daemon=True)
+        t.start()
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -194,7 +203,7 @@ class ErrorTracker:
         if handlers:
             q: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
             self.logger.addHandler(logging.handlers.QueueHandler(q))
-            self._listener = logging.handlers.QueueListener(q, *handlers, respect_handler_level=True)
+            self._listener = _NamedQueueListener(q, *handlers, respect_handler_level=True)
             self._listener.start()
         else:  # no output asked for: without a handler, logging's last resort would print to stderr
             self.logger.addHandler(logging.NullHandler())
