@@ -1023,3 +1023,12 @@ def test_a_report_path_under_a_file_names_the_report_not_the_run_folder(tmp_path
     line = assert_one_error_line(proc)
     assert "--report" in line and "run folder" not in line, line
     assert proc.stdout == ""
+
+
+def test_a_script_that_is_not_utf8_gets_pythons_own_message(tmp_path: Path) -> None:
+    script = tmp_path / "latin1.py"
+    script.write_bytes(b'x = 1\nprint("caf\xe9")\n')
+    plain = _plain_python(script, cwd=tmp_path)
+    proc = run_td("--out", tmp_path / "run", script, cwd=tmp_path)
+    assert (proc.returncode, script_stderr(proc.stderr)) == (1, nonempty_lines(plain.stderr)), describe(proc)
+    assert "Non-UTF-8 code starting with '\\xe9'" in proc.stderr and "on line 2" in proc.stderr

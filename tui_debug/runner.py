@@ -80,8 +80,24 @@ def prepare_script(script: str, args: list[str]) -> Target:
             raise UsageError(f"can't run {script!r}: bad magic number in .pyc file (another Python's?)")
         code = marshal.loads(source[16:])
     else:
+        _check_utf8(source, path)
         code = compile(source, path, "exec", dont_inherit=True)
     return Target(kind="script", name=script, argv=[script, *args], code=code, path=path, sys_path0=sys_path0)
+
+
+def _check_utf8(source: bytes, path: str) -> None:
+    """Python's own message for a source that is not UTF-8 and declares no encoding (PEP 263);
+    compile() of the bytes says "(unicode error) 'utf-8' codec can't decode" instead."""
+    head = source.split(b"\n", 2)[:2]
+    if any(b"coding" in line for line in head):
+        return  # a declared encoding: compile() reads it, and says what Python says
+    try:
+        source.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = source[:exc.start].count(b"\n") + 1
+        raise SyntaxError(f"Non-UTF-8 code starting with '\\x{source[exc.start]:02x}' in file {path} on line "
+                          f"{line}, but no encoding declared; see https://peps.python.org/pep-0263/ for details") \
+            from None
 
 
 def _prepare_zip(script: str, path: str, args: list[str]) -> Target:
