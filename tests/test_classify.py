@@ -206,3 +206,69 @@ def test_common_training_errors_get_advice_derived_from_them(fn, module, says) -
 def test_an_error_without_advice_keeps_the_general_recommendation() -> None:
     c = classify_exception(ValueError("my own check failed"))
     assert c.category == "training_error" and "traceback shows where" in c.recommendation
+
+
+class _ReadTimeout(OSError):  # named as requests' (which this test does not import)
+    pass
+
+
+_ReadTimeout.__name__ = "ReadTimeout"
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+
+@pytest.mark.parametrize("exc, category", [
+    (TimeoutError("timed out"), "timeout_error"),
+    (_ReadTimeout("read timed out"), "timeout_error"),
+    (RuntimeError("[Rank 1] Watchdog caught collective operation timeout: WorkNCCL(...) ran for 600000 ms"),
+     "timeout_error"),
+    (__import__("urllib.error").error.URLError(TimeoutError("timed out")), "timeout_error"),
+    (__import__("urllib.error").error.URLError("[Errno -2] Name or service not known"), "network_error"),
+    (ConnectionRefusedError(111, "Connection refused"), "network_error"),
+    (__import__("http.client").client.RemoteDisconnected("Remote end closed connection"), "network_error"),
+    (KeyError("lr"), "training_error"),
+], ids=["TimeoutError", "requests-ReadTimeout", "NCCL-watchdog", "URLError-timeout", "URLError", "refused",
+        "RemoteDisconnected", "KeyError"])
+def test_waits_and_the_network_have_their_own_categories(exc: BaseException, category: str) -> None:
+    c = classify_exception(exc)
+    assert c.category == category, c
+    assert type(exc).__name__ in c.message
+
+
+def test_an_exception_whose_str_raises_is_still_classified() -> None:
+    c = classify_exception(_Unprintable())
+    assert (c.category, c.message) == ("training_error", "_Unprintable: <exception str() failed>")
+
+
+def test_an_error_in_an_evaluation_pass_is_an_evaluation_error_of_the_last_step_done(tmp_path: Path) -> None:
+    """model.eval() + no_grad() after 10 steps, a batch of the wrong width: not a training_error of a
+    step 11 that never ran, and the advice starts from the evaluation data, not from the model."""
+    script = tmp_path / "evaluate.py"
+    script.write_text(
+        "import torch, torch.nn as nn\n"
+        "model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))\n"
+        "opt = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+        "for _ in range(10):\n"
+        "    opt.zero_grad(); model(torch.randn(16, 4)).pow(2).mean().backward(); opt.step()\n"
+        "model.eval()\n"
+        "with torch.no_grad():\n"
+        "    model(torch.randn(16, 5))\n", encoding="utf-8")
+    proc = run_td("--out", tmp_path / "run", script, cwd=tmp_path)
+    assert proc.returncode == 1, describe(proc)
+    [found] = findings(load_report(tmp_path / "run"), "evaluation_error")
+    assert found["step"] == 10 and "model.0 (Linear)" in found["message"], found
+    assert found["recommendation"].startswith("Compare the evaluation batch"), found
+
+
+def test_an_exception_whose_str_raises_is_the_scripts_crash_end_to_end(tmp_path: Path) -> None:
+    script = tmp_path / "badstr.py"
+    script.write_text("class Bad(Exception):\n    def __str__(self):\n        raise RuntimeError('no str')\n"
+                      "raise Bad()\n", encoding="utf-8")
+    proc = run_td("--out", tmp_path / "run", script, cwd=tmp_path)
+    assert proc.returncode == 1, describe(proc)
+    report = load_report(tmp_path / "run")
+    assert [(e["category"], e["message"]) for e in report["errors"]] == [
+        ("training_error", "Bad: <exception str() failed>")], report["errors"]

@@ -230,3 +230,69 @@ def test_step_times_folded_in_bulk_match_one_by_one() -> None:
             assert sorted(one.values()) == sorted(bulk.values())
             assert (one.count, one.percentile(50), one.percentile(95)) == (bulk.count, bulk.percentile(50), bulk.percentile(95))
             assert abs(one.total - bulk.total) < 1e-9
+
+
+@pytest.mark.parametrize("bad_at", [0, 1, 2999, 3000, 3001, 77777, 99999])
+def test_the_loss_history_keeps_the_step_that_went_nan(bad_at: int) -> None:
+    """100,000 points into 1,000: a fixed stride kept the NaN only when it fell on the stride
+    (the report's nonfinite count said 1, its history showed none, and so did the UI's chart)."""
+    from tui_debug.history import DownsampledHistory
+
+    history = DownsampledHistory(1000)
+    for step in range(100_000):
+        history.add(step, float("nan") if step == bad_at else 1.0 / (step + 1))
+    points = history.points()
+    assert len(history) <= 1000 and points[0][0] == 0 and points[-1][0] == 99_999
+    assert [s for s, v in points if v != v] == [bad_at]
+    assert [s for s, _ in points] == sorted(s for s, _ in points)
+
+
+def test_a_loss_history_of_nothing_but_nan_stays_bounded() -> None:
+    from tui_debug.history import DownsampledHistory
+
+    history = DownsampledHistory(1000)
+    for step in range(50_000):
+        history.add(step, float("nan"))
+    assert len(history) <= 1000
+
+
+def test_a_noisy_loss_at_its_optimum_is_not_said_to_end_higher_but_a_rising_one_is() -> None:
+    """Mini-batch losses scatter: the first and the last of them said "ended higher than it started"
+    of a healthy run (0.25 -> 1.26, while the medians went 0.86 -> 0.84)."""
+    import random
+
+    from tui_debug.config import DebugConfig
+    from tui_debug.errors import ErrorTracker
+    from tui_debug.events import LossSiteEvent, StepRecord
+    from tui_debug.report import recommendations
+    from tui_debug.session import Session
+
+    rng = random.Random(0)
+    for rising, expected in ((False, False), (True, True)):
+        config = DebugConfig()
+        session = Session(config, ErrorTracker(config))
+        values = [0.85 * (1 + 3 * i / 400 if rising else 1) * rng.uniform(0.3, 1.7) for i in range(400)]
+        values[0], values[-1] = 0.25, 1.26  # the first and last batches of the healthy run
+        session.handle([LossSiteEvent(0, "loss", "train.py:9")] + [
+            StepRecord(i + 1, float(i), 0.01, 0, [(0, v)], None, None) for i, v in enumerate(values)])
+        said = [r for r in recommendations(session, []) if "ended higher" in r]
+        assert bool(said) is expected, said
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["inference", "backward-without-step"])
+def test_a_script_that_never_steps_is_told_so_only_when_it_meant_to_train(tmp_path: Path, backward: bool) -> None:
+    script = tmp_path / "run_model.py"
+    script.write_text(
+        "import torch, torch.nn as nn\n"
+        "model = nn.Linear(4, 1)\n"
+        "opt = torch.optim.SGD(model.parameters(), lr=0.1)  # made, never stepped\n"
+        "for _ in range(5):\n"
+        f"    out = model(torch.randn(8, 4)).pow(2).mean()\n"
+        f"    {'out.backward()' if backward else 'print(round(float(out), 1) >= 0)'}\n", encoding="utf-8")
+    proc = run_td("--out", tmp_path / "run", script, cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    said = load_report(tmp_path / "run")["recommendations"]
+    if backward:
+        assert any("no optimizer step was seen" in r for r in said), said
+    else:
+        assert said == ["No problems found."], said

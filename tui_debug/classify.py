@@ -79,11 +79,43 @@ def raised_mid_step(exc: BaseException, failing_modules: list[str] | None) -> bo
         return True
     frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ is not None else []
     return any(_AUTOGRAD_DIR in f.filename or _DATA_DIR in f.filename for f in frames) or \
-        bool(_WORKER.search(str(exc)))
+        bool(_WORKER.search(safe_str(exc)))
 
 
-def classify_exception(exc: BaseException, failing_modules: list[str] | None = None) -> Classified:
-    text = str(exc)
+def safe_str(exc: BaseException) -> str:
+    """``str(exc)``, or Python's own stand-in when the exception's ``__str__`` raises."""
+    try:
+        return str(exc)
+    except Exception:
+        return "<exception str() failed>"
+
+
+# Exception classes, by name anywhere in their MRO (requests, urllib3, aiohttp, torch.distributed are
+# not imported to test for theirs), that say a remote end or the network failed, or a wait ran out.
+_TIMEOUT_NAMES = ("TimeoutError", "TimeoutExpired", "Timeout", "ConnectTimeout", "ReadTimeout",
+                  "DistTimeoutError")
+_NETWORK_NAMES = ("ConnectionError", "URLError", "HTTPError", "HTTPException", "gaierror", "herror", "SSLError",
+                  "RequestException", "ProtocolError", "NewConnectionError", "MaxRetryError", "ClientError",
+                  "DistNetworkError", "RemoteDisconnected")
+_TIMEOUT_TEXT = re.compile(r"Watchdog caught collective operation timeout|DataLoader timed out after|"
+                           r"\btimed out\b", re.IGNORECASE)
+
+
+def _mro_names(exc: BaseException) -> set[str]:
+    return {c.__name__ for c in type(exc).__mro__}
+
+
+def _is_timeout(exc: BaseException, text: str) -> bool:
+    names = _mro_names(exc)
+    reason = getattr(exc, "reason", None)  # urllib's URLError wraps the socket's timeout
+    return bool(names & set(_TIMEOUT_NAMES)) or isinstance(reason, TimeoutError) or (
+        isinstance(exc, RuntimeError) and bool(_TIMEOUT_TEXT.search(text)))
+
+
+def classify_exception(exc: BaseException, failing_modules: list[str] | None = None,
+                       evaluating: bool = False) -> Classified:
+    """``evaluating``: raised in a forward of an evaluation pass (no_grad, or the model in eval mode)."""
+    text = safe_str(exc)
     name = type(exc).__name__
     where = f" in {failing_modules[0]}" if failing_modules else ""
     ctx: dict[str, Any] = {"exception_type": name}
@@ -153,8 +185,27 @@ def classify_exception(exc: BaseException, failing_modules: list[str] | None = N
         return Classified("error", "data_error", f"{name} while loading data: {_last_line(text) or name}", ctx,
                           "The dataset, sampler or collate_fn raised while building a batch; the "
                           "traceback points at the line.")
+    what = f"{name}{where}: {_last_line(text)}" if text else f"{name}{where}"
+    # -- waits and the network (a dataset that downloads is a data_error above) -------------------
+    if _is_timeout(exc, text):
+        return Classified("error", "timeout_error", what, ctx,
+                          "An operation waited longer than its timeout: a remote end, a collective whose "
+                          "other ranks did not arrive (one crashed or is slower), or a stuck DataLoader "
+                          "worker. The traceback shows which wait; raise its timeout only once it is known "
+                          "to be merely slow.")
+    if _mro_names(exc) & set(_NETWORK_NAMES):
+        return Classified("error", "network_error", what, ctx,
+                          "A network operation failed (the host, the connection, or the remote end's "
+                          "answer): check the address and the connection; a download at start-up is best "
+                          "cached to disk, a checkpoint upload retried.")
     advice = advise(text, failing_modules[0] if failing_modules else None)
-    return Classified("error", "training_error", f"{name}{where}: {_last_line(text)}" if text else f"{name}{where}",
+    if evaluating:
+        return Classified("error", "evaluation_error", f"{what} (in an evaluation pass)", ctx,
+                          ("Compare the evaluation batch with a training one first (the same model trained on "
+                           "those): " + advice) if advice else
+                          "The evaluation code raised (a forward under torch.no_grad() or in eval mode); the "
+                          "traceback shows where.")
+    return Classified("error", "training_error", what,
                       ctx, advice or "The script raised; the traceback shows where (and the module it happened "
                                      "in, when it was in a forward).")
 

@@ -244,7 +244,11 @@ class ErrorTracker:
     ) -> ErrorInfo:
         """Record a finding; a repeat of ``key`` bumps the existing entry's count."""
         if isinstance(error, BaseException):
-            message = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+            try:
+                text = str(error)
+            except Exception:  # its __str__ raised: Python's own stand-in, and the user's exception goes on
+                text = "<exception str() failed>"
+            message = f"{type(error).__name__}: {text}" if text else type(error).__name__
             if traceback is None and error.__traceback__ is not None:
                 traceback = format_exception(error)
         else:

@@ -171,6 +171,7 @@ class ScriptEnded:
     exception: BaseException | None = None
     failing_modules: list[str] | None = None
     step: int = 0
+    evaluating: bool = False  # raised in a forward of an evaluation pass (no_grad or eval mode)
 
 
 class EventBus:

@@ -10,10 +10,12 @@ class DownsampledHistory:
 
     When full, every other point is dropped and the sampling stride doubles, so the history always
     covers the run from its first step to its latest at an even resolution. The latest point is
-    always kept separately, so the end of the run is never lost between strides.
+    always kept separately, so the end of the run is never lost between strides. A non-finite value
+    stands for its stride's point (the sampled one would hide it) and wins its pair when the history
+    halves: the NaN a run went bad on stays on the chart (a fixed stride had dropped it by chance).
     """
 
-    __slots__ = ("capacity", "stride", "_points", "_seen", "latest")
+    __slots__ = ("capacity", "stride", "_points", "_seen", "latest", "_bad")
 
     def __init__(self, capacity: int = 1000) -> None:
         self.capacity = max(2, capacity)
@@ -21,15 +23,39 @@ class DownsampledHistory:
         self._points: list[tuple[int, float]] = []
         self._seen = 0
         self.latest: tuple[int, float] | None = None
+        self._bad = False  # the last point stands for a non-finite value
 
     def add(self, step: int, value: float) -> None:
         self.latest = (step, value)
         if self._seen % self.stride == 0:
             self._points.append((step, value))
+            self._bad = not _finite(value)
             if len(self._points) >= self.capacity:
-                self._points = self._points[::2]
-                self.stride *= 2
+                self._halve()
+        elif not self._bad and self._points and not _finite(value):
+            self._bad = True
+            if len(self._points) > 1:
+                self._points[-1] = (step, value)
+            else:  # the run's first point stays
+                self._points.append((step, value))
+                if len(self._points) >= self.capacity:
+                    self._halve()
         self._seen += 1
+
+    def _halve(self) -> None:
+        pts = self._points
+        kept = [pts[0]]
+        for i in range(2, len(pts) + 1, 2):
+            # pairs (1, 2), (3, 4)...: the even one, as a stride would, unless only the odd one is non-finite
+            a, b = pts[i - 1], pts[i] if i < len(pts) else None
+            if b is None:
+                if not _finite(a[1]):
+                    kept.append(a)
+            else:
+                kept.append(a if not _finite(a[1]) and _finite(b[1]) else b)
+        self._points = kept
+        self.stride *= 2
+        self._bad = not _finite(kept[-1][1])
 
     def points(self) -> list[tuple[int, float]]:
         pts = list(self._points)
@@ -42,6 +68,13 @@ class DownsampledHistory:
 
     def __iter__(self) -> Iterator[tuple[int, float]]:
         return iter(self.points())
+
+
+def _finite(v: float) -> bool:
+    return v == v and v != _INF and v != -_INF
+
+
+_INF = float("inf")
 
 
 class Reservoir:

@@ -68,7 +68,8 @@ class Monitor:
         self.instr.actions = self.actions
         self.watcher = TorchImportWatcher(self._on_torch_import)
         self.runner = ScriptRunner(target, on_end=self._on_script_end, before_exit=self.instr.finish,
-                                   failing_modules=self.instr.failing_modules, step=lambda: self.instr.step)
+                                   failing_modules=self.instr.failing_modules,
+                                   in_evaluation=self.instr.raised_in_evaluation, step=lambda: self.instr.step)
         self.printer = HeadlessPrinter(self.capture.write_monitor,
                                        prefix="tui_debug" if rank is None else f"tui_debug[rank {rank}]")
         self.tracker.subscribe(self.printer.on_finding)

@@ -9,6 +9,7 @@ import tempfile
 import time
 from typing import Any
 
+from .detectors.trends import loss_rose
 from .errors import ErrorInfo, _jsonable
 from .session import Session
 
@@ -43,10 +44,10 @@ def recommendations(session: Session, errors: list[ErrorInfo]) -> list[str]:
             where = f" (step {info.first_step})" if info.first_step is not None else ""
             out.append(f"[{info.category.value}] {info.message}{where}: {info.recommendation}")
     for stats in session.losses.values():
-        if stats.count >= 20 and stats.nonfinite == 0 and stats.first is not None and stats.last is not None:
-            if stats.last > stats.first * 1.5 and stats.last - stats.first > 1e-6:
-                out.append(f"[loss] '{stats.name}' ended higher than it started ({stats.first:.4g} -> "
-                           f"{stats.last:.4g}): the learning rate may be too high.")
+        rose = loss_rose([v for _, v in stats.history.points()]) if stats.nonfinite == 0 else None
+        if rose is not None:
+            out.append(f"[loss] '{stats.name}' ended higher than it started (median of its first tenth "
+                       f"{rose[0]:.4g}, of its last {rose[1]:.4g}): the learning rate may be too high.")
     skips, total = session.scaler_skips, session.scaler_skips + session.steps
     if skips >= 20 and skips >= 0.1 * total:  # calibration from the default scale takes a handful
         out.append(f"[amp] a GradScaler skipped {skips} of {total} iterations ({100 * skips / total:.0f}%): "
@@ -59,7 +60,8 @@ def recommendations(session: Session, errors: list[ErrorInfo]) -> list[str]:
                    f"every step (glibc trims its heap). Starting Python with MALLOC_TRIM_THRESHOLD_=1073741824 "
                    f"MALLOC_MMAP_THRESHOLD_=33554432 in the environment (or with jemalloc/tcmalloc preloaded) "
                    f"keeps that memory; it took bench/workloads.py's CNN from 36-42 ms to 33 ms per step.")
-    if session.steps == 0 and session.status in ("finished", "exited") and session.models:
+    if session.steps == 0 and session.status in ("finished", "exited") and session.models and session.losses:
+        # (a backward ran: an inference script runs its model with no loss, and is told nothing)
         out.append("[training] no optimizer step was seen: the model ran but never trained "
                    "(optimizer.step() missing, or every step skipped by a GradScaler).")
     if not out and session.status == "finished":

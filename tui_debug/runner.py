@@ -212,11 +212,13 @@ class ScriptRunner:
     def __init__(self, target: Target, on_end: Callable[[ScriptEnded], None],
                  before_exit: Callable[[], None] | None = None,
                  failing_modules: Callable[[BaseException], list[str] | None] | None = None,
+                 in_evaluation: Callable[[BaseException], bool] | None = None,
                  step: Callable[[], int] | None = None) -> None:
         self.target = target
         self._on_end = on_end
         self._before_exit = before_exit
         self._failing_modules = failing_modules
+        self._in_evaluation = in_evaluation
         self._step = step
         self.thread: threading.Thread | None = None
         self.result: ScriptEnded | None = None
@@ -375,9 +377,15 @@ class ScriptRunner:
             except Exception:
                 pass
         failing = None
+        evaluating = False
         if exc_kept is not None and self._failing_modules is not None:
             failing = self._failing_modules(exc_kept)
+            try:
+                evaluating = bool(failing) and self._in_evaluation is not None and self._in_evaluation(exc_kept)
+            except Exception:
+                evaluating = False
         self.result = ScriptEnded(status=status, exit_code=code, exception=exc_kept, failing_modules=failing,
+                                  evaluating=evaluating,
                                   step=self._step() if self._step else 0)
         self._on_end(self.result)
 

@@ -367,8 +367,9 @@ class Session:
         exc = ev.exception
         already = exc is not None and getattr(exc, "__tui_debug_info__", None) is not None  # the API tracked it
         if exc is not None and not isinstance(exc, KeyboardInterrupt) and not already:
-            c = classify_exception(exc, ev.failing_modules)
-            step = self.steps + 1 if raised_mid_step(exc, ev.failing_modules) else self.steps
+            c = classify_exception(exc, ev.failing_modules, evaluating=ev.evaluating)
+            mid_step = raised_mid_step(exc, ev.failing_modules) and not ev.evaluating
+            step = self.steps + 1 if mid_step else self.steps
             self.tracker.track_error(c.message, ErrorSeverity(c.severity), ErrorCategory(c.category),
                                      context=c.context, step=step or None,
                                      key=f"exception|{c.category}|{c.message}", traceback=format_exception(exc),

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from ..config import DebugConfig
 from ..errors import ErrorCategory, ErrorInfo, ErrorSeverity, _jsonable
+from ..detectors.trends import loss_rose
 from .debugger import Debugger
 from .model_debugger import ModelDebugger
 from .recovery_manager import RecoveryManager
@@ -194,9 +195,10 @@ class DebuggingInterface:
         losses = dbg.debug_data.get("losses") or []
         finite = [l["value"] for l in losses if isinstance(l.get("value"), float) and l["value"] == l["value"]
                   and abs(l["value"]) != float("inf")]
-        if len(finite) >= 5 and finite[-1] > finite[0] * 1.5 and finite[-1] - finite[0] > 1e-6:
-            out.append(f"[loss] the loss ended higher than it started ({finite[0]:.4g} -> {finite[-1]:.4g}): the "
-                       "learning rate may be too high.")
+        rose = loss_rose(finite, min_points=10)
+        if rose is not None:
+            out.append(f"[loss] the loss ended higher than it started (median of its first tenth {rose[0]:.4g}, "
+                       f"of its last {rose[1]:.4g}): the learning rate may be too high.")
         if not out:
             out.append("No problems found.")
         return out

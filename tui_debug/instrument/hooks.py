@@ -541,7 +541,7 @@ class Instrumentation:
         self._calls: list[ActivationCall] = []
         self._root_inputs: list[tuple[Any, int, str]] = []  # (module, sentinel, "input" | "target")
         self._sent_overflow = 0
-        self._failing: tuple[int, list[str]] | None = None
+        self._failing: tuple[int, list[str], bool] | None = None
         # models
         self._roots: dict[int, tuple[str, Any]] = {}  # id -> (name, weakref)
         # roots with layers that behave differently in train and eval mode: id -> their classes
@@ -1696,7 +1696,9 @@ class Instrumentation:
         if self._failing is not None and self._failing[0] == id(exc):
             return
         names = [self.module_label(m) for m in reversed(self._stack)]
-        self._failing = (id(exc), names)
+        # an evaluation pass: gradients off, or the model in eval mode (its step is not one in progress)
+        evaluating = not self._is_grad_enabled() or bool(self._stack and not self._stack[0].training)
+        self._failing = (id(exc), names, evaluating)
 
     def failing_modules(self, exc: BaseException) -> list[str] | None:
         """Innermost-first modules that were running when ``exc`` was raised, if it came from a forward."""
@@ -1704,11 +1706,23 @@ class Instrumentation:
             return self._failing[1]
         return self._modules_from_traceback(exc)
 
+    def raised_in_evaluation(self, exc: BaseException) -> bool:
+        """Whether ``exc`` came from a forward of an evaluation pass (see _on_forward_exception); on a
+        sampled-out step, whether the outermost module in its traceback was in eval mode."""
+        if self._failing is not None and self._failing[0] == id(exc):
+            return self._failing[2]
+        found = self._traceback_modules(exc)
+        return bool(found) and not found[0].training
+
     def _modules_from_traceback(self, exc: BaseException) -> list[str] | None:
         """On a sampled-out step no hook ran: the modules are the ``self`` of the module-call frames."""
+        return [self.module_label(m) for m in reversed(self._traceback_modules(exc))] or None
+
+    def _traceback_modules(self, exc: BaseException) -> list[Any]:
+        """The modules of the traceback's module-call frames, outermost first."""
         torch = self.torch
         if torch is None:
-            return None
+            return []
         module_type = torch.nn.Module
         found: list[Any] = []
         tb = exc.__traceback__
@@ -1719,7 +1733,7 @@ class Instrumentation:
                 if isinstance(m, module_type) and (not found or found[-1] is not m):
                     found.append(m)
             tb = tb.tb_next
-        return [self.module_label(m) for m in reversed(found)] or None
+        return found
 
     # -- models and names ----------------------------------------------------------------------
     def _register_root(self, module: Any) -> None:
