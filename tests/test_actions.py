@@ -203,3 +203,36 @@ def test_checkpoint_writes_state_dicts_off_the_training_thread(inst: Instrumenta
 def test_clear_cache_reports_memory_before_and_after(inst: Instrumentation) -> None:
     result = actions.clear_cache(inst)
     assert result.ok and "rss_bytes" in result.detail["before"] and "rss_bytes" in result.detail["after"]
+
+
+@pytest.mark.parametrize("kind", ["LambdaLR", "OneCycleLR", "CyclicLR", "CosineAnnealingLR", "StepLR"])
+def test_a_lowered_learning_rate_holds_under_the_scripts_scheduler(inst: Instrumentation, kind: str) -> None:
+    """LambdaLR (and the warm-up schedules built on it) computes each step's rate from its base rates,
+    OneCycleLR from the group's max_lr: the halving was undone at the scheduler's next step, while the
+    UI and the report said it was applied. A twin schedule (an optimizer that never steps, so the
+    monitor never sees it) gives the rate unlowered."""
+    import warnings
+
+    lr_scheduler = torch.optim.lr_scheduler
+
+    def make(opt: torch.optim.Optimizer) -> Any:
+        return {"LambdaLR": lambda: lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 + epoch / 10),
+                "OneCycleLR": lambda: lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=1000),
+                "CyclicLR": lambda: lr_scheduler.CyclicLR(opt, base_lr=0.01, max_lr=0.1, step_size_up=100),
+                "CosineAnnealingLR": lambda: lr_scheduler.CosineAnnealingLR(opt, T_max=1000),
+                "StepLR": lambda: lr_scheduler.StepLR(opt, step_size=1000)}[kind]()
+
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = make(opt)
+    twin_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
+    twin = make(twin_opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the twin's scheduler steps before its optimizer ever does)
+        for i in range(10):
+            if i == 5:
+                assert actions.scale_lr(inst, 0.5).ok
+            _train(model, opt, 1)
+            scheduler.step()
+            twin.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(twin_opt.param_groups[0]["lr"] / 2, rel=1e-9)

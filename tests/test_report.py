@@ -296,3 +296,13 @@ def test_a_script_that_never_steps_is_told_so_only_when_it_meant_to_train(tmp_pa
         assert any("no optimizer step was seen" in r for r in said), said
     else:
         assert said == ["No problems found."], said
+
+
+def test_the_report_gets_the_permissions_of_its_sibling_files(tmp_path: Path) -> None:
+    """It was 0600 (mkstemp's), its logs 0644: another user, or a CI step collecting artifacts, could not read it."""
+    script = tmp_path / "s.py"
+    script.write_text("print('ran')\n", encoding="utf-8")
+    proc = run_td("--out", tmp_path / "run", script, cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    mode = lambda name: (tmp_path / "run" / name).stat().st_mode & 0o777  # noqa: E731
+    assert mode("report.json") == mode("output.log") and mode("report.json") & 0o044, oct(mode("report.json"))

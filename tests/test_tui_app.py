@@ -462,3 +462,30 @@ async def test_the_scripts_input_is_typed_in_the_input_line_not_taken_for_keys(t
         app.stdin.feed("from elsewhere\n")  # the reader is done without the line (as when interrupted)
         reader.join(10)
         await until(lambda: not app.stdin_line.display)  # the line closes by itself
+
+
+@aio
+async def test_a_quit_dialog_open_when_the_script_ends_goes_away_and_quit_gives_the_scripts_status(tmp_path):
+    """It said "still running" over a finished run, and its yes sent a KeyboardInterrupt to nothing: the
+    app stayed open."""
+    app, mon = make_app(tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        mon.setup()
+        await settle(app, pilot)
+        await pilot.press("q")
+        assert isinstance(app.screen, ConfirmQuit)
+        mon.end("finished", 0, None)
+        await settle(app, pilot)
+        assert not isinstance(app.screen, ConfirmQuit) and not mon.stopped
+        await pilot.press("q")
+        await settle(app, pilot)
+    assert app.return_value == 0
+
+
+def test_terminal_title_and_hyperlink_sequences_do_not_show_as_text():
+    """Text.from_ansi keeps an OSC's text: "\\x1b]0;title\\x07" showed as "0;title" in the Output pane."""
+    from tui_debug.tui.output_pane import styled
+
+    assert styled("stdout", "osc:\x1b]0;title\x07 after").plain == "osc: after"
+    line = styled("stdout", "link \x1b]8;;http://x\x1b\\label\x1b]8;;\x1b\\ end \x1b[31mred\x1b[0m")
+    assert line.plain == "link label end red" and [(s.start, s.end) for s in line.spans] == [(15, 18)]  # red kept

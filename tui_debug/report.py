@@ -153,6 +153,7 @@ def write_report(path: str, report: dict[str, Any]) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text + "\n")
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would have made it (mkstemp's is 0600: others could not read it)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -160,3 +161,15 @@ def write_report(path: str, report: dict[str, Any]) -> None:
         except OSError:
             pass
         raise
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would change it for every thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022

@@ -93,15 +93,48 @@ def scale_lr(instr: TrainingState, factor: float) -> ActionResult:
                 lr.fill_(new)  # tensor lr (capturable optimizers): keep the tensor
             else:
                 group["lr"] = new
-            if "initial_lr" in group and not hasattr(group["initial_lr"], "fill_"):
-                group["initial_lr"] = group["initial_lr"] * factor  # keep LR schedulers consistent
+            for key in ("initial_lr", "max_lr", "min_lr"):  # (a scheduler's anchors: OneCycleLR's, all of them)
+                if key in group and isinstance(group[key], (int, float)):
+                    group[key] = group[key] * factor
             changes.append({"optimizer": i, "group": j, "old": old, "new": new})
     name = "lower_lr" if factor < 1 else "raise_lr"
     if not changes:
         return ActionResult(name, False, "no optimizer seen yet: learning rate unchanged", instr.step)
+    schedulers = []
+    for opt in optimizers(instr):
+        schedulers += [_scale_scheduler(s, factor) for s in _schedulers_of(opt)]
     shown = ", ".join(f"{c['old']:.3g} -> {c['new']:.3g}" for c in changes[:4])
     more = f" (+{len(changes) - 4} groups)" if len(changes) > 4 else ""
-    return ActionResult(name, True, f"learning rate x{factor:g}: {shown}{more}", instr.step, {"changes": changes})
+    also = f"; with {', '.join(sorted(set(schedulers)))}'s base rates" if schedulers else ""
+    return ActionResult(name, True, f"learning rate x{factor:g}: {shown}{more}{also}", instr.step,
+                        {"changes": changes, "schedulers": schedulers})
+
+
+def _schedulers_of(opt: Any) -> list[Any]:
+    """The LR schedulers driving ``opt`` (nothing registers them: found among what refers to it). A user's
+    key press, not a step: the search's few milliseconds are spent once."""
+    found: list[Any] = []
+    seen: set[int] = set()
+    for ref in gc.get_referrers(opt):
+        holders = [ref] if not isinstance(ref, dict) else gc.get_referrers(ref)  # (an object or its __dict__)
+        for obj in holders:
+            if id(obj) in seen or getattr(obj, "optimizer", None) is not opt or isinstance(obj, dict):
+                continue
+            if any(c.__module__.endswith("lr_scheduler") for c in type(obj).__mro__):
+                seen.add(id(obj))
+                found.append(obj)
+    return found
+
+
+def _scale_scheduler(scheduler: Any, factor: float) -> str:
+    """Its base rates scaled with the optimizer's: LambdaLR (and the warm-up schedules built on it)
+    computes each step's rate from them and undid the change at its next step; CyclicLR from its
+    max_lrs as well. Returns its class name."""
+    for attr in ("base_lrs", "max_lrs"):
+        values = getattr(scheduler, attr, None)
+        if isinstance(values, list) and all(isinstance(v, (int, float)) for v in values):
+            setattr(scheduler, attr, [v * factor for v in values])
+    return type(scheduler).__name__
 
 
 def set_clipping(instr: TrainingState, max_norm: float | None) -> ActionResult:

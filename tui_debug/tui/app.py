@@ -264,6 +264,8 @@ class TuiDebugApp(App[int]):
                 (f"script {s.status} (exit {s.exit_code}). ", "bold"),
                 f"report: {self.monitor.report_path}  — q to quit")
             self.refresh_panes()
+            if isinstance(self.screen, ConfirmQuit):  # "still running" no longer holds: the notice says what does
+                self.screen.dismiss(False)
             if self.exit_on_end or self.stopping:
                 self.exit(s.exit_code)
         if getattr(self.monitor, "_terminate", None) is not None:  # SIGTERM/SIGHUP: go at once
@@ -455,7 +457,9 @@ class TuiDebugApp(App[int]):
             return
 
         def answered(yes: bool | None) -> None:
-            if yes:
+            if yes and self.session.ended is not None:  # it ended while asked: nothing left to stop
+                self.exit(self.session.exit_code)
+            elif yes:
                 self.stop_training()
 
         self.push_screen(ConfirmQuit(), answered)

@@ -4,6 +4,7 @@ one live line that is overwritten in place; bounded (``max_lines``) and scrollab
 from __future__ import annotations
 
 import collections
+import re
 import threading
 
 from rich.text import Text
@@ -11,6 +12,9 @@ from textual.containers import Vertical
 from textual.widgets import RichLog, Static
 
 STREAM_STYLE = {"stdout": "", "stderr": "red", "tui_debug": "bold magenta"}
+# Operating-system commands (a window title, a hyperlink's target): Text.from_ansi keeps their text
+# ("\x1b]0;title\x07" showed as "0;title"). A hyperlink's label, between its two, stays.
+_OSC = re.compile(r"\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)")
 MAX_PENDING_CHARS = 1 << 20  # what waits between two UI ticks, at most
 
 
@@ -69,6 +73,8 @@ def _last_cr(line: str) -> str:
 
 
 def styled(stream: str, line: str) -> Text:
+    if "\x1b]" in line:
+        line = _OSC.sub("", line)
     try:
         t = Text.from_ansi(line, no_wrap=True) if "\x1b" in line else Text(line, no_wrap=True)
     except Exception:
