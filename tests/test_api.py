@@ -197,7 +197,16 @@ def test_empty_dataloader():
     assert result["steps"] == 0 and result["stopped"] is None
     (info,) = by_category(di.debugger.error_tracker, "data_error")
     assert info.severity is ErrorSeverity.WARNING and info.count == 2 and "no batches" in info.message
+    assert info.recovery_action is None  # (it said "batch skipped; training went on": there was no batch)
     assert len(di.model_debugger.model_states) == 2
+    di.close()
+
+
+def test_a_data_finding_of_the_users_own_gets_no_recovery_it_did_not_have():
+    di = DebuggingInterface(quiet())
+    info = di.debugger.error_tracker.track_error("checksum mismatch in shard 7", ErrorSeverity.WARNING,
+                                                 ErrorCategory.DATA_ERROR)
+    assert info.recovery_action is None
     di.close()
 
 
@@ -426,3 +435,21 @@ def test_api_script_under_the_cli_counts_each_finding_once(tmp_path):
     assert proc.stderr.count("sample 45 is corrupt") == 1  # printed once, by the monitor
     api = json.loads((tmp_path / "api.json").read_text())  # the API's own report reads the same store
     assert sorted(e["message"] for e in api["errors"]) == sorted(m for _, m in messages)
+
+
+def test_a_skipped_steps_findings_all_carry_the_step_in_progress():
+    """A NaN input after 3 good steps was filed at step 3 (the last one done) with context step 4, and a
+    NaN loss in the same place at step 4."""
+    dbg = Debugger(quiet())
+    md = ModelDebugger(dbg)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    for _ in range(3):
+        md.debug_training_step(model, opt, nn.MSELoss(), x, y)
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    md.debug_training_step(model, opt, nn.MSELoss(), bad, y)
+    md.debug_training_step(model, opt, lambda o, t: (o - t).pow(2).mean() * float("nan"), x, y)
+    found = [(e.category.value, e.step, e.context.get("step")) for e in dbg.error_tracker.errors]
+    assert found == [("input_validation", 4, 4), ("loss_error", 4, 4)], found

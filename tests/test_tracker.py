@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -143,6 +144,21 @@ def test_bounded_store_keeps_errors_and_counts_drops(make_tracker) -> None:
     assert summary["dropped_errors"] == 5
     assert summary["total_errors"] == 8  # counts stay exact even for what was not kept
     assert summary["unique_errors"] == 3
+
+
+def test_findings_taking_turns_in_a_small_store_are_each_new_once_and_counted(make_tracker) -> None:
+    """20 warnings, 5 rounds, 2 places: the given-up ones were forgotten (4 x max_errors kept), so each
+    repeat was new again: 68 new ones logged, counts of 1 on what was kept, 66 drops for 18 findings."""
+    tracker = make_tracker(max_errors=2)
+    new: list[bool] = []
+    tracker.subscribe(lambda info, is_new: new.append(is_new))
+    for _ in range(5):
+        for k in range(20):
+            tracker.track_error(f"finding {k}", W, ErrorCategory.DATA_ERROR)
+    assert sum(new) == 20 and len(new) == 100
+    assert [(e.message, e.count) for e in tracker.snapshot()] == [("finding 18", 5), ("finding 19", 5)]
+    summary = tracker.get_error_summary()
+    assert summary["dropped_errors"] == 18 and summary["total_errors"] == 100
 
 
 def test_bounded_store_evicts_warnings_for_errors(make_tracker) -> None:
@@ -299,6 +315,23 @@ def test_unknown_key_in_pyproject_is_a_config_error(tmp_path: Path) -> None:
 def test_bad_values_are_config_errors(tmp_path: Path, values: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=field):
         DebugConfig().updated(values, "test")
+    with pytest.raises(ConfigError, match=field):  # made directly, as the API does: the same checks
+        DebugConfig(**values)
+
+
+@pytest.mark.parametrize("values", [{"max_errors": "5"}, {"debug_level": 3}, {"max_overhead": "0.1"},
+                                    {"loss_window": None}, {"enable_file_output": "no"}, {"max_log_size": 1.5}])
+def test_a_config_made_in_code_with_a_wrong_type_is_refused_at_once(values: dict) -> None:
+    """max_errors="5" was accepted, and the first finding raised TypeError inside the tracker;
+    enable_file_output="no" turned file output on."""
+    with pytest.raises(ConfigError, match=next(iter(values))):
+        DebugConfig(**values)
+
+
+def test_numbers_and_paths_made_in_code_are_taken_as_their_fields_type() -> None:
+    config = DebugConfig(max_overhead=0, log_file=Path("logs") / "run.log")
+    assert config.max_overhead == 0.0 and isinstance(config.max_overhead, float)
+    assert config.log_file == os.path.join("logs", "run.log")
 
 
 def test_cli_config_with_unknown_key_is_one_line_exit_2(tmp_path: Path) -> None:
@@ -418,3 +451,33 @@ def test_a_new_tracker_never_logs_through_a_dropped_trackers_handlers(tmp_path: 
             assert len(t.logger.handlers) == 1, "a dropped tracker's handlers are attached too"
         finally:
             t.stop()
+
+
+def test_two_trackers_on_one_log_file_rotate_it_together(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """The API's DebuggingInterface and Debugger each make a tracker on ./debug.log: two handlers renamed
+    the file under each other at rotation (FileNotFoundError tracebacks on stderr, lines lost)."""
+    config = DebugConfig(enable_console_output=False, max_log_size=2000, backup_count=2,
+                         log_file=str(tmp_path / "debug.log"), error_file=str(tmp_path / "errors.log"))
+    first, second = ErrorTracker(config), ErrorTracker(config)
+    for i in range(300):
+        (first if i % 2 else second).track_error(f"finding {i} " + "x" * 50, E, ErrorCategory.DATA_ERROR)
+    first.stop()
+    second.track_error("after the first stopped", E, ErrorCategory.DATA_ERROR)
+    second.stop()
+    assert "Logging error" not in capfd.readouterr().err
+    files = sorted(p.name for p in tmp_path.glob("debug.log*"))
+    assert files == ["debug.log", "debug.log.1", "debug.log.2"]
+    assert all((tmp_path / f).stat().st_size <= 2000 for f in files)
+    assert "after the first stopped" in (tmp_path / "debug.log").read_text(encoding="utf-8")
+
+
+def test_backup_count_0_keeps_the_log_within_its_size(tmp_path: Path) -> None:
+    """Python's rotating handler never rolls over without a backup: the file grew without bound."""
+    config = DebugConfig(enable_console_output=False, max_log_size=2000, backup_count=0,
+                         log_file=str(tmp_path / "debug.log"), error_file=str(tmp_path / "errors.log"))
+    tracker = ErrorTracker(config)
+    for i in range(300):
+        tracker.track_error(f"finding {i} " + "x" * 50, E, ErrorCategory.DATA_ERROR)
+    tracker.stop()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["debug.log", "errors.log"]
+    assert 0 < (tmp_path / "debug.log").stat().st_size <= 2000

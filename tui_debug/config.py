@@ -90,6 +90,14 @@ class DebugConfig:
     update_ratio_max_numel: int = 50_000_000
 
     def __post_init__(self) -> None:
+        # Types first, as a TOML file's are: DebugConfig(max_errors="5") was accepted, and the first
+        # finding then raised TypeError inside the tracker.
+        for f in dataclasses.fields(self):
+            if f.name != "debug_level" and f.default is not dataclasses.MISSING:
+                setattr(self, f.name, _coerce(f.name, getattr(self, f.name), f.default, "DebugConfig"))
+        if not isinstance(self.debug_level, (str, DebugLevel)):
+            raise ConfigError(f"debug_level must be one of {', '.join(l.value for l in DebugLevel)}, "
+                              f"not {self.debug_level!r}")
         if isinstance(self.debug_level, str):
             try:
                 self.debug_level = DebugLevel(self.debug_level.lower())
@@ -175,6 +183,8 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
             raise ConfigError(f"{source}: {key} must be a number, not {value!r}")
         return float(value)
     if isinstance(default, str):
+        if isinstance(value, os.PathLike):  # (log_file=Path(...))
+            return os.fspath(value)
         if not isinstance(value, str):
             raise ConfigError(f"{source}: {key} must be a string, not {value!r}")
         return value

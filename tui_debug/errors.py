@@ -119,6 +119,57 @@ class ErrorInfo:
         return f"{self.severity.value.upper()} {self.category.value} {step}: {self.message}{repeat}"
 
 
+class _LogFile(logging.handlers.RotatingFileHandler):
+    """``backup_count`` 0 keeps no old file: the log starts over at ``max_log_size`` (Python's handler
+    never rolls over without a backup, and the file grew without bound)."""
+
+    def doRollover(self) -> None:
+        if self.backupCount > 0:
+            super().doRollover()
+            return
+        if self.stream:
+            self.stream.close()
+        self.stream = open(self.baseFilename, "w", encoding=self.encoding)  # noqa: SIM115
+
+
+# One handler per log file in the process, shared by the trackers that write it (the API's
+# DebuggingInterface and Debugger, each with a tracker, both on ./debug.log): two handlers renamed the
+# file under each other at rotation ("--- Logging error --- FileNotFoundError") and lost lines.
+_LOG_FILES: dict[str, list[Any]] = {}  # absolute path -> [handler, trackers using it]
+_LOG_FILES_LOCK = threading.Lock()
+
+
+def _shared_log_file(path: str, max_bytes: int, backups: int, delay: bool, level: int,
+                     fmt: logging.Formatter) -> logging.Handler:
+    key = os.path.abspath(path)
+    with _LOG_FILES_LOCK:
+        entry = _LOG_FILES.get(key)
+        if entry is not None:
+            entry[1] += 1
+            return entry[0]
+        handler = _LogFile(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8", delay=delay)
+        handler.setLevel(level)
+        handler.setFormatter(fmt)
+        _LOG_FILES[key] = [handler, 1]
+        return handler
+
+
+def _release_log_file(handler: logging.Handler) -> None:
+    """Close ``handler`` once no tracker writes through it any more (the console one at once)."""
+    with _LOG_FILES_LOCK:
+        for key, entry in list(_LOG_FILES.items()):
+            if entry[0] is handler:
+                entry[1] -= 1
+                if entry[1] > 0:
+                    return
+                del _LOG_FILES[key]
+                break
+    handler.close()
+
+
+DROPPED_KEPT = 1024  # findings given up by a full store whose repeats still coalesce (at least)
+
+
 class _NamedQueueListener(logging.handlers.QueueListener):
     """Its thread named: an unnamed one takes a number from threading's counter, and the script's first
     thread was "Thread-2" instead of "Thread-1"."""
@@ -188,12 +239,9 @@ class ErrorTracker:
             for name, level in ((self.config.log_file, logging.DEBUG), (self.config.error_file, logging.WARNING)):
                 path = os.path.join(os.fspath(log_dir), name) if log_dir is not None else name
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-                h = logging.handlers.RotatingFileHandler(
-                    path, maxBytes=self.config.max_log_size, backupCount=self.config.backup_count,
-                    encoding="utf-8", delay=log_dir is None)  # a run folder holds both from the start
-                h.setLevel(level)
-                h.setFormatter(fmt)
-                handlers.append(h)
+                handlers.append(_shared_log_file(path, self.config.max_log_size, self.config.backup_count,
+                                                 delay=log_dir is None,  # a run folder holds both from the start
+                                                 level=level, fmt=fmt))
         if self.config.enable_console_output:
             h = logging.StreamHandler()  # resolves sys.stderr at emit time
             h.setLevel(logging.WARNING)
@@ -220,7 +268,7 @@ class ErrorTracker:
         if listener is not None:
             listener.stop()
             for h in self._handlers:
-                h.close()
+                _release_log_file(h)
 
     # -- tracking ------------------------------------------------------------------------------
     def subscribe(self, listener: Listener) -> None:
@@ -317,7 +365,9 @@ class ErrorTracker:
         """Not kept in the store, still counted: its repeats coalesce on it (no new log line each)."""
         self._by_key.pop(info.key or "", None)
         self.dropped_errors += 1
-        if len(self._dropped) < 4 * self.config.max_errors:
+        # (at least DROPPED_KEPT: with a small store, 20 warnings taking turns in 2 places forgot one
+        # another, and each repeat was logged and counted as new, with a count of 1 on what was kept)
+        if len(self._dropped) < max(4 * self.config.max_errors, DROPPED_KEPT):
             self._dropped[info.key or ""] = info
 
     def resolve(self, key: str, action: str | None = None) -> ErrorInfo | None:

@@ -258,7 +258,7 @@ class Debugger:
         return self.report(
             f"non-finite gradient ({what}) in {names[0]}{more}", ErrorSeverity.ERROR, ErrorCategory.GRADIENT_ERROR,
             {"parameters": names[:50], "count": len(names), "of": total, **(extra or {})},
-            key=f"api-nonfinite-grad|{names[0]}",
+            key=f"api-nonfinite-grad|{names[0]}", step=(extra or {}).get("step"),
             covered=_common.monitor_covers(self.monitor, "grad"),
             recommendation="Skip steps with non-finite gradients (the API does), clip gradients "
                            "(torch.nn.utils.clip_grad_norm_), or lower the learning rate.")

@@ -90,6 +90,7 @@ class ModelDebugger:
             ErrorSeverity.ERROR, ErrorCategory.INPUT_VALIDATION,
             {"check": f"nonfinite_{what}", "value": _common.kind(value), **(extra or {})},
             key=f"api-nonfinite-{what}|{type(model).__name__}", covered=covered,
+            step=(extra or {}).get("step"),  # the training step's, as its loss finding (not the last one done)
             recommendation="Clean the data: look for NaN/Inf in the dataset or a transform (division by a "
                            "zero std, log of 0); the batch was skipped.")
 
@@ -99,7 +100,7 @@ class ModelDebugger:
             f"{type(model).__name__} produced a non-finite output ({_common.kind(value)}) from a finite input",
             ErrorSeverity.ERROR, ErrorCategory.MODEL_ERROR,
             {"check": "nonfinite_output", "value": _common.kind(value), **(extra or {})},
-            key=f"api-nonfinite-output|{type(model).__name__}", covered=covered,
+            key=f"api-nonfinite-output|{type(model).__name__}", covered=covered, step=(extra or {}).get("step"),
             recommendation="Parameters or activations overflowed: lower the learning rate, clip gradients, "
                            "guard log/div/sqrt/exp in the forward, or run python -m tui_debug to name the layer.")
 

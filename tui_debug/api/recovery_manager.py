@@ -157,7 +157,11 @@ class RecoveryManager:
         return self.schedule(info, "clear_cache", lambda: actions.clear_cache(self.state))
 
     def _recover_data_error(self, info: ErrorInfo) -> str | None:
-        if info.context.get("action") == "optimizer step skipped" or info.category is ErrorCategory.DATA_ERROR:
+        # Only what did happen: a batch of debug_training_loop that raised (it goes on to the next one,
+        # its finding has the batch's index) or a step the model debugger skipped. Any other data finding
+        # (an empty epoch, the user's own track_error) had been told "batch skipped" too.
+        skipped_step = info.context.get("action") == "optimizer step skipped"
+        if skipped_step or (info.category is ErrorCategory.DATA_ERROR and "batch_idx" in info.context):
             _note(info, "batch skipped; training went on")
             return "batch skipped"
         return None
