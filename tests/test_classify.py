@@ -131,6 +131,11 @@ def test_an_exception_from_inside_an_iteration_belongs_to_the_step_in_progress()
     in_backward = raised(lambda: (x * 2).sum().backward(torch.ones(3)))  # a bad gradient shape
     assert raised_mid_step(in_backward, None)
     assert raised_mid_step(raised(lambda: 1 / 0), ["model.1 (Bad)"])  # from a model's forward
+    # a loss called as a function (F.cross_entropy), as its module form (nn.CrossEntropyLoss) is: the
+    # same error was filed a step apart by the form of the call
+    import torch.nn.functional as F
+
+    assert raised_mid_step(raised(lambda: F.cross_entropy(torch.randn(4, 3), torch.tensor([0, 1, 2, 7]))), None)
     # after the loop (saving, evaluation code of the script's own): the steps done
     assert not raised_mid_step(raised(lambda: open("/nonexistent/dir/file")), None)
 

@@ -14,6 +14,7 @@ _CUDA_OOM = re.compile(r"Tried to allocate ([\d.]+ ?[KMGT]?i?B)")
 _WORKER = re.compile(r"Caught (\w+) in DataLoader worker process (\d+)")
 _DATA_DIR = os.sep + os.path.join("torch", "utils", "data") + os.sep
 _AUTOGRAD_DIR = os.sep + os.path.join("torch", "autograd") + os.sep
+_FUNCTIONAL = os.sep + os.path.join("torch", "nn", "functional.py")  # a loss or layer called as a function
 
 
 @dataclasses.dataclass
@@ -78,7 +79,8 @@ def raised_mid_step(exc: BaseException, failing_modules: list[str] | None) -> bo
     if failing_modules:
         return True
     frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ is not None else []
-    return any(_AUTOGRAD_DIR in f.filename or _DATA_DIR in f.filename for f in frames) or \
+    return any(_AUTOGRAD_DIR in f.filename or _DATA_DIR in f.filename or f.filename.endswith(_FUNCTIONAL)
+               for f in frames) or \
         bool(_WORKER.search(safe_str(exc)))
 
 
