@@ -306,3 +306,16 @@ def test_the_report_gets_the_permissions_of_its_sibling_files(tmp_path: Path) ->
     assert proc.returncode == 0, describe(proc)
     mode = lambda name: (tmp_path / "run" / name).stat().st_mode & 0o777  # noqa: E731
     assert mode("report.json") == mode("output.log") and mode("report.json") & 0o044, oct(mode("report.json"))
+
+
+def test_a_run_whose_steps_are_all_skipped_is_told_it_has_stopped_and_counts_them(tmp_path: Path) -> None:
+    """examples/diverging.py under --recover safe: from step 28 on, every step was skipped (the parameters
+    stayed finite, and frozen) with no word of it beyond the gradient finding's count."""
+    proc = run_td("--out", tmp_path / "run", EXAMPLES / "diverging.py", cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    report = load_report(tmp_path / "run")
+    stuck = [e for e in report["errors"] if e["message"].startswith("training has stopped")]
+    assert len(stuck) == 1 and stuck[0]["category"] == "optimization_error", report["errors"]
+    skipped = report["performance"]["skipped_steps"]
+    assert skipped >= 20 and stuck[0]["step"] >= 20, skipped
+    assert any("Roll back" in r for r in report["recommendations"]), report["recommendations"]

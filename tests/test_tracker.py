@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import os
 import threading
 from pathlib import Path
@@ -481,3 +482,17 @@ def test_backup_count_0_keeps_the_log_within_its_size(tmp_path: Path) -> None:
     tracker.stop()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["debug.log", "errors.log"]
     assert 0 < (tmp_path / "debug.log").stat().st_size <= 2000
+
+
+@pytest.mark.parametrize("content, says", [
+    ('[build-system]\nrequires = ["setuptools"]\n[tool.black]\nline-length = 100\n', "no [tool.tui_debug]"),
+    ('recover = "auto"\n[tool.tui_debug]\nrecover = "off"\n', "put the settings in one place"),
+])
+def test_a_config_file_shaped_like_a_pyproject_is_read_from_its_tool_table_only(
+        tmp_path: Path, content: str, says: str) -> None:
+    """--config pyproject.toml without [tool.tui_debug] said "unknown setting 'build_system'" (a key the
+    file does not have); top-level keys beside the table were silently ignored."""
+    cfg = tmp_path / "pyproject.toml"
+    cfg.write_text(content, encoding="utf-8")
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        load_config(str(cfg), tmp_path / "elsewhere")

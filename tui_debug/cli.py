@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", metavar="FILE", help="a TOML file with DebugConfig settings")
     p.add_argument("--recover", choices=["off", "safe", "auto"], help="recovery mode (default: safe)")
     p.add_argument("--debug-level", choices=["none", "basic", "detailed", "verbose", "profiling"],
-                   help="how much is computed and logged (default: detailed)")
+                   help="what debug.log holds: from detailed (the default) on, each new finding's traceback "
+                        "too; the checks run at every level")
     p.add_argument("--exit-on-end", action="store_true", help="close the UI when the script ends")
     return p
 

@@ -235,8 +235,17 @@ def load_config(config_file: str | None, start_dir: str | os.PathLike[str],
             config = config.updated(table, str(pyproject))
     if config_file is not None:
         data = _read_toml(Path(config_file))
-        if isinstance(data.get("tool"), dict) and "tui_debug" in data["tool"]:
-            data = data["tool"]["tui_debug"]
+        tool = data.get("tool")
+        if isinstance(tool, dict):  # a pyproject.toml: its [tool.tui_debug] table, and only that
+            if "tui_debug" not in tool:
+                raise ConfigError(f"{config_file} has a [tool] table but no [tool.tui_debug]: the settings go there")
+            stray = [k for k in data if k.replace("-", "_") in DebugConfig.field_names()]
+            if stray:  # (one place would silently win over the other)
+                raise ConfigError(f"{config_file}: {', '.join(stray)} at the top level and a [tool.tui_debug] table: "
+                                  "put the settings in one place")
+            data = tool["tui_debug"]
+            if not isinstance(data, dict):
+                raise ConfigError(f"{config_file}: [tool.tui_debug] must be a table")
         config = config.updated(data, config_file)
     if overrides:
         config = config.updated(overrides, "command line")

@@ -245,7 +245,7 @@ class ErrorTracker:
         if self.config.enable_console_output:
             h = logging.StreamHandler()  # resolves sys.stderr at emit time
             h.setLevel(logging.WARNING)
-            h.setFormatter(logging.Formatter("tui_debug: %(message)s"))
+            h.setFormatter(logging.Formatter("tui_debug: %(levelname)s %(message)s"))
             handlers.append(h)
         self._handlers = handlers
         if handlers:
@@ -334,7 +334,7 @@ class ErrorTracker:
                     self._drop(info)
             listeners = list(self._listeners)
         if is_new or info.count in (10, 100, 1000) or info.count % 10_000 == 0:
-            self.logger.log(severity.log_level, "%s", info.one_line())
+            self.logger.log(severity.log_level, "%s", info.one_line().split(" ", 1)[1])  # (the level says the severity)
             if is_new and info.traceback and self.config.debug_level.rank >= 2:
                 self.logger.debug("%s traceback:\n%s", info.error_id, info.traceback)
         for listener in listeners:

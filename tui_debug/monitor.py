@@ -350,6 +350,8 @@ class Monitor:
         report = build_report(self.session)
         # Why fast steps were sampled, and how far: the training thread's figures, copied
         report["performance"]["sampler"] = self.instr.sampler_summary()
+        # optimizer steps skipped for non-finite gradients (--recover safe/auto): the training thread's count
+        report["performance"]["skipped_steps"] = self.instr.skipped_steps
         write_report(self.report_path, report)
         return self.report_path
 

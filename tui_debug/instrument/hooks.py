@@ -114,6 +114,7 @@ UNREAD_FORWARDS = 8
 # update by hand after all (an optimizer kept for zero_grad or a scheduler): gradient accumulation
 # rarely goes that far
 ACCUMULATION_MAX = 1024
+STUCK_SKIPS = 20  # optimizer steps skipped in a row (non-finite gradients) that say training has stopped
 _INF = float("inf")
 _NAN = float("nan")
 
@@ -2781,6 +2782,17 @@ class Instrumentation:
                 p.grad = None
         self.skipped_steps += 1
         self.consecutive_skips += 1
+        if self.consecutive_skips == STUCK_SKIPS and not self._amp_seen:
+            # Every step skipped for a while: the parameters are safe, but training has stopped (the
+            # state itself is poisoned: optimizer moments, BatchNorm statistics, or the rate too high)
+            self._pending.append(FindingEvent(
+                severity="error", category="optimization_error", step=self.step, key="stuck-skipping",
+                message=f"training has stopped: the last {STUCK_SKIPS} optimizer steps were all skipped (their "
+                        "gradients were non-finite), so the parameters no longer change",
+                context={"consecutive_skips": STUCK_SKIPS, "skipped_steps": self.skipped_steps},
+                recommendation="Roll back to the last good snapshot and lower the learning rate (b, then l, in "
+                               "the UI; --recover auto does both), or restart from a checkpoint with a lower "
+                               "rate or gradient clipping."))
         if self.on_skip is not None:
             self._guarded(self.on_skip, self.consecutive_skips)
 

@@ -120,7 +120,7 @@ def replay_tail(fd: int, tail: list[tuple[str, str]], n: int = REPLAY_LINES) -> 
     lines = tail[start:]
     if not lines:
         return
-    out = [f"tui_debug: the script's last {len(lines)} output lines:\n"]
+    out = [f"tui_debug: the script's last {len(lines)} output line{'s' if len(lines) != 1 else ''}:\n"]
     out += [line + "\n" for _, line in lines]
     try:
         data = "".join(out).encode("utf-8", "replace")
