@@ -281,3 +281,31 @@ def test_a_bias_the_loss_cancels_is_called_useless_not_vanishing() -> None:
     assert [s for s, _ in cancelled] == ["info"] and cancelled[0][1].startswith("D.2.bias does nothing"), cancelled
     dead = run(0.0)  # the last layer gets no gradient at all: disconnected, or behind dead units
     assert [s for s, _ in dead] == ["warning"] and "vanishing gradient in D.2.weight" in dead[0][1], dead
+
+
+def test_a_gans_losses_settling_at_their_equilibrium_are_no_plateau() -> None:
+    """examples/gan.py (2,000 steps, healthy) got "loss 'g_loss' did not improve over the last 1006 steps:
+    the learning rate may be too small": adversarial losses settle, they do not fall. One loss stepping
+    one optimizer still gets the note."""
+    import random
+
+    from tui_debug.config import DebugConfig
+    from tui_debug.errors import ErrorTracker
+    from tui_debug.events import LossSiteEvent, StepRecord
+    from tui_debug.session import Session
+
+    rng = random.Random(0)
+    for gan, expected in ((True, 0), (False, 1)):
+        config = DebugConfig(enable_file_output=False, enable_console_output=False)
+        session = Session(config, ErrorTracker(config))
+        events: list = [LossSiteEvent(0, "d_loss", "gan.py:40"), LossSiteEvent(1, "g_loss", "gan.py:44")]
+        for i in range(1, 1501):
+            value = 1.0 + 0.1 * rng.random()
+            if gan:  # D's step reads d_loss, G's step g_loss
+                events += [StepRecord(2 * i - 1, float(i), 0.01, 0, [(0, value)], None, None),
+                           StepRecord(2 * i, float(i), 0.01, 1, [(1, value)], None, None)]
+            else:
+                events.append(StepRecord(i, float(i), 0.01, 0, [(0, value)], None, None))
+        session.handle(events)
+        plateaus = [e for e in session.tracker.snapshot() if (e.key or "").startswith("plateau|")]
+        assert len(plateaus) == expected, plateaus

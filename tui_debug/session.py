@@ -120,6 +120,10 @@ class Session:
         self.ended: ScriptEnded | None = None
         self.loss_explosion = LossExplosion(config)
         self.plateau = Plateau(config)
+        self._site_optimizer: dict[int, int] = {}  # loss site -> the optimizer whose step first read it
+        # Losses that step optimizers of their own (a GAN's d_loss and g_loss): they settle at an
+        # equilibrium, not fall, and "did not improve over 1,000 steps" was said of a healthy GAN
+        self.plateau.adversarial = lambda: len(set(self._site_optimizer.values())) >= 2
         self.grad_detector = GradientNorms(config)
         self.slow_steps = SlowSteps(config)
         self.data_stall = DataStall(config)
@@ -231,6 +235,8 @@ class Session:
         if rec.late_losses:
             verdicts += self._late_losses(rec.late_losses)
         for site, value in rec.losses:
+            if site not in self._site_optimizer and len(self._site_optimizer) < 1000:
+                self._site_optimizer[site] = rec.optimizer
             stats = self.losses.get(site)
             if stats is not None:
                 stats.add(rec.step, value)

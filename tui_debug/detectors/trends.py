@@ -369,6 +369,7 @@ class Plateau:
         self.steps = config.plateau_steps
         self.state: dict[str, dict[str, Any]] = {}
         self.converged: Callable[[], bool] = lambda: False  # every loss fell 1000x (the session's UpdateRatio)
+        self.adversarial: Callable[[], bool] = lambda: False  # losses of their own per optimizer (a GAN)
 
     def forget(self, name: str) -> None:
         """A new model trains through this loss (a new fold): its best so far starts again."""
@@ -395,6 +396,8 @@ class Plateau:
         key = f"plateau|{name}"
         if stalled and not st["fired"]:
             st["fired"] = True
+            if self.adversarial():
+                return []
             if self.converged():
                 return [Verdict(FindingEvent(
                     severity="info", category="optimization_error", step=step, key=key,
