@@ -2887,3 +2887,95 @@ def test_a_nan_loss_before_any_optimizer_step_is_reported_at_its_backward(rec: R
                 p -= 0.1 * torch.nan_to_num(p.grad)
     [found] = [f for f in rec.findings() if f.category == "loss_error"]
     assert found.context["backward"] == 6 and found.context["value"] == "nan", found
+
+
+class DepthProbe(nn.Module):
+    """Records the Python stack depth at each level of a recursion through module calls."""
+
+    def __init__(self, levels: int) -> None:
+        super().__init__()
+        self.lin, self.levels, self.depths = nn.Linear(4, 4), levels, []
+
+    def forward(self, x: torch.Tensor, level: int = 0) -> torch.Tensor:
+        import sys
+
+        frame, depth = sys._getframe(), 0
+        while frame is not None:
+            depth, frame = depth + 1, frame.f_back
+        self.depths.append(depth)
+        return x if level == self.levels else self(torch.tanh(self.lin(x)), level + 1)
+
+
+def test_a_module_call_costs_as_many_python_frames_as_under_plain_torch(rec: Recorder) -> None:
+    """The wrapper called torch's _wrapped_call_impl: 4 frames a level against plain torch's 3, and a
+    model nested ~200 deep hit the recursion limit where plain Python did not."""
+    probe = DepthProbe(levels=3)
+    optimizer = torch.optim.SGD(probe.parameters(), lr=0.01)
+    for _ in range(2):  # the second step is checked as the first, with every hook
+        probe.depths.clear()
+        optimizer.zero_grad()
+        probe(torch.randn(2, 4)).pow(2).mean().backward()
+        optimizer.step()
+    monitored = [b - a for a, b in zip(probe.depths, probe.depths[1:])]
+    rec.inst.uninstall()
+    probe.depths.clear()
+    probe(torch.randn(2, 4))
+    plain = [b - a for a, b in zip(probe.depths, probe.depths[1:])]
+    assert monitored == plain == [3, 3, 3], (monitored, plain)
+
+
+def test_outputs_beyond_the_sentinel_cap_are_said_once_not_silently_left_out() -> None:
+    """8 Linears and max_sentinels_per_step=3: a NaN made in the 7th was named by no finding, and nothing
+    said that most outputs were not checked."""
+    batches: list[list[Any]] = []
+    inst = Instrumentation(DebugConfig(max_sentinels_per_step=3), batches.append)
+    inst.install(torch)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(8)])
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+        for _ in range(4):
+            optimizer.zero_grad()
+            model(torch.randn(4, 8)).pow(2).mean().backward()
+            optimizer.step()
+        inst.finish()
+    finally:
+        inst.uninstall()
+    said = [e for b in batches for e in b if isinstance(e, FindingEvent) and e.key == "sentinels-capped"]
+    assert len(said) == 1 and said[0].context["max_sentinels_per_step"] == 3, said
+    assert said[0].context["unchecked_outputs"] > 0 and "max_sentinels_per_step" in said[0].recommendation
+
+
+ENCODER = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))  # a module-level model
+
+
+class HeadOverEncoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.h = nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.h(ENCODER(x))  # not a submodule: a model used inside another's forward
+
+
+def test_a_model_called_only_inside_another_models_forward_is_named(rec: Recorder) -> None:
+    """Its parameters were optimizer0.param2... and its NaN was put on "Linear", with no path."""
+    torch.manual_seed(0)
+    model = HeadOverEncoder()
+    optimizer = torch.optim.SGD(list(model.parameters()) + list(ENCODER.parameters()), lr=1e-3)
+    saved = ENCODER[2].weight.detach().clone()
+    try:
+        for step in range(1, 8):
+            if step == 5:
+                with torch.no_grad():
+                    ENCODER[2].weight[0, 0] = float("nan")
+            optimizer.zero_grad()
+            model(torch.randn(8, 16)).pow(2).mean().backward()
+            optimizer.step()
+    finally:
+        with torch.no_grad():
+            ENCODER[2].weight.copy_(saved)
+    named = [f.context.get("module") for f in rec.findings(step=5) if f.category == "model_error"]
+    assert named == ["ENCODER.2 (Linear)"], rec.findings(step=5)
+    assert rec.events(StepRecord)[-1].grad_names[-4:] == ["ENCODER.0.weight", "ENCODER.0.bias", "ENCODER.2.weight",
+                                                          "ENCODER.2.bias"]

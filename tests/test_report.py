@@ -319,3 +319,20 @@ def test_a_run_whose_steps_are_all_skipped_is_told_it_has_stopped_and_counts_the
     skipped = report["performance"]["skipped_steps"]
     assert skipped >= 20 and stuck[0]["step"] >= 20, skipped
     assert any("Roll back" in r for r in report["recommendations"]), report["recommendations"]
+
+
+def test_advice_from_thousands_of_findings_is_capped_and_says_how_many_more() -> None:
+    from tui_debug.config import DebugConfig
+    from tui_debug.errors import ErrorCategory, ErrorSeverity, ErrorTracker
+    from tui_debug.report import MAX_FINDING_ADVICE, recommendations
+    from tui_debug.session import Session
+
+    config = DebugConfig(enable_file_output=False, enable_console_output=False)
+    tracker = ErrorTracker(config)
+    for i in range(300):
+        tracker.track_error(f"head{i} produced nan", ErrorSeverity.ERROR, ErrorCategory.MODEL_ERROR, step=i,
+                            recommendation=f"Check head{i}.")
+    said = recommendations(Session(config, tracker), tracker.snapshot())
+    assert len(said) == MAX_FINDING_ADVICE + 1 and said[0].startswith("[model_error] head0 produced nan")
+    assert said[-1] == f"... and {300 - MAX_FINDING_ADVICE} more findings with advice of their own: see errors[].recommendation."
+    tracker.stop()

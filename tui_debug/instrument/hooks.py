@@ -542,6 +542,7 @@ class Instrumentation:
         self._calls: list[ActivationCall] = []
         self._root_inputs: list[tuple[Any, int, str]] = []  # (module, sentinel, "input" | "target")
         self._sent_overflow = 0
+        self._overflow_said = False  # the first step with more outputs than the cap was reported
         self._failing: tuple[int, list[str], bool] | None = None
         # models
         self._roots: dict[int, tuple[str, Any]] = {}  # id -> (name, weakref)
@@ -555,6 +556,8 @@ class Instrumentation:
         self._name_count: dict[str, int] = {}  # a model name -> models given it (the next is name#n+1)
         self.models_made = 0  # models registered (loss modules not counted): a new fold's shows here
         self._known_modules: set[int] = set()
+        self._unnamed_params: set[int] = set()  # ids of stepped parameters no model names (see _pre_hook)
+        self._not_owners: set[int] = set()  # modules looked at for them, owning none
         self._bn_unchecked: set[int] = set()  # BatchNorms whose input's producer is not yet looked at
         self._module_names: dict[int, str] = {}
         self._param_names: dict[int, str] = {}
@@ -828,15 +831,25 @@ class Instrumentation:
         tracing_state = getattr(self.torch._C, "_get_tracing_state", lambda: None)
         functorch_level = getattr(getattr(self.torch._C, "_functorch", None), "peek_interpreter_stack", lambda: None)
         dispatch_modes = self._dispatch_modes
+        # torch's _wrapped_call_impl is two lines: done here, it costs no frame of its own. Each module
+        # call went 4 Python frames deep instead of plain torch's 3, and a model nested 200 deep (or a
+        # module calling itself 240 times) hit the recursion limit where plain Python did not.
+        direct = orig_call is getattr(module_type, "_wrapped_call_impl", None)
 
         # ``self`` by name: torch.profiler(with_stack=True) takes this code for Module.__call__'s and
         # reads the frame's local ``self`` (another name crashed the process with SIGSEGV).
         def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-            if is_compiling() or fast.armed:  # (armed: a run of sampled-out steps, see _FastPath)
+            if is_compiling():
+                return orig_call(self, *args, **kwargs)
+            if fast.armed:  # a run of sampled-out steps (see _FastPath)
+                if direct and self._compiled_call_impl is None:
+                    return self._call_impl(*args, **kwargs)
                 return orig_call(self, *args, **kwargs)
             if me._flush_due and get_ident() == me._tid:
                 me._guarded(me._late_slice)  # see _slice_over
             if not me._fwd_on or get_ident() != me._tid:
+                if direct and self._compiled_call_impl is None:
+                    return self._call_impl(*args, **kwargs)
                 return orig_call(self, *args, **kwargs)
             if tracing_state() is not None or functorch_level() is not None or dispatch_modes():
                 # Not training steps. torch.jit.trace: names in our frames would end up in its graph
@@ -864,7 +877,10 @@ class Instrumentation:
                 me._disable(exc)
                 return orig_call(self, *args, **kwargs)
             try:
-                result = orig_call(self, *args, **kwargs)
+                if direct and self._compiled_call_impl is None:  # torch's own _wrapped_call_impl, inlined
+                    result = self._call_impl(*args, **kwargs)
+                else:
+                    result = orig_call(self, *args, **kwargs)
             except BaseException:
                 if me._fwd_on:
                     try:
@@ -1002,6 +1018,11 @@ class Instrumentation:
             self._guarded(self._forget_dead_roots)
         if is_root and id(module) not in self._known_modules:
             self._guarded(self._register_root, module)
+        elif self._unnamed_params and id(module) not in self._known_modules and id(module) not in self._not_owners:
+            # a model called only inside another's forward (a module-level encoder used in Head.forward):
+            # its parameters, stepped by an optimizer, were optimizer0.param3 and its NaN named "Linear"
+            if self._guarded(self._owns_unnamed, module):
+                self._guarded(self._register_root, module)
         if isinstance(module, self._OptimizedModule):
             return None
         if is_root:
@@ -1064,6 +1085,14 @@ class Instrumentation:
                 return True
         return False
 
+    def _owns_unnamed(self, module: Any) -> bool:
+        owns = any(id(p) in self._unnamed_params for p in module.parameters())
+        if not owns:
+            if len(self._not_owners) > 10_000:  # (modules made per call: their ids come and go)
+                self._not_owners.clear()
+            self._not_owners.add(id(module))
+        return owns
+
     def _loss_target(self, module: Any, y: Any) -> None:
         """A loss's floating-point target (regression labels, a reconstruction's reference) not
         measured yet: data too, so a NaN in it is bad data, not the model's doing."""
@@ -1113,6 +1142,9 @@ class Instrumentation:
         own code made non-finite is named on it). A large output pending its sum passes through it
         to the module that reads it when what runs next is another such container's code (which
         changes nothing in place); into other code it is summed on the way out, as before."""
+        if self._unnamed_params and id(module) not in self._known_modules and id(module) not in self._not_owners:
+            if self._guarded(self._owns_unnamed, module):  # (see _pre_hook: a model inside another's forward)
+                self._guarded(self._register_root, module)
         try:
             in_idx = self._container_input(args[0])
         except Exception as exc:  # a bug of ours: switch off, never fail the call
@@ -1280,7 +1312,9 @@ class Instrumentation:
             return -1
         n = self._n_sent
         numel = t.numel()
-        if n >= self._max_sent or numel == 0:
+        if numel == 0:  # (an empty output: nothing to check)
+            return -1
+        if n >= self._max_sent:
             self._sent_overflow += 1
             return -1
         cuda = t.is_cuda
@@ -1889,6 +1923,8 @@ class Instrumentation:
     def _rebuild_index(self) -> None:
         self._module_names.clear()
         self._param_names.clear()
+        self._unnamed_params.clear()  # (the next layout lists those still unnamed)
+        self._not_owners.clear()
         for name, ref in list(self._roots.values()):
             root = ref()
             if root is None:
@@ -2471,7 +2507,12 @@ class Instrumentation:
             names = []
             for idxs in st.groups:
                 for i in idxs:
-                    names.append(self._param_names.get(id(params[i])) or f"optimizer{st.index}.param{i}")
+                    name = self._param_names.get(id(params[i]))
+                    if name is None:
+                        name = f"optimizer{st.index}.param{i}"
+                        if len(self._unnamed_params) < 100_000:
+                            self._unnamed_params.add(id(params[i]))  # its model is named when it runs
+                    names.append(name)
             st.names = names
             st.generation = self._generation
         layout = [[grads[i] for i in idxs] for idxs in st.groups]
@@ -2679,6 +2720,17 @@ class Instrumentation:
         if every > 0 and self._observed_steps % every == 0 and groups and st.index >= 0:
             self._start_update_ratio(st)
         bn_step = self._bn_step
+        if self._sent_overflow and not self._overflow_said:
+            self._overflow_said = True
+            self._pending.append(FindingEvent(
+                severity="warning", category="system_error", step=self.step, key="sentinels-capped",
+                message=f"{self._sent_overflow} module outputs of step {self.step} were not checked: the step made more "
+                        f"than max_sentinels_per_step={self._max_sent}; a NaN made there is caught by the loss and "
+                        "gradients, but its module is not named",
+                context={"unchecked_outputs": self._sent_overflow, "max_sentinels_per_step": self._max_sent},
+                recommendation=f"Raise max_sentinels_per_step (in a --config file or [tool.tui_debug]) above the "
+                               f"step's {self._max_sent + self._sent_overflow} module outputs."))
+        self._sent_overflow = 0
         self._clear_step()
         if not flat:
             self._process(read, [])
