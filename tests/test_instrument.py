@@ -2979,3 +2979,38 @@ def test_a_model_called_only_inside_another_models_forward_is_named(rec: Recorde
     assert named == ["ENCODER.2 (Linear)"], rec.findings(step=5)
     assert rec.events(StepRecord)[-1].grad_names[-4:] == ["ENCODER.0.weight", "ENCODER.0.bias", "ENCODER.2.weight",
                                                           "ENCODER.2.bias"]
+
+
+def test_losses_taking_turns_at_one_optimizer_are_filed_under_their_own_names_on_sampled_out_steps(
+        rec: Recorder) -> None:
+    """loss_a on even steps, loss_b on odd ones: a sampled-out step's loss was filed under the loss of
+    the optimizer's last checked step, so their counts and extremes mixed, and loss_b's NaN was
+    reported as loss_a's."""
+    from tui_debug.errors import ErrorTracker
+    from tui_debug.session import Session
+
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x, y = torch.randn(16, 8), torch.randn(16, 1)
+    for i in range(3000):
+        optimizer.zero_grad()
+        if i % 2 == 0:
+            loss_a = (model(x) - y).pow(2).mean()
+            loss_a.backward()
+        else:
+            loss_b = (model(x) - y).abs().mean() * 10
+            if i == 2501:
+                loss_b = loss_b * float("nan")
+            loss_b.backward()
+        optimizer.step()
+    rec.inst.finish()
+    assert rec.inst._observed_steps < 1500, "the steps were not sampled: the test tests nothing"
+    config = DebugConfig(enable_file_output=False, enable_console_output=False)
+    session = Session(config, ErrorTracker(config))
+    session.handle([e for b in rec.batches for e in b])
+    stats = {s.name: s for s in session.losses.values()}
+    assert stats["loss_a"].count == stats["loss_b"].count == 1500
+    assert stats["loss_a"].max < stats["loss_b"].min, (stats["loss_a"], stats["loss_b"])  # never mixed
+    nan = [f for f in rec.findings(step=2502) if f.category == "loss_error"]
+    assert [f.context["loss"] for f in nan] == ["loss_b"], nan

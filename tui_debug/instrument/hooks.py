@@ -136,7 +136,7 @@ class _FastPath:
     the training thread's."""
 
     __slots__ = ("armed", "tid", "ref", "st", "span", "site", "losses", "n", "every", "next_probe", "flush_at",
-                 "high", "last", "durations", "values")
+                 "high", "last", "durations", "values", "code", "lasti", "hops")
 
     def __init__(self) -> None:
         self.armed = False
@@ -154,6 +154,11 @@ class _FastPath:
         self.last = 0.0
         self.durations: list[float] = []
         self.values: list[float] = []
+        # where the run's loss is made: the frame ``hops`` above the backward wrapper runs ``code`` at
+        # ``lasti`` (another loss ends the run: see the wrapper)
+        self.code: Any = None
+        self.lasti = 0
+        self.hops = 0
 
 
 @dataclasses.dataclass
@@ -618,6 +623,10 @@ class Instrumentation:
         self._step_end: float | None = None
         self._wait = 0.0
         self._unchecked_losses: list[Any] = []
+        # (site or None, code, lasti) of each of them, noted by the backward wrapper (see _sited)
+        self._unchecked_sites: list[tuple[int | None, Any, int]] = []
+        self._noted: list[tuple[int | None, Any, int]] = []  # the last closed step's
+        self._site_hops = 1  # frames from the backward wrapper up to the loss's line (see _on_backward)
         # Losses of sampled-out steps on a GPU: (step, site, 0-d tensor), read with the next checked step
         # (reading each at once would wait for the GPU).
         self._late: list[tuple[int, int, Any]] = []
@@ -725,14 +734,26 @@ class Instrumentation:
 
         fast = self._fast
         dispatch_modes = self._dispatch_modes
+        getframe = sys._getframe
 
         def backward(*args: Any, **kwargs: Any) -> Any:
             f = fast
             if f.armed and get_ident() == f.tid:  # a run of sampled-out steps (see _FastPath): keep the loss
                 t = args[0] if args else kwargs.get("tensors")
-                if isinstance(t, tensor_type) and not dispatch_modes():
+                if not isinstance(t, tensor_type) or dispatch_modes():
+                    return orig_backward(*args, **kwargs)
+                if f.code is None:  # the script's only loss site: nothing to tell apart
                     f.losses.append(t)
-                return orig_backward(*args, **kwargs)
+                    return orig_backward(*args, **kwargs)
+                try:
+                    caller = getframe(f.hops)
+                except ValueError:
+                    caller = None
+                if caller is not None and caller.f_code is f.code and caller.f_lasti == f.lasti:
+                    f.losses.append(t)
+                    return orig_backward(*args, **kwargs)
+                # another loss than the run's (losses taking turns at one optimizer): the long way files it
+                me._guarded(me._fast_off)
             if me._flush_due and get_ident() == me._tid:
                 me._guarded(me.flush)  # see _slice_over
             if not me._backwards_here and get_ident() != me._tid and not me.broken:
@@ -742,6 +763,8 @@ class Instrumentation:
                 t = args[0] if args else kwargs.get("tensors")
                 if isinstance(t, tensor_type) and me.config.enable_loss_tracking and not me._dispatch_modes():
                     me._unchecked_losses.append(t)
+                    if len(me._loss_sites) > 1:  # (one site: each loss is its)
+                        me._guarded(me._note_site, getframe)
                 return orig_backward(*args, **kwargs)
             if me._in_backward and get_ident() == me._tid:
                 # inside a backward (reentrant checkpointing backpropagates each block from there):
@@ -927,6 +950,7 @@ class Instrumentation:
         self._stack.clear()
         self._clear_step()
         self._unchecked_losses = []
+        self._unchecked_sites = []
         self._step_end = None
         self._pending.append(FindingEvent(
             severity="info", category="system_error", step=self.step, key="training-thread",
@@ -1984,8 +2008,9 @@ class Instrumentation:
         unscaled = self._scaled.pop(id(loss), None)
         if unscaled is not None:
             loss = unscaled
-        frame = sys._getframe(2)
+        frame = sys._getframe(2)  # (the backward wrapper's: _on_backward <- _guarded <- it)
         lib = self._library_codes
+        hops = 0
         while frame is not None:
             code = frame.f_code
             is_lib = lib.get(code)
@@ -1994,6 +2019,9 @@ class Instrumentation:
             if not is_lib:
                 break
             frame = frame.f_back
+            hops += 1
+        if frame is not None:
+            self._site_hops = hops  # where a sampled-out step's backward finds its caller (see _site_key)
         key: tuple[Any, int] = (None, 0) if frame is None else (frame.f_code, frame.f_lasti)
         site = self._loss_sites.get(key)
         if site is None:
@@ -2121,10 +2149,17 @@ class Instrumentation:
                 or self._unchecked_losses or self._late or self._last_step_time is None
                 or self._sample_last != self._last_step_time or not self.config.enable_loss_tracking):
             return
-        if st.ref() is None:
-            return
+        noted = self._noted
+        one = len(self._loss_sites) == 1  # the script's only loss site (sites are learnt on checked steps)
+        if st.ref() is None or not one and (len(noted) != 1 or noted[0][0] is None):
+            return  # (its loss's site unknown: the long way, which files each loss by its caller)
         f = self._fast
-        f.tid, f.ref, f.st, f.span, f.site = self._tid, st.ref, st, span, st.sites[0]
+        f.tid, f.ref, f.st, f.span = self._tid, st.ref, st, span
+        if one:
+            f.site, f.code, f.lasti = st.sites[0], None, 0
+        else:
+            f.site, f.code, f.lasti = noted[0][0], noted[0][1], noted[0][2]
+        f.hops = self._site_hops
         f.losses = self._unchecked_losses
         f.n, f.every, f.next_probe = s.n, s.every, s.next_probe
         f.flush_at = self._last_flush + FLUSH_INTERVAL_S
@@ -2276,11 +2311,7 @@ class Instrumentation:
             self._pending.append(span)
         if values is not None and span is not None:
             # the CPU losses read above, for the report's counts and extremes
-            sites = st.sites
-            if len(values) == 1 and sites:
-                span.losses.append((sites[0], values[0]))
-            else:
-                span.losses.extend(self._sited(st, values))
+            span.losses.extend(self._sited(st, values))
         if now - self._last_flush >= FLUSH_INTERVAL_S:
             self._slice_over(now, duration)
         self._sample(False, st, now)
@@ -2311,9 +2342,25 @@ class Instrumentation:
         live.add(-1)  # the backward-per-step stand-in of the first iteration (see _step_without_optimizer)
         return not indices <= live
 
+    def _note_site(self, getframe: Callable[[int], Any]) -> None:
+        """The site of a sampled-out step's loss, by its caller's line (called from the backward
+        wrapper: its caller is ``_site_hops`` + 2 frames up from here)."""
+        try:
+            caller = getframe(self._site_hops + 2)
+        except ValueError:
+            self._unchecked_sites.append((None, None, 0))
+            return
+        key = (caller.f_code, caller.f_lasti)
+        self._unchecked_sites.append((self._loss_sites.get(key), caller.f_code, caller.f_lasti))
+
     def _sited(self, st: _OptState, values: list[float]) -> list[tuple[int, float]]:
-        """A sampled-out step's loss values, named by the sites of this optimizer's last checked step
-        (as a GPU loss kept for later is), else the last site seen."""
+        """A sampled-out step's loss values, named by the site each backward was called from when this
+        step's were noted one by one (losses taking turns at one optimizer were filed under the first's),
+        else by the sites of this optimizer's last checked step (as a GPU loss kept for later is), else
+        the last site seen."""
+        noted = self._unchecked_sites
+        if len(noted) == len(values) and all(n[0] is not None for n in noted):
+            return [(n[0], v) for n, v in zip(noted, values)]
         sites = st.sites
         fallback = self._last_site if self._last_site is not None else 0
         return [(sites[i] if i < len(sites) else fallback, v) for i, v in enumerate(values)]
@@ -2538,6 +2585,7 @@ class Instrumentation:
 
     def _sample(self, observed: bool, st: _OptState, end: float | None = None) -> None:
         """``end``: the boundary's clock, when the step's bookkeeping is too light to charge it."""
+        self._noted, self._unchecked_sites = self._unchecked_sites, []  # (the closed step's: _arm_fast reads them)
         if end is None:
             end = time.perf_counter()
         last, self._sample_last = self._sample_last, end
@@ -2615,6 +2663,8 @@ class Instrumentation:
         wait, self._wait = self._wait, 0.0
         if not observed:  # a sampled-out step: timing only, and the loss looked at on the CPU
             unchecked, self._unchecked_losses = self._unchecked_losses, []
+            noted = self._unchecked_sites
+            noted_site = {id(t): n[0] for t, n in zip(unchecked, noted)} if len(noted) == len(unchecked) else {}
             unchecked = [t for t in unchecked if t.numel() == 1]
             on_device = [t for t in unchecked if not t.is_cpu]
             if on_device:
@@ -2643,7 +2693,8 @@ class Instrumentation:
                 site = self._last_site if self._last_site is not None else 0
                 if not self._loss_site_names:
                     self._new_loss_site((None, 0), None)
-                self._losses = [(site, t.detach().float().reshape(())) for t in bad]
+                self._losses = [(noted_site.get(id(t)) if noted_site.get(id(t)) is not None else site,
+                                 t.detach().float().reshape(())) for t in bad]
         if self._hot_pending is not None:
             self._resolve_hot()
         if self._deferred:
@@ -2815,6 +2866,7 @@ class Instrumentation:
         self._skips_unsent += 1
         self._clear_step()
         self._unchecked_losses = []
+        self._unchecked_sites = []
         self._stack.clear()
         if time.perf_counter() - self._last_flush >= FLUSH_INTERVAL_S:
             self.flush()
