@@ -453,3 +453,16 @@ def test_a_skipped_steps_findings_all_carry_the_step_in_progress():
     md.debug_training_step(model, opt, lambda o, t: (o - t).pow(2).mean() * float("nan"), x, y)
     found = [(e.category.value, e.step, e.context.get("step")) for e in dbg.error_tracker.errors]
     assert found == [("input_validation", 4, 4), ("loss_error", 4, 4)], found
+
+
+@pytest.mark.parametrize("name, category", [("data_loading", "data_error"), ("validation", "evaluation_error"),
+                                            ("eval_epoch", "evaluation_error"), ("training_batch", "training_error"),
+                                            ("load_latest_checkpoint", "training_error")])
+def test_a_debug_contexts_name_says_what_failed_in_it(name, category):
+    """An OSError in debug_context("data_loading") was a training_error."""
+    dbg = Debugger(quiet())
+    with pytest.raises(OSError):
+        with dbg.debug_context(name):
+            raise OSError("shard 7 unreadable")
+    (info,) = dbg.error_tracker.errors
+    assert info.category.value == category, info

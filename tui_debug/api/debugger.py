@@ -16,6 +16,7 @@ import io
 import logging
 import math
 import pstats
+import re
 import statistics
 import sys
 import threading
@@ -172,8 +173,18 @@ class Debugger:
         c = classify_exception(exc, failing)
         ctx = dict(c.context)
         ctx.update(context or {})
-        info = self.report(c.message, ErrorSeverity(c.severity), ErrorCategory(c.category), ctx,
-                           key=f"exception|{c.category}|{c.message}", step=step,
+        category = c.category
+        words = re.split(r"[^a-z]+", str(ctx.get("context_name", "")).lower())
+        if category == "training_error":
+            # what the user called the block says what failed: debug_context("data_loading") raising
+            # OSError is the data's, debug_context("validation") the evaluation's (both were training_error)
+            if any(w.startswith("eval") or w in ("validation", "validate", "valid", "val", "test", "testing")
+                   for w in words):
+                category = "evaluation_error"
+            elif any(w in ("data", "dataset", "dataloader", "loader") for w in words):
+                category = "data_error"
+        info = self.report(c.message, ErrorSeverity(c.severity), ErrorCategory(category), ctx,
+                           key=f"exception|{category}|{c.message}", step=step,
                            recommendation=c.recommendation, traceback=format_exception(exc))
         _common.mark_tracked(exc, info)
         return info
