@@ -34,7 +34,7 @@ class PackageError(Exception):
     """``-m pkg.mod``: importing its package raised (the script's own code): exit status 1."""
 
     def __init__(self, exc: BaseException) -> None:
-        super().__init__(str(exc))
+        super().__init__(type(exc).__name__)
         self.exc = exc
 
 
