@@ -23,7 +23,7 @@ import workloads
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("workloads", nargs="+", choices=["cnn", "transformer", "toy"])
+    p.add_argument("workloads", nargs="+", choices=["cnn", "transformer", "toy", "rnn"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--steps", type=int, default=100)
@@ -57,7 +57,8 @@ def main() -> None:
             sync()
             return (time.perf_counter() - t) / n
 
-        steps(400 if cuda else 60)  # warm-up, and the sampler's first probe
+        # warm-up, and the sampler's first probe (the rnn's slow steps: its first steady decision too)
+        steps(400 if cuda or name == "rnn" else 60)
         every, modes, sampled_checked = instr._sampler.every, {}, []
         for _ in range(args.rounds):
             for mode in ("off", "unchecked", "sampled", "every step"):

@@ -1,4 +1,5 @@
-"""Per-step overhead of tui_debug (and of torch.autograd.detect_anomaly) on three workloads.
+"""Per-step overhead of tui_debug (and of torch.autograd.detect_anomaly) on the issue's three workloads
+(and, with `--workloads rnn`, an LSTM cell stepped by hand: hundreds of small module calls a step).
 
 Runs each workload plain and under the monitor, interleaved, ROUNDS times, and prints the median
 of the per-round ratios of the step time the workload measured itself (steady state).
@@ -30,10 +31,12 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKLOADS = os.path.join(HERE, "workloads.py")
-TARGETS = {"cnn": 1.03, "transformer": 1.03, "toy": 1.15}
+# rnn (not in the issue's targets, nor run by default): hundreds of small module calls a step, whose
+# checks are sampled down to max_overhead_slow (5%)
+TARGETS = {"cnn": 1.03, "transformer": 1.03, "toy": 1.15, "rnn": 1.05}
 AB_ARGS = {"cnn": ["--steps", "600", "--ab", "10"], "transformer": ["--steps", "600", "--ab", "10"],
-           "toy": ["--steps", "30000", "--ab", "1000"]}
-UI_TARGETS = {"cnn": 1.05, "transformer": 1.05, "toy": 1.3}
+           "toy": ["--steps", "30000", "--ab", "1000"], "rnn": ["--steps", "1000", "--ab", "100"]}
+UI_TARGETS = {"cnn": 1.05, "transformer": 1.05, "toy": 1.3, "rnn": 1.07}
 # no heap trimming (1 GiB) and the largest fixed mmap threshold glibc accepts (32 MiB); see the docstring
 FIXED_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
 ENV = {}

@@ -1,6 +1,6 @@
 """Training workloads that time their own steps (steady state, after warm-up) and print JSON.
 
-    python bench/workloads.py cnn|transformer|toy [--steps N] [--warmup N] [--batch N] [--anomaly] [--rss-at N] [--device cuda]
+    python bench/workloads.py cnn|transformer|toy|rnn [--steps N] [--warmup N] [--batch N] [--anomaly] [--rss-at N] [--device cuda]
 
 On CUDA the clock is read after ``torch.cuda.synchronize()`` (at the start and end of the timed window and at
 each --ab block boundary), so a step time is the GPU's as well as the host's.
@@ -47,6 +47,31 @@ def transformer():
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4), (lambda out, t: loss_fn(out.reshape(-1, 1000), t.reshape(-1))), x, y
 
 
+class CellRNN(nn.Module):
+    """An LSTM cell stepped through the sequence by hand: 200 module calls a step, each small."""
+
+    def __init__(self, d_in=16, hidden=64):
+        super().__init__()
+        self.hidden = hidden
+        self.cell = nn.LSTMCell(d_in, hidden)
+        self.proj = nn.Linear(hidden, d_in)
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, x):
+        h = c = x.new_zeros(x.shape[0], self.hidden)
+        inp = x[:, 0]
+        for _ in range(x.shape[1]):
+            h, c = self.cell(inp, (h, c))
+            inp = torch.tanh(self.proj(h))
+        return self.out(h)
+
+
+def rnn():
+    model = CellRNN()
+    x, y = torch.randn(32, 100, 16), torch.randn(32, 1)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3), nn.MSELoss(), x, y
+
+
 def toy():
     model = nn.Linear(4, 1)
     x, y = torch.randn(8, 4), torch.randn(8, 1)
@@ -55,7 +80,7 @@ def toy():
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("workload", choices=["cnn", "transformer", "toy"])
+    p.add_argument("workload", choices=["cnn", "transformer", "toy", "rnn"])
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--anomaly", action="store_true")
@@ -71,7 +96,7 @@ def main():
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    model, opt, loss_fn, x, y = {"cnn": cnn, "transformer": transformer, "toy": toy}[args.workload]()
+    model, opt, loss_fn, x, y = {"cnn": cnn, "transformer": transformer, "toy": toy, "rnn": rnn}[args.workload]()
     if args.batch:
         x, y = x[:args.batch], y[:args.batch]
     cuda = args.device.startswith("cuda")
@@ -79,13 +104,14 @@ def main():
         model.to(args.device)
         x, y = x.to(args.device), y.to(args.device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    gpu_steps = {"cnn": 1000, "transformer": 1000, "toy": 30000}
-    steps = args.steps or (gpu_steps if cuda else {"cnn": 150, "transformer": 150, "toy": 30000})[args.workload]
+    gpu_steps = {"cnn": 1000, "transformer": 1000, "toy": 30000, "rnn": 1000}
+    steps = args.steps or (gpu_steps if cuda else {"cnn": 150, "transformer": 150, "toy": 30000, "rnn": 300})[args.workload]
     # On a GPU the monitor's sampler warms up over its first ~64 steps (32 checked, then a probe, half
     # checked; session 14: 80-96 of 1,010 timed CNN steps checked against 1 in 67 in steady state): the
     # timed window starts after it, as the toy's does on the CPU
     warmup = args.warmup if args.warmup is not None else (
-        {"cnn": 200, "transformer": 200, "toy": 2000} if cuda else {"cnn": 10, "transformer": 10, "toy": 2000})[args.workload]
+        {"cnn": 200, "transformer": 200, "toy": 2000, "rnn": 200} if cuda
+        else {"cnn": 10, "transformer": 10, "toy": 2000, "rnn": 300})[args.workload]
     ctx = torch.autograd.detect_anomaly(check_nan=True) if args.anomaly else None
     if ctx is not None:
         ctx.__enter__()

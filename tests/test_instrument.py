@@ -1609,7 +1609,7 @@ def test_sampled_out_steps_run_without_forward_hooks_and_still_name_a_failing_mo
         optimizer.step()
 
     step()
-    rec.inst._sampler.next = lambda observed, duration: False  # every later step is sampled out
+    rec.inst._sampler.next = lambda observed, duration, hook_s=0.0: False  # every later step is sampled out
     step()
     assert not rec.inst._fwd_on  # module calls go straight to torch
     model[1][1].on = True
@@ -1626,7 +1626,7 @@ def test_a_nan_first_seen_on_a_sampled_out_step_is_named_on_the_next_with_that_s
     model = nn.Sequential(nn.Linear(4, 8), NaNMaker(), nn.Linear(8, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     decisions = iter([False, True, True])  # after step 1: step 2 unchecked, then checked again
-    rec.inst._sampler.next = lambda observed, duration: next(decisions)
+    rec.inst._sampler.next = lambda observed, duration, hook_s=0.0: next(decisions)
     for step in (1, 2, 3):
         model[1].on = step >= 2
         optimizer.zero_grad()
@@ -2144,6 +2144,59 @@ def test_the_sampler_takes_steps_of_a_few_ms_but_not_the_cpus_longer_ones() -> N
         for _ in range(200):
             checked = s.next(checked, step_s * (1.3 if checked else 1.0))
         assert (s.every > 1) is sampled, (fast_s, step_s, s.every)
+
+
+def test_slow_steps_whose_hooks_cost_a_lot_are_sampled_to_the_slow_budget() -> None:
+    """An LSTM cell stepped through a sequence makes hundreds of module calls a step: its checks cost
+    15-32% of 5-70 ms steps, which were all checked. Steps whose hooks alone take a large share are
+    probed too, and checked one in k so that checks cost at most the slow budget; three slow checked
+    steps in a row (the fast regime's sign of a slowdown) do not switch that back."""
+    from tui_debug.instrument.hooks import _Sampler
+
+    s = _Sampler(0.01, 0.05)
+    checked, n_checked = True, 0
+    for i in range(2000):  # 20 ms steps; a check costs 30%, 4 ms of it (15% of its step) in the hooks themselves
+        n_checked += checked and i >= 1000
+        checked = s.next(checked, 0.026 if checked else 0.02, 0.004 if checked else 0.0)
+    assert s.every >= 6 and s.slow_sampling, s.every  # 30% / 5%
+    assert n_checked * 0.3 * 0.02 <= 0.05 * 1000 * 0.02  # what checks cost over those 1,000 steps
+    (decision, *_) = s.decisions
+    assert decision["budget"] == 0.05 and 0.15 < decision["hook_share"] < 0.16
+
+
+def test_the_hooks_own_time_reaches_the_sampler_with_each_checked_step(rec: Recorder) -> None:
+    """What the slow-step decision goes by: the time the module hooks and the step's read took in
+    place, part of the step's time, and nothing for a step whose forward was not observed."""
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(20)])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    seen: list[tuple[bool, float, float]] = []
+    decide = iter([True, False, True, True])
+
+    def record(observed: bool, duration: float, hook_s: float = 0.0) -> bool:
+        seen.append((observed, duration, hook_s))
+        return next(decide)
+
+    rec.inst._sampler.next = record
+    for _ in range(4):
+        optimizer.zero_grad()
+        model(torch.randn(8, 16)).square().mean().backward()
+        optimizer.step()
+    (_, _, first), (_, d2, h2), (obs3, _, h3), (_, d4, h4) = seen
+    assert first > 0 and 0 < h2 < d2 and 0 < h4 < d4  # checked steps (the first has no duration yet)
+    assert obs3 is False and h3 == 0.0  # sampled out: no hooks ran
+
+
+def test_slow_steps_whose_checks_cost_a_few_percent_are_all_checked() -> None:
+    """A CNN or a transformer on the CPU: checks cost ~3% of a step and its hooks ~2%, within the slow
+    budget: every step is checked (the module named on its step) and none is taken out to probe.
+    The same for a costly model when max_overhead_slow is 0."""
+    from tui_debug.instrument.hooks import _Sampler
+
+    for slow_budget, check_s, hook_s in ((0.05, 0.0006, 0.0004), (0.0, 0.006, 0.004)):
+        s = _Sampler(0.01, slow_budget)
+        for _ in range(6000):
+            assert s.next(True, 0.02 + check_s, hook_s)
+        assert not s.decisions and s.every == 1
 
 
 def test_the_sampler_times_a_gpu_that_the_host_runs_ahead_of() -> None:

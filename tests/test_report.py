@@ -211,6 +211,43 @@ def test_the_report_says_how_many_steps_were_checked(tmp_path: Path, sample: boo
         assert sampler["budget"] == 0 and sampler["every"] == 1 and not sampler["decisions"], sampler
 
 
+SLOW_MANY_CALLS = """
+import time, torch
+
+class Wait(torch.nn.Module):
+    def forward(self, x):
+        time.sleep(0.006)  # every step slower than the 5 ms under which steps count as fast
+        return x
+
+model = torch.nn.Sequential(Wait(), *[torch.nn.Linear(32, 32) for _ in range(20)])
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+x = torch.randn(16, 32)
+for _ in range(200):
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    opt.step()
+"""
+
+
+def test_slow_steps_whose_checks_cost_over_the_slow_budget_are_sampled(tmp_path: Path) -> None:
+    """Steps over 5 ms were all checked whatever that cost. With a 1% budget for them, 21 module
+    calls' hooks cost more than that on a 6 ms step: its steps are probed and sampled, and the user
+    is told why fewer steps were checked."""
+    (tmp_path / "slow.py").write_text(SLOW_MANY_CALLS)
+    (tmp_path / "td.toml").write_text("max_overhead_slow = 0.01\n")
+    proc = run_td("--headless", "--out", tmp_path / "run", "--config", tmp_path / "td.toml", "slow.py", cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    report = load_report(tmp_path / "run")
+    validate(report)
+    steps, checked = report["summary"]["steps"], report["performance"]["checked_steps"]
+    sampler = report["performance"]["sampler"]
+    assert steps == 200 and 32 <= checked < steps, (checked, sampler)
+    assert f"(exit 0; {checked} checked: checks cost over 1% of a step, so they are sampled)" in proc.stderr
+    probe = sampler["decisions"][0]
+    assert sampler["slow_budget"] == 0.01 and probe["budget"] == 0.01 and probe["every"] > 1, sampler
+    assert probe["unchecked_s"] > 0.006 and probe["hook_share"] > 0.008, probe
+
+
 def test_step_times_folded_in_bulk_match_one_by_one() -> None:
     """A sampled-out span's step times go into the bounded buffer in one call; the percentiles,
     mean and count the report gives must be those of adding them one by one, ring wrap included."""

@@ -309,6 +309,7 @@ def test_unknown_key_in_pyproject_is_a_config_error(tmp_path: Path) -> None:
     ({"plateau_steps": 0}, "plateau_steps"),
     ({"dead_fraction": 1.5}, "dead_fraction"),
     ({"max_overhead": float("nan")}, "max_overhead"),
+    ({"max_overhead_slow": 1.0}, "max_overhead_slow"),
     ({"log_file": ""}, "log_file"),  # (IsADirectoryError from the log handler)
     ({"error_file": "logs/"}, "error_file"),
     ({"output_tail_lines": 10 ** 20}, "output_tail_lines"),  # (OverflowError from its deque)

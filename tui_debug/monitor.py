@@ -388,7 +388,11 @@ class Monitor:
         counts = (f"{len(findings)} finding{'s' if len(findings) != 1 else ''} ("
                   + ", ".join(f"{n} {k}" for k, n in sorted(by_sev.items())) + ")") if findings else "no findings"
         steps, checked = self.session.steps, self.session.checked_steps
-        sampled = f"; {checked} checked: fast steps are sampled" if 0 < checked < steps else ""
+        sampled = ""
+        if 0 < checked < steps:
+            slow = any("budget" in d and d["every"] > 1 for d in self.instr.sampler_summary()["decisions"])
+            sampled = (f"; {checked} checked: checks cost over {self.config.max_overhead_slow * 100:g}% of a step, "
+                       "so they are sampled" if slow else f"; {checked} checked: fast steps are sampled")
         self.printer.line(f"{self.session.status} after {steps} steps "
                           f"(exit {self.session.exit_code}{sampled}); {counts}; {where}")
         self.tracker.stop()

@@ -63,7 +63,7 @@ class NonFiniteDetector:
         for name, value in obs.losses:
             if not math.isfinite(value):
                 where = ("the model_error finding names the module" if obs.forward_checked else
-                         "this step's forward was not checked, as fast steps are sampled: every step is from "
+                         "this step's forward was not checked, as checks are sampled: every step is from "
                          "here on, and a model_error finding names a module that does it again")
                 findings.append(FindingEvent(
                     severity="error", category="loss_error", step=obs.step, key=f"nonfinite-loss|{name}",

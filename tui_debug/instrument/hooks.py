@@ -228,6 +228,13 @@ class _Sampler:
     a whole short run) the host runs ahead, and a step "takes" its launch time, not the GPU's. So the
     steps around a probe are also timed by CUDA events at the boundaries (``gpu_durations``, one wait
     per probe), and a step's time is the larger of the two clocks.
+
+    Slower steps are all checked while checks cost at most ``slow_budget`` (5%): ~3% on a CNN or a
+    transformer, whose modules each run for milliseconds. A model that makes hundreds of small module
+    calls a step (an LSTM cell stepped through a sequence: 600 calls, ~20 us of hooks each) paid 15-32%
+    on 5-70 ms steps. So the hooks' own time is measured in place on checked steps (``hook_s``), and
+    steps whose hooks take over HEAVY_HOOKS of ``slow_budget`` are probed too, then checked every k-th
+    step when checks cost more than ``slow_budget``.
     """
 
     WARMUP = 32  # checked steps before the first probe
@@ -240,9 +247,13 @@ class _Sampler:
     MAX_EVERY = 256
     SPILL = 3  # unchecked steps after a check whose extra time is the check's (see ``_decide``)
     RECHECK = 64  # checked steps between steady decisions (the window of recent checked steps)
+    HEAVY_HOOKS = 0.8  # a slow step is probed when its hooks alone take this share of ``slow_budget``
 
-    def __init__(self, budget: float) -> None:
+    def __init__(self, budget: float, slow_budget: float = 0.0) -> None:
         self.budget = budget
+        self.slow_budget = slow_budget
+        self.recent_hooks: collections.deque[float] = collections.deque(maxlen=16)  # hooks' share of checked steps
+        self.slow_sampling = False  # sampling steps too slow for the fast budget (see _decide)
         self.optimizers = 1
         self.every = 1
         self.n = 0
@@ -279,17 +290,19 @@ class _Sampler:
         self.quiet_until = self.n + 1000
         self.next_probe = max(self.next_probe, self.quiet_until)
 
-    def next(self, observed: bool, duration: float) -> bool:
-        """Record the step that ended (its time, boundary to boundary); return whether the next is checked."""
+    def next(self, observed: bool, duration: float, hook_s: float = 0.0) -> bool:
+        """Record the step that ended (its time, boundary to boundary, and for a checked one the time
+        its hooks took in place); return whether the next is checked."""
         n = self.n = self.n + 1
         after = self.since_check = 0 if observed else self.since_check + 1
         if duration <= 0:  # the first step after an install has no start: nothing to record
             pass
         elif observed:
             self.recent_obs.append(duration)
+            self.recent_hooks.append(hook_s / duration)
             if duration > 2 * self.fast_s:
                 self.slow_checked += 1
-                if self.slow_checked >= 3 and self.every > 1:
+                if self.slow_checked >= 3 and self.every > 1 and not self.slow_sampling:
                     # Steps may no longer be fast: check them all again, and probe once WARMUP checked
                     # steps show whether they are (a GC pause or a busy machine is no reason to check
                     # every step until the next REPROBE).
@@ -323,7 +336,10 @@ class _Sampler:
             # Steps too slow to sample (or too soon after a non-finite value): look again in a few
             # hundred steps, not 5,000 (steps speed up after warm-up; a step near the threshold is borderline)
             self.next_probe = n + self.FREE_REPROBE
-            if self.recent_obs and _median(self.recent_obs) < self.fast_s and n >= self.quiet_until:
+            fast = bool(self.recent_obs) and _median(self.recent_obs) < self.fast_s
+            heavy = (not fast and self.slow_budget > 0 and len(self.recent_hooks) >= 8
+                     and _median(self.recent_hooks) > self.HEAVY_HOOKS * self.slow_budget)
+            if (fast or heavy) and n >= self.quiet_until:
                 self.next_probe = n + self.REPROBE
                 self.probe_run = max(1, min(4, self.optimizers))
                 self.probe_left = self.probe_total = 2 * self.PROBE * self.probe_run
@@ -390,6 +406,8 @@ class _Sampler:
             self.next_probe = min(self.next_probe, again) if steady else again
             return
         record: dict[str, Any] = {"step": self.run_step(), "kind": "steady" if steady else "probe"}
+        if self.recent_hooks:
+            record["hook_share"] = _median(self.recent_hooks)
         spill = 0.0
         if steady:
             d_obs, d_skip = _typical_mean(self.recent_obs), _typical_mean(self.recent_skip)
@@ -408,7 +426,10 @@ class _Sampler:
                 d_obs = max(d_obs, _median(gpu_obs))
                 d_skip = max(d_skip, _median(gpu_skip))
         every = 1
-        if d_skip > 0:
+        # steps too slow for the fast budget are checked every time unless that costs over slow_budget
+        slow = d_skip >= self.fast_s
+        budget = self.slow_budget if slow else self.budget
+        if d_skip > 0 and budget > 0:
             share = max(0.0, d_obs + spill - d_skip) / d_skip  # a check's cost, as a share of a step
             if steady:
                 self.steady_share = share
@@ -418,10 +439,13 @@ class _Sampler:
                 # until the next steady decision shows otherwise
                 record["steady_share"] = self.steady_share
                 share = self.steady_share
-            every = max(1, min(self.MAX_EVERY, math.ceil(share / self.budget)))
+            every = max(1, min(self.MAX_EVERY, math.ceil(share / budget)))
             if every > 1 and self.optimizers > 1 and every % 2 == 0:
                 every += 1  # alternating optimizers (GANs): an odd stride checks each of them in turn
         self.every = every
+        self.slow_sampling = slow and every > 1
+        if slow:
+            record["budget"] = budget
         if every == 1:
             # checks look cheap: look again soon, in case this decision was misled (checking every
             # step, no steady decision comes to correct it)
@@ -436,10 +460,11 @@ class _Sampler:
         """For the report (read from another thread: a copy, retried if an append races it)."""
         for _ in range(3):
             try:
-                return {"budget": self.budget, "every": self.every, "decisions": list(self.decisions)}
+                return {"budget": self.budget, "slow_budget": self.slow_budget, "every": self.every,
+                        "decisions": list(self.decisions)}
             except RuntimeError:  # deque mutated during iteration
                 continue
-        return {"budget": self.budget, "every": self.every, "decisions": []}
+        return {"budget": self.budget, "slow_budget": self.slow_budget, "every": self.every, "decisions": []}
 
 
 class Instrumentation:
@@ -645,7 +670,9 @@ class Instrumentation:
         self._upd_start: tuple[int, list[str], list[Any], list[Any]] | None = None
         self._upd_done: tuple[list[str], list[Any]] | None = None
         self._act_kinds: dict[type, str] = {}
-        self._sampler = _Sampler(config.max_overhead if config.sample_fast_steps else 0.0)
+        self._sampler = _Sampler(config.max_overhead if config.sample_fast_steps else 0.0,
+                                 config.max_overhead_slow if config.sample_fast_steps else 0.0)
+        self._hook_s = 0.0  # time the checked step's hooks took in place (see _Sampler: slow steps)
         self._sampler.gpu_durations = self._gpu_durations
         self._sampler.run_step = lambda: self.step
         self._gpu_marks: list[tuple[int, bool, Any, Any]] = []  # (sampler step, checked, CUDA event) in a probe window
@@ -854,6 +881,7 @@ class Instrumentation:
         tracing_state = getattr(self.torch._C, "_get_tracing_state", lambda: None)
         functorch_level = getattr(getattr(self.torch._C, "_functorch", None), "peek_interpreter_stack", lambda: None)
         dispatch_modes = self._dispatch_modes
+        clock = time.perf_counter
         # torch's _wrapped_call_impl is two lines: done here, it costs no frame of its own. Each module
         # call went 4 Python frames deep instead of plain torch's 3, and a model nested 200 deep (or a
         # module calling itself 240 times) hit the recursion limit where plain Python did not.
@@ -881,6 +909,7 @@ class Instrumentation:
                 # dispatch mode: fake tensors (torch 2.1's dynamo ran modules on them: "Mixing fake
                 # modes" switched the monitor off), or the script's own, which must not see our ops.
                 return orig_call(self, *args, **kwargs)
+            t0 = clock()  # the hooks' own time, for the sampler (see _Sampler: slow steps)
             t = type(self)
             # A finite-preserving leaf inside a model runs without hooks (see _light).
             light = ((t in light_plain or (t in light_inplace and not self.inplace)) and me._stack
@@ -899,6 +928,7 @@ class Instrumentation:
             except Exception as exc:  # a bug of ours: switch off, never fail the call
                 me._disable(exc)
                 return orig_call(self, *args, **kwargs)
+            t1 = clock()
             try:
                 if direct and self._compiled_call_impl is None:  # torch's own _wrapped_call_impl, inlined
                     result = self._call_impl(*args, **kwargs)
@@ -915,6 +945,7 @@ class Instrumentation:
                         me._disable(exc)
                 raise
             if light:
+                me._hook_s += t1 - t0
                 x = args[0]
                 if isinstance(result, tensor_type) and isinstance(x, tensor_type) and result is not x:
                     try:
@@ -926,11 +957,13 @@ class Instrumentation:
                     if len(pending) >= LIGHT_MAX:
                         me._guarded(me._absorb_light)
                 return result
+            t2 = clock()
             if me._fwd_on:
                 try:
                     post(self, hargs, result)
                 except Exception as exc:
                     me._disable(exc)
+            me._hook_s += t1 - t0 + clock() - t2
             return result
 
         __call__.__wrapped__ = orig_call  # type: ignore[attr-defined]
@@ -2580,7 +2613,9 @@ class Instrumentation:
         The sampler's clock runs from the end of one boundary to the end of the next, so that the
         cost of reading a checked step is charged to that step."""
         observed = self._observe
+        t0 = time.perf_counter()
         self._read_step(st)
+        self._hook_s += time.perf_counter() - t0
         self._sample(observed, st)
 
     def _sample(self, observed: bool, st: _OptState, end: float | None = None) -> None:
@@ -2595,7 +2630,8 @@ class Instrumentation:
         if not st.on_cpu and sampler.timed() and st.devices[0].type == "cuda":
             self._gpu_mark(observed, st)
         duration = 0.0 if last is None else end - last
-        observe = sampler.next(observed, duration) if observed else sampler.skipped(duration)
+        hook_s, self._hook_s = self._hook_s, 0.0
+        observe = sampler.next(observed, duration, hook_s) if observed else sampler.skipped(duration)
         if self._force_check:
             self._force_check = False
             observe = True
