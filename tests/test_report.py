@@ -219,9 +219,9 @@ class Wait(torch.nn.Module):
         time.sleep(0.006)  # every step slower than the 5 ms under which steps count as fast
         return x
 
-model = torch.nn.Sequential(Wait(), *[torch.nn.Linear(32, 32) for _ in range(20)])
+model = torch.nn.Sequential(Wait(), *[torch.nn.Linear(16, 16) for _ in range(80)])
 opt = torch.optim.SGD(model.parameters(), lr=0.01)
-x = torch.randn(16, 32)
+x = torch.randn(16, 16)
 for _ in range(200):
     opt.zero_grad()
     model(x).square().mean().backward()
@@ -230,9 +230,9 @@ for _ in range(200):
 
 
 def test_slow_steps_whose_checks_cost_over_the_slow_budget_are_sampled(tmp_path: Path) -> None:
-    """Steps over 5 ms were all checked whatever that cost. With a 1% budget for them, 21 module
-    calls' hooks cost more than that on a 6 ms step: its steps are probed and sampled, and the user
-    is told why fewer steps were checked."""
+    """Steps over 5 ms were all checked whatever that cost. With a 1% budget for them, 81 module
+    calls' hooks (~1-2 ms) cost far more than that on a step of 6 ms or more: its steps are probed and
+    sampled, and the user is told why fewer steps were checked."""
     (tmp_path / "slow.py").write_text(SLOW_MANY_CALLS)
     (tmp_path / "td.toml").write_text("max_overhead_slow = 0.01\n")
     proc = run_td("--headless", "--out", tmp_path / "run", "--config", tmp_path / "td.toml", "slow.py", cwd=tmp_path)
