@@ -205,6 +205,43 @@ def test_clear_cache_reports_memory_before_and_after(inst: Instrumentation) -> N
     assert result.ok and "rss_bytes" in result.detail["before"] and "rss_bytes" in result.detail["after"]
 
 
+class _WrappedOptimizer(torch.optim.Optimizer):
+    """As accelerate's AcceleratedOptimizer (HF Trainer's): holds the optimizer, shares its groups."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:  # (no super().__init__, as accelerate)
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        return self.optimizer.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none)
+
+
+def test_a_lowered_learning_rate_holds_under_a_scheduler_of_a_wrapped_optimizer(inst: Instrumentation) -> None:
+    """accelerate (and HF Trainer through it) hands the scheduler a wrapper of the optimizer: the
+    scheduler was not found, the halving was undone at its next step, and the action said "ok"."""
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    wrapped = _WrappedOptimizer(opt)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(wrapped, lambda epoch: 1.0)
+    for i in range(6):
+        if i == 3:
+            result = actions.scale_lr(inst, 0.5)
+            assert result.ok and result.detail["schedulers"] == ["LambdaLR"], result
+        _train(model, opt, 1)
+        scheduler.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
 @pytest.mark.parametrize("kind", ["LambdaLR", "OneCycleLR", "CyclicLR", "CosineAnnealingLR", "StepLR"])
 def test_a_lowered_learning_rate_holds_under_the_scripts_scheduler(inst: Instrumentation, kind: str) -> None:
     """LambdaLR (and the warm-up schedules built on it) computes each step's rate from its base rates,

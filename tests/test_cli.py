@@ -1032,3 +1032,98 @@ def test_a_script_that_is_not_utf8_gets_pythons_own_message(tmp_path: Path) -> N
     proc = run_td("--out", tmp_path / "run", script, cwd=tmp_path)
     assert (proc.returncode, script_stderr(proc.stderr)) == (1, nonempty_lines(plain.stderr)), describe(proc)
     assert "Non-UTF-8 code starting with '\\xe9'" in proc.stderr and "on line 2" in proc.stderr
+
+
+FAKE_LIBRARY = '''
+import torch
+
+class Accelerator:
+    """As accelerate's: the script hands it each loss; the backward runs in here."""
+
+    def backward(self, loss):
+        loss.backward()
+
+
+class Module(torch.nn.Module):
+    """As Lightning's LightningModule: the library's loop calls the model, never the script."""
+
+
+def fit(model, step):
+    for i in range(6):
+        step(model(torch.randn(8, 4)), i)
+'''
+
+LIBRARY_SCRIPT = '''
+import torch
+from fakelib import Accelerator, Module, fit
+
+class Net(Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.body(x)
+
+torch.manual_seed(0)
+acc = Accelerator()
+net = Net()
+critic = torch.nn.Linear(1, 1)
+opt_g = torch.optim.SGD(net.parameters(), lr=0.01)
+opt_d = torch.optim.SGD(critic.parameters(), lr=0.01)
+
+def step(out, i):
+    d_loss = critic(out.detach()).square().mean()
+    opt_d.zero_grad(); acc.backward(d_loss); opt_d.step()
+    g_loss = 500 + critic(out).mean()
+    opt_g.zero_grad(); acc.backward(g_loss); opt_g.step()
+
+fit(net, step)
+'''
+
+
+def test_losses_and_models_are_named_from_the_script_not_from_the_library_that_runs_them(tmp_path: Path) -> None:
+    """Under accelerate or Lightning the backward is called from the library's one line: a GAN's two
+    losses were one loss, named after that line, alternating D's and G's values (a healthy run was
+    "exploding" at 500x), and the model the library's name for it (``lightning_module``)."""
+    lib = tmp_path / "env" / "site-packages"
+    lib.mkdir(parents=True)
+    (lib / "fakelib.py").write_text(FAKE_LIBRARY)
+    (tmp_path / "train.py").write_text(LIBRARY_SCRIPT)
+    proc = run_td("--headless", "--out", tmp_path / "run", "train.py", cwd=tmp_path, extra_path=(lib,))
+    assert proc.returncode == 0, describe(proc)
+    report = load_report(tmp_path / "run")
+    assert {name: (v["source"], v["count"]) for name, v in report["losses"].items()} == {
+        "d_loss": ("train.py:22", 6), "g_loss": ("train.py:24", 6)}
+    assert {m["name"] for m in report["models"]} == {"net", "critic"}
+    assert not [e for e in report["errors"] if e["severity"] in ("warning", "error")], report["errors"]
+
+
+MAIN_THREAD_HANDLER = '''
+import os, signal, threading, time
+
+stop = []
+if threading.current_thread() is threading.main_thread():  # as Lightning registers its SIGTERM handler
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
+seen = []
+threading.Thread(target=lambda: seen.append(threading.main_thread() is not threading.current_thread())).start()
+os.kill(os.getpid(), signal.SIGTERM)
+for _ in range(500):
+    if stop:
+        break
+    time.sleep(0.01)
+print("graceful stop:", stop == [signal.SIGTERM], "threads see the script's main thread:", seen == [True])
+'''
+
+
+def test_the_script_is_the_main_thread_to_itself_so_libraries_register_their_handlers(tmp_path: Path) -> None:
+    """Lightning registers its SIGTERM handler (a graceful stop, a checkpoint on preemption) only when
+    ``threading.current_thread() is threading.main_thread()``: under tui_debug it never did, and a
+    SIGTERM killed the run (143) where plain Python stopped gracefully (0)."""
+    (tmp_path / "handler.py").write_text(MAIN_THREAD_HANDLER)
+    plain = subprocess.run([sys.executable, "handler.py"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=RUN_TIMEOUT)
+    proc = run_td("--headless", "--out", tmp_path / "run", "handler.py", cwd=tmp_path)
+    assert plain.returncode == 0 and "graceful stop: True" in plain.stdout, plain
+    assert proc.returncode == 0, describe(proc)
+    assert proc.stdout == plain.stdout, describe(proc)

@@ -283,6 +283,31 @@ def test_a_bias_the_loss_cancels_is_called_useless_not_vanishing() -> None:
     assert [s for s, _ in dead] == ["warning"] and "vanishing gradient in D.2.weight" in dead[0][1], dead
 
 
+def test_attentions_key_bias_whose_gradient_is_zero_to_rounding_is_no_vanishing_gradient() -> None:
+    """Softmax ignores what the key bias adds to every score of a query, so its gradient is 0 but for
+    rounding (1e-9 to 1e-12 against its weight's 0.05): every BERT/ViT-style model trained under
+    tui_debug got "vanishing gradient in ...key.bias". A bias small against a weight that is itself
+    tiny still vanishes."""
+    from tui_debug.config import DebugConfig
+    from tui_debug.detectors.trends import GradientNorms
+    from tui_debug.events import StepRecord
+
+    def run(key_weight: float, key_bias: float) -> list[tuple[str, str]]:
+        grads = GradientNorms(DebugConfig())
+        out = []
+        for i in range(120):
+            rec = StepRecord(step=i + 1, time=float(i), duration=0.01, optimizer=0, losses=[(0, 1.0)],
+                             grad_names=["attn.query.weight", "attn.query.bias", "attn.key.weight", "attn.key.bias"],
+                             grad_norms=[0.05, 0.04, key_weight, key_bias * (1 + (i % 7) / 10)])
+            out += [(v.finding.severity, v.finding.message) for v in grads.observe(rec) if v.finding is not None]
+        return out
+
+    cancelled = run(0.05, 1.2e-9)
+    assert [s for s, _ in cancelled] == ["info"] and cancelled[0][1].startswith("attn.key.bias does nothing"), cancelled
+    small = run(0.05, 1e-7)  # 2e-6 of its weight's: a small gradient, not a cancelled one
+    assert [s for s, _ in small] == ["warning"] and "vanishing gradient in attn.key.bias" in small[0][1], small
+
+
 def test_a_gans_losses_settling_at_their_equilibrium_are_no_plateau() -> None:
     """examples/gan.py (2,000 steps, healthy) got "loss 'g_loss' did not improve over the last 1006 steps:
     the learning rate may be too small": adversarial losses settle, they do not fall. One loss stepping

@@ -580,6 +580,43 @@ def test_a_closure_step_is_read_after_it_with_its_own_losses(rec: Recorder) -> N
     assert {f.step for f in rec.findings() if f.category in ("loss_error", "gradient_error")} == {5}
 
 
+@pytest.mark.parametrize("inside", [True, False])
+def test_a_closure_step_with_non_finite_gradients_is_skipped_before_its_update(rec: Recorder, inside: bool) -> None:
+    """Lightning steps every optimizer with a closure (its backward inside, or a no-op one in manual
+    optimization). Its boundary was after the update, so safe mode never skipped a step there, the
+    weights went NaN, and the NaN's module was said to have non-finite weights (read after the
+    update). The closure's end is the boundary now, before the update."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), NaNMaker(), nn.Linear(8, 1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    x = torch.randn(8, 4)
+    for step in range(1, 6):
+        model[1].on = step == 3
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = model(x).square().mean()
+            loss.backward()
+            return loss
+
+        before = [p.detach().clone() for p in model.parameters()]
+        if inside:
+            optimizer.step(closure=closure)
+        else:
+            closure()
+            optimizer.step(lambda: None)
+        if step == 3:
+            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+            assert all(p.grad is not None for p in model.parameters())  # given back after the step
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
+    assert rec.inst.skipped_steps == 1 and rec.inst.step == 5
+    [named] = [f for f in rec.findings() if f.category == "model_error"]
+    assert named.step == 3 and named.context["module"] == "model.1 (NaNMaker)"
+    assert "non-finite" not in named.message.partition("from a finite input")[2], named.message
+    losses = {r.step: [v for _, v in r.losses] for r in rec.events(StepRecord)}
+    assert all(len(losses[k]) == 1 for k in range(1, 6)) and math.isnan(losses[3][0])  # each step its own
+
+
 def test_a_model_called_with_keyword_arguments_has_its_input_measured(rec: Recorder) -> None:
     """model(**batch), the Hugging Face way: NaN data was blamed on the model, "its input was not
     measured"."""

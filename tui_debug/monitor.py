@@ -26,6 +26,7 @@ from .config import DebugConfig
 from .errors import ErrorCategory, ErrorSeverity, ErrorTracker
 from .events import EventBus, FindingEvent, ScriptEnded
 from .instrument.hooks import Instrumentation
+from .instrument import naming
 from .instrument.importhook import TorchImportWatcher
 from .recovery import actions
 from .recovery.actions import ActionResult, Snapshots
@@ -49,6 +50,8 @@ class Monitor:
     def __init__(self, target: Target, config: DebugConfig, run_dir: str, report_path: str,
                  passthrough: bool = True, rank: int | None = None) -> None:
         self.target = target
+        if target.path:
+            naming.add_user_file(target.path)  # the user's code even inside an installed package
         self.config = config
         self.run_dir = run_dir
         self.report_path = report_path

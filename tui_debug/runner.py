@@ -24,6 +24,7 @@ from typing import Any, Callable
 from .events import ScriptEnded
 
 _OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+MAIN_THREAD = threading.main_thread()  # the process's, whatever the script is shown (see _script_main_thread)
 
 
 class UsageError(Exception):
@@ -36,6 +37,24 @@ class PackageError(Exception):
     def __init__(self, exc: BaseException) -> None:
         super().__init__(type(exc).__name__)
         self.exc = exc
+
+
+def _script_main_thread(training: threading.Thread) -> Callable[[], threading.Thread]:
+    """``threading.main_thread()`` for the script: its own thread, as under plain Python, where it
+    runs in the main thread. Lightning registers its SIGTERM handler (checkpoint on preemption, a
+    graceful stop) only when ``current_thread() is main_thread()``: it never did here, and a SIGTERM
+    killed the run. tui_debug's own threads (the real main thread, ``tui_debug-*``) see the real one."""
+    real = threading.main_thread
+
+    def main_thread() -> threading.Thread:
+        me = threading.current_thread()
+        if me is MAIN_THREAD or (me.name.startswith("tui_debug-") and me is not training):
+            return MAIN_THREAD
+        return training
+
+    main_thread.__wrapped__ = real  # type: ignore[attr-defined]
+    main_thread.__doc__ = real.__doc__
+    return main_thread
 
 
 @dataclasses.dataclass
@@ -264,6 +283,8 @@ class ScriptRunner:
         else:
             sys.path.insert(0, t.sys_path0)
         self.thread = threading.Thread(target=self._run, name="tui_debug-training", daemon=True)
+        self._real_main_thread = threading.main_thread
+        threading.main_thread = _script_main_thread(self.thread)  # restored by restore_os_exit
         self.thread.start()
 
     def _run(self) -> None:
@@ -329,7 +350,7 @@ class ScriptRunner:
         """As Python does at exit, the script's non-daemon threads (a checkpoint being saved) finish
         before the run ends. Thread pools' idle workers are not waited for: Python tells them to stop
         at exit, and a pool the script still uses would otherwise never end."""
-        me, main = threading.current_thread(), threading.main_thread()
+        me, main = threading.current_thread(), MAIN_THREAD
         try:
             from concurrent.futures import thread as futures_thread
             pool_worker: Any = futures_thread._worker
@@ -351,7 +372,7 @@ class ScriptRunner:
         script's cleanup (finally blocks, atexit) as it asked, but after the monitor wrote the
         report and the script's output was flushed. A forked child (a DataLoader worker) and the
         monitor's own thread exit as ever."""
-        if os.getpid() != self._pid or threading.current_thread() is threading.main_thread() \
+        if os.getpid() != self._pid or threading.current_thread() is MAIN_THREAD \
                 or self.os_exit is not None:
             self.real_os_exit(code)
         self.os_exit = code = int(code)
@@ -367,8 +388,12 @@ class ScriptRunner:
         self.real_os_exit(code)
 
     def restore_os_exit(self) -> None:
+        """os._exit and threading.main_thread as they were (the run is over)."""
         if os._exit == self._os_exit:
             os._exit = self.real_os_exit  # type: ignore[assignment]
+        real = getattr(self, "_real_main_thread", None)
+        if real is not None and getattr(threading.main_thread, "__wrapped__", None) is real:
+            threading.main_thread = real
 
     def _end(self, status: str, code: int, exc_kept: BaseException | None, before_exit: bool = True) -> None:
         if self._before_exit is not None and before_exit:

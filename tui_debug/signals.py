@@ -14,6 +14,7 @@ import signal
 import threading
 from typing import Any, Callable
 
+_MAIN_THREAD = threading.main_thread()  # the process's (the script's threading.main_thread() is its own)
 FORWARDED = tuple(s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2))
 
 
@@ -102,7 +103,7 @@ class SignalForwarder:
             if sig not in self._saved and handler is not signal.SIG_IGN:  # ignored until now: relay it
                 self._own_now(sig)
             return previous
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is _MAIN_THREAD:
             return self._orig_signal(signalnum, handler)
         # A signal we do not pre-own: record it and have the main thread install our relay.
         previous = self._orig_getsignal(signalnum)
@@ -113,7 +114,7 @@ class SignalForwarder:
     def _own_now(self, sig: int) -> None:
         """Our relay for ``sig``, installed by the main thread before ``signal.signal`` returns, as a
         script that signals itself right after expects (briefly waited for; never for long)."""
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is _MAIN_THREAD:
             self._own(sig)
             return
         done = threading.Event()
@@ -137,7 +138,7 @@ class SignalForwarder:
         """From the script's thread (asyncio's ``loop.add_signal_handler``): the relay writes each
         signal's number to ``fd`` as Python's own wakeup fd would (the real one is the main
         thread's only)."""
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is _MAIN_THREAD:
             return self._orig_set_wakeup_fd(fd, warn_on_full_buffer=warn_on_full_buffer)
         previous, self._wakeup_fd = self._wakeup_fd, int(fd)
         return previous

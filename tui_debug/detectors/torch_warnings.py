@@ -20,7 +20,6 @@ from typing import Any, Callable
 from ..events import FindingEvent
 from ..instrument import naming
 
-_STDLIB = os.path.dirname(os.__file__) + os.sep  # (warnings.py and the like: not the script's call)
 
 # (pattern of the warning's text, what it means) -> severity, category, name, message, recommendation
 Rule = tuple[re.Pattern[str], Callable[[re.Match[str]], tuple[str, str, str, str, str]]]
@@ -137,9 +136,7 @@ class TorchWarnings:
                 code = frame.f_code
                 lib = self._library_codes.get(code)
                 if lib is None:
-                    fn = code.co_filename
-                    lib = self._library_codes[code] = naming.is_library_frame(code) or fn.startswith(
-                        "<frozen") or fn.startswith(_STDLIB) or "site-packages" in fn or "dist-packages" in fn
+                    lib = self._library_codes[code] = naming.is_library_frame(code)
                 if not lib:
                     return f"{code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}"
                 frame = frame.f_back

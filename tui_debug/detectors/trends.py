@@ -129,6 +129,8 @@ class GradientNorms:
     has no gradient left, a loss of 1e-33 gave "no gradient at all").
     """
 
+    CANCELLED = 1e-6  # a bias gradient this small against its own weight's: what rounding leaves of a 0
+
     def __init__(self, config: DebugConfig) -> None:
         self.factor = config.grad_explosion_factor
         self.warmup = config.grad_warmup
@@ -142,7 +144,8 @@ class GradientNorms:
         self.low: dict[str, int] = {}
         self.vanishing_reported: set[str] = set()
         self.no_signal_expected: set[str] = set()  # parameters whose gradient is ~0 by design (redundant biases)
-        self.zero: dict[str, int] = {}  # consecutive checked steps with a gradient of exactly 0
+        # consecutive checked steps with a gradient of 0, or (a bias) under CANCELLED of its weight's
+        self.zero: dict[str, int] = {}
         self.converged: Callable[[], bool] = lambda: False  # every loss fell 1000x (the session's UpdateRatio)
         self.seen = 0
         self._med: dict[int, tuple[int, float]] = {}  # optimizer -> (appends when computed, median)
@@ -219,18 +222,20 @@ class GradientNorms:
         for n, v in finite:
             if v < self.v_abs and v < self.v_ratio * largest and n not in skip:
                 c = self.low[n] = self.low.get(n, 0) + 1
-                if v == 0:
+                weight = 0.0
+                if n.endswith(".bias"):
+                    norm_of = norm_of if norm_of is not None else dict(finite)
+                    weight = norm_of.get(n[:-4] + "weight", 0.0)
+                if v == 0 or weight > self.v_abs and v < self.CANCELLED * weight:
                     self.zero[n] = self.zero.get(n, 0) + 1
                 else:
                     self.zero.pop(n, None)
                 if c == self.v_steps and n not in self.vanishing_reported:
-                    if self.zero.get(n, 0) >= self.v_steps and n.endswith(".bias"):
-                        norm_of = norm_of if norm_of is not None else dict(finite)
-                        weight = norm_of.get(n[:-4] + "weight", 0.0)
-                        if weight > self.v_abs:  # its weight learns: the loss cancels this bias
-                            out.append(self._cancelled_bias(rec, n, n[:-4] + "weight"))
-                            skip.add(n)
-                            continue
+                    if self.zero.get(n, 0) >= self.v_steps and weight > self.v_abs:
+                        # its weight learns: the loss cancels this bias
+                        out.append(self._cancelled_bias(rec, n, n[:-4] + "weight"))
+                        skip.add(n)
+                        continue
                     newly.append((n, v))
             elif n in self.low:
                 self.zero.pop(n, None)
@@ -259,14 +264,16 @@ class GradientNorms:
 
 
     def _cancelled_bias(self, rec: StepRecord, bias: str, weight: str) -> Verdict:
-        """A bias whose gradient is exactly 0 step after step while its layer's weight learns: the loss
-        does not depend on it (a WGAN critic's last bias cancels in mean(D(fake)) - mean(D(real))), as
-        a bias before a BatchNorm does: nothing vanishes, and the vanishing-gradient advice was wrong."""
+        """A bias whose gradient is 0 step after step while its layer's weight learns: the loss does
+        not depend on it (a WGAN critic's last bias cancels in mean(D(fake)) - mean(D(real))), as a
+        bias before a BatchNorm does: nothing vanishes, and the vanishing-gradient advice was wrong.
+        Attention's key bias too (softmax ignores what it adds to every score of a query), where
+        rounding leaves 1e-9 to 1e-12 (CANCELLED of its weight's): every BERT was warned of it."""
         return Verdict(FindingEvent(
             severity="info", category="model_error", step=rec.step, key=f"cancelled-bias|{bias}",
-            message=f"{bias} does nothing: its gradient has been exactly 0 for {self.v_steps} steps while "
+            message=f"{bias} does nothing: its gradient has been 0 (to rounding) for {self.v_steps} steps while "
                     f"{weight} learns, so the loss does not depend on it (it adds a constant the loss "
-                    "cancels, as in a difference of means)",
+                    "cancels, as in a difference of means or attention's softmax)",
             context={"parameter": bias, "weight": weight, "steps": self.v_steps},
             recommendation="If the loss is meant to cancel it (a WGAN critic's output layer), create the layer "
                            "with bias=False; otherwise check that this layer's output reaches the loss."))

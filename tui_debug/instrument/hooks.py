@@ -712,6 +712,7 @@ class Instrumentation:
         from torch.optim import optimizer as optim_module
 
         self._Tensor = torch.Tensor
+        self._LBFGS = getattr(torch.optim, "LBFGS", ())
         self._Loss = torch.nn.modules.loss._Loss
         # torch.compiler.is_compiling is torch >= 2.3; dynamo takes torch._utils' for a constant before
         self._is_compiling = (getattr(getattr(torch, "compiler", None), "is_compiling", None)
@@ -2130,7 +2131,7 @@ class Instrumentation:
         get_ident = threading.get_ident
         perf_counter = time.perf_counter
 
-        def step_pre_hook(opt: Any, args: Any, kwargs: Any) -> None:
+        def step_pre_hook(opt: Any, args: Any, kwargs: Any) -> Any:
             f = fast
             if not is_compiling():  # (first: torch.compile must not guard on the run's state)
                 try:
@@ -2162,8 +2163,8 @@ class Instrumentation:
                         me._fast_off()
                 except Exception as exc:  # a bug of ours: switch off, never fail the step (as _pre_step)
                     me._disable(exc)
-                    return
-            pre_step(opt, args, kwargs)
+                    return None
+            return pre_step(opt, args, kwargs)
 
         return step_pre_hook
 
@@ -2234,9 +2235,10 @@ class Instrumentation:
             self._last_step_time = self._sample_last = f.last
             self._wait = 0.0
 
-    def _pre_step(self, opt: Any, args: Any, kwargs: Any) -> None:
+    def _pre_step(self, opt: Any, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
+        """The optimizer's step pre-hook; returns its arguments with the closure wrapped, if it has one."""
         if self._get_ident() != self._tid or self.broken or self._is_compiling():
-            return
+            return None
         if not self._observe and not self._held_grads and len(args) == 1 and not kwargs:
             # A sampled-out step without a closure, the common case at high step rates: straight to
             # its bookkeeping (each call and lookup costs ~3x on the toy's step, in caches its
@@ -2249,21 +2251,45 @@ class Instrumentation:
                     self._unchecked_step(st)
                 except Exception as exc:  # pragma: no cover - as _guarded
                     self._disable(exc)
-                return
+                return None
         if self._held_grads:
             if self._step_running(self._held_for):
-                return  # an optimizer stepped by the skipped one (ZeRO, a wrapper): part of that step
+                return None  # an optimizer stepped by the skipped one (ZeRO, a wrapper): part of that step
             self._give_grads_back()  # (the skipped step's post-step hook did not run: it raised)
         self._closure_step = None  # (one that raised: its boundary never came)
         self._boundaries += 1
-        if len(args) > 1 and args[1] is not None or kwargs and kwargs.get("closure") is not None:  # (args[0]: opt)
-            # optimizer.step(closure) (LBFGS...): the step's backward runs inside it, so its boundary
-            # is after it (read before it, each step's losses and gradients went to the next one,
-            # and the last step's were never read)
+        in_args = len(args) > 1 and args[1] is not None  # (args[0]: opt)
+        if in_args or kwargs and kwargs.get("closure") is not None:
+            # optimizer.step(closure) (LBFGS, and every step Lightning makes): the step's backward runs
+            # inside it. Read before it, each step's losses and gradients went to the next one. So the
+            # closure is wrapped: its first call's end, before the update, is the boundary (a
+            # non-finite step can be skipped there: under Lightning none was, and the NaN's module
+            # was said to have non-finite weights, read after the update). LBFGS calls it again and
+            # again, updating in between: its boundary stays after the step, as for an optimizer
+            # that never calls it.
             self._closure_step = opt
             self._set_post_hook(True)
-            return
+            if isinstance(opt, self._LBFGS):
+                return None
+            closure = args[1] if in_args else kwargs["closure"]
+            wrapped = self._wrap_closure(opt, closure)
+            if in_args:
+                return (args[0], wrapped, *args[2:]), kwargs
+            return args, {**kwargs, "closure": wrapped}
         self._boundary(opt)
+        return None
+
+    def _wrap_closure(self, opt: Any, closure: Callable[[], Any]) -> Callable[[], Any]:
+        me = self
+
+        def closure_then_boundary() -> Any:
+            result = closure()
+            if me._closure_step is opt and me._get_ident() == me._tid and not me.broken:
+                me._closure_step = None  # (LBFGS calls it again in its line search: one boundary a step)
+                me._guarded(me._boundary, opt)
+            return result
+
+        return closure_then_boundary
 
     def _boundary(self, opt: Any) -> None:
         """An optimizer's step boundary: the step that ends here read (checked) or counted."""

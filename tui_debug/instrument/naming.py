@@ -12,6 +12,8 @@ from typing import Any
 
 _TORCH_DIR: str | None = None
 _OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_STDLIB = os.path.dirname(os.__file__) + os.sep
+_USER_FILES: set[str] = set()  # the script run: the user's code wherever it lies (an installed package's module)
 
 
 def torch_dir() -> str:
@@ -22,10 +24,22 @@ def torch_dir() -> str:
     return _TORCH_DIR
 
 
+def add_user_file(path: str) -> None:
+    _USER_FILES.add(path)
+
+
 def is_library_frame(code: CodeType) -> bool:
-    """Frames of torch itself or of tui_debug: skipped when looking for the user's call site."""
+    """Frames of torch, tui_debug, the standard library or an installed package: skipped when
+    looking for the user's call site. Under Lightning or accelerate the ``backward`` of a GAN's two
+    losses was called from one line of theirs: both losses were one, named after that line, and
+    the model ``lightning_module`` (the script's ``m``)."""
     fn = code.co_filename
-    return fn.startswith(torch_dir()) or fn.startswith(_OWN_DIR)
+    if fn.startswith(torch_dir()) or fn.startswith(_OWN_DIR):
+        return True
+    if fn in _USER_FILES:
+        return False
+    return (fn.startswith(_STDLIB) or fn.startswith("<frozen") or "site-packages" in fn
+            or "dist-packages" in fn)
 
 
 def user_frame(frame: FrameType | None) -> FrameType | None:
@@ -57,6 +71,8 @@ def _instruction_source(code: CodeType, lasti: int) -> tuple[str, int] | None:
 
 
 _PARSED: dict[str, ast.AST | None] = {}
+# whose ``.backward(X)`` backpropagates X (not a tensor's, whose first argument is its gradient)
+_BACKWARD_OWNERS = frozenset(("autograd", "accelerator", "fabric", "engine", "model_engine", "deepspeed_engine"))
 
 
 def _line_source(filename: str, lineno: int) -> str | None:
@@ -85,16 +101,26 @@ def _line_source(filename: str, lineno: int) -> str | None:
 
 
 def _backward_target(node: ast.AST) -> ast.AST | None:
-    """In ``X.backward(...)`` or ``torch.autograd.backward(X)`` the X; unwraps ``scaler.scale(X)``."""
+    """In ``X.backward(...)`` or ``torch.autograd.backward(X)`` the X; unwraps ``scaler.scale(X)``;
+    the loss handed to a library's backward: ``accelerator.backward(X)``, ``fabric.backward(X)``,
+    DeepSpeed's ``model.backward(X)``, Lightning's ``self.manual_backward(X)``: any ``W.backward(X)``
+    whose X is a name or an expression rather than a gradient made in the call."""
     target = None
     for sub in ast.walk(node):
         if isinstance(sub, ast.Call):
             func = sub.func
+            if isinstance(func, ast.Attribute) and func.attr == "manual_backward" and sub.args:
+                target = sub.args[0]
+                break
             if isinstance(func, ast.Attribute) and func.attr == "backward":
-                if isinstance(func.value, ast.Name) and func.value.id in ("autograd",) or (
-                    isinstance(func.value, ast.Attribute) and func.value.attr == "autograd"
-                ):
-                    target = sub.args[0] if sub.args else None
+                owner = func.value.id if isinstance(func.value, ast.Name) else (
+                    func.value.attr if isinstance(func.value, ast.Attribute) else None)
+                first = sub.args[0] if sub.args else None
+                if owner is not None and owner.lower() in _BACKWARD_OWNERS or (
+                        first is not None and not isinstance(first, (ast.Call, ast.Constant, ast.Starred))):
+                    # a wrapper's backward(loss) (``acc.backward(d_loss)``), not a tensor's, whose
+                    # positional argument is its gradient, made on the spot: torch.ones_like(loss)
+                    target = first
                 else:
                     target = func.value
                 break
@@ -164,7 +190,11 @@ def callee_name(frame: FrameType) -> str | None:
     if name is None or name.startswith("_") or name in _BUILTINS:  # list(map(encoder, xs)): not "list"
         return None
     if name == "self":  # self(x) in a model's own method (Lightning's training_step): its caller's object
-        caller = user_frame(frame.f_back)
+        caller = frame.f_back
+        if caller is None or is_library_frame(caller.f_code):
+            # called by a library (Lightning's loop): the script's line further out, ``trainer.fit(m)``,
+            # names the trainer, not the model; the script's variables do (see variable_name)
+            return None
         found = _instruction_source(caller.f_code, caller.f_lasti) if caller is not None else None
         try:
             call = ast.parse(found[0].strip(), mode="eval").body if found is not None else None

@@ -111,18 +111,30 @@ def scale_lr(instr: TrainingState, factor: float) -> ActionResult:
 
 
 def _schedulers_of(opt: Any) -> list[Any]:
-    """The LR schedulers driving ``opt`` (nothing registers them: found among what refers to it). A user's
-    key press, not a step: the search's few milliseconds are spent once."""
+    """The LR schedulers driving ``opt`` (nothing registers them: found among what refers to it), also
+    through wrappers of it: accelerate's and Lightning's optimizers hold it, and the scheduler holds
+    the wrapper (HF Trainer's LambdaLR undid a halved rate at its next step). A user's key press, not
+    a step: the search's few milliseconds are spent once."""
     found: list[Any] = []
     seen: set[int] = set()
-    for ref in gc.get_referrers(opt):
-        holders = [ref] if not isinstance(ref, dict) else gc.get_referrers(ref)  # (an object or its __dict__)
-        for obj in holders:
-            if id(obj) in seen or getattr(obj, "optimizer", None) is not opt or isinstance(obj, dict):
-                continue
-            if any(c.__module__.endswith("lr_scheduler") for c in type(obj).__mro__):
-                seen.add(id(obj))
-                found.append(obj)
+    targets = [opt]
+    for _ in range(3):  # the optimizer, its wrapper, a wrapper of that
+        wrappers: list[Any] = []
+        for target in targets:
+            for ref in gc.get_referrers(target):
+                holders = [ref] if not isinstance(ref, dict) else gc.get_referrers(ref)  # (an object or its __dict__)
+                for obj in holders:
+                    if id(obj) in seen or isinstance(obj, (dict, type)) or not (
+                            getattr(obj, "optimizer", None) is target or getattr(obj, "_optimizer", None) is target):
+                        continue
+                    seen.add(id(obj))
+                    if any(c.__module__.endswith("lr_scheduler") for c in type(obj).__mro__):
+                        found.append(obj)
+                    else:
+                        wrappers.append(obj)
+        targets = wrappers
+        if not targets:
+            break
     return found
 
 
