@@ -48,9 +48,10 @@ def transformer():
 
 
 class CellRNN(nn.Module):
-    """An LSTM cell stepped through the sequence by hand: 200 module calls a step, each small."""
+    """An LSTM cell stepped through the sequence by hand: 200 module calls a step, each small (its
+    hooks take ~12% of a step on the CPU, over the 10% beyond which checks are sampled)."""
 
-    def __init__(self, d_in=16, hidden=64):
+    def __init__(self, d_in=16, hidden=16):
         super().__init__()
         self.hidden = hidden
         self.cell = nn.LSTMCell(d_in, hidden)

@@ -67,8 +67,9 @@ class DebugConfig:
     sample_fast_steps: bool = True
     freeze_gc_at_import: bool = True  # gc.collect() + gc.freeze() once torch is imported (see monitor.py)
     max_overhead: float = 0.01  # the sampler's budget for checks of fast steps (see README, Detectors)
-    # slower steps are all checked unless checks cost more than this (hundreds of module calls a step)
-    max_overhead_slow: float = 0.05
+    # slower CPU steps are all checked unless the monitor's hooks take more than this share of them
+    # (hundreds of module calls a step); then checks are sampled to cost about half of it
+    max_overhead_slow: float = 0.10
     # Detector thresholds (README: "Detectors" explains each number).
     loss_explosion_factor: float = 100.0
     loss_window: int = 5
@@ -133,7 +134,8 @@ class DebugConfig:
                 (("loss_explosion_factor", "grad_explosion_factor", "slow_step_factor"), lambda v: v > 1,
                  "a number above 1"),
                 (("dead_fraction", "saturation_fraction"), lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
-                (("max_overhead", "max_overhead_slow"), lambda v: 0 <= v < 1, "a fraction in [0, 1) (0: no sampling)"),
+                (("max_overhead",), lambda v: 0 <= v < 1, "a fraction in [0, 1) (0: no sampling)"),
+                (("max_overhead_slow",), lambda v: 0 <= v < 1, "a fraction in [0, 1) (0: slow steps all checked)"),
                 (("vanishing_ratio", "vanishing_abs", "update_ratio_high", "progress_interval_s"), lambda v: v > 0,
                  "a positive number"),
                 (("update_ratio_low",), lambda v: v >= 0, "a number >= 0")):

@@ -229,12 +229,15 @@ class _Sampler:
     steps around a probe are also timed by CUDA events at the boundaries (``gpu_durations``, one wait
     per probe), and a step's time is the larger of the two clocks.
 
-    Slower steps are all checked while checks cost at most ``slow_budget`` (5%): ~3% on a CNN or a
-    transformer, whose modules each run for milliseconds. A model that makes hundreds of small module
-    calls a step (an LSTM cell stepped through a sequence: 600 calls, ~20 us of hooks each) paid 15-32%
-    on 5-70 ms steps. So the hooks' own time is measured in place on checked steps (``hook_s``), and
-    steps whose hooks take over HEAVY_HOOKS of ``slow_budget`` are probed too, then checked every k-th
-    step when checks cost more than ``slow_budget``.
+    Slower steps are all checked, unless the monitor's own hooks take more than ``slow_budget`` (10%)
+    of them, timed in place on checked steps (``hook_s``): a model making hundreds of small module
+    calls a step (an LSTM cell stepped through a sequence: ~20 us of hooks a call) paid 17-32% on
+    27-70 ms steps. Then, parameters on the CPU, every k-th step is checked so that checks, taken as
+    twice the hooks' share (the sums and norms they start, the garbage they leave), cost about half of
+    ``slow_budget``. Decided from that in-place share alone, not by a probe: a probe's unchecked steps
+    would leave steps unchecked in runs that check every step, and on this VM a 16-step probe put the
+    same small model's checks anywhere from -7% to +20%. On a GPU the hooks' host time overlaps the
+    GPU's work, so slow GPU steps are all checked.
     """
 
     WARMUP = 32  # checked steps before the first probe
@@ -247,13 +250,16 @@ class _Sampler:
     MAX_EVERY = 256
     SPILL = 3  # unchecked steps after a check whose extra time is the check's (see ``_decide``)
     RECHECK = 64  # checked steps between steady decisions (the window of recent checked steps)
-    HEAVY_HOOKS = 0.8  # a slow step is probed when its hooks alone take this share of ``slow_budget``
+    SLOW_WINDOW = 16  # checked slow steps whose median hook share decides (see ``_hooks_decide``)
+    CHECK_PER_HOOK = 2.0  # a check's cost, as a multiple of its hooks' in-place time
 
     def __init__(self, budget: float, slow_budget: float = 0.0) -> None:
         self.budget = budget
         self.slow_budget = slow_budget
-        self.recent_hooks: collections.deque[float] = collections.deque(maxlen=16)  # hooks' share of checked steps
-        self.slow_sampling = False  # sampling steps too slow for the fast budget (see _decide)
+        self.recent_hooks: collections.deque[float] = collections.deque(maxlen=self.SLOW_WINDOW)  # (checked steps)
+        self.slow_sampling = False  # slow steps checked every k-th for their hooks' cost (see _hooks_decide)
+        self.slow_seen = 0  # checked slow steps since the last look at their hooks
+        self.slow_hold_until = 0  # checked whole until then (a loss jump, a non-finite value)
         self.optimizers = 1
         self.every = 1
         self.n = 0
@@ -286,9 +292,11 @@ class _Sampler:
 
     def alarm(self) -> None:
         self.every = 1
+        self.slow_sampling = False
         self.probe_left = 0
         self.quiet_until = self.n + 1000
         self.next_probe = max(self.next_probe, self.quiet_until)
+        self.slow_hold_until = self.quiet_until
 
     def next(self, observed: bool, duration: float, hook_s: float = 0.0) -> bool:
         """Record the step that ended (its time, boundary to boundary, and for a checked one the time
@@ -300,6 +308,13 @@ class _Sampler:
         elif observed:
             self.recent_obs.append(duration)
             self.recent_hooks.append(hook_s / duration)
+            if duration >= self.fast_s and self.slow_budget > 0 < self.budget and self.fast_s == self.FAST_S:
+                self.slow_seen += 1
+                if self.slow_seen >= self.SLOW_WINDOW and n >= self.slow_hold_until and self.probe_left == 0:
+                    self.slow_seen = 0
+                    self._hooks_decide()
+            else:
+                self.slow_seen = 0
             if duration > 2 * self.fast_s:
                 self.slow_checked += 1
                 if self.slow_checked >= 3 and self.every > 1 and not self.slow_sampling:
@@ -336,10 +351,7 @@ class _Sampler:
             # Steps too slow to sample (or too soon after a non-finite value): look again in a few
             # hundred steps, not 5,000 (steps speed up after warm-up; a step near the threshold is borderline)
             self.next_probe = n + self.FREE_REPROBE
-            fast = bool(self.recent_obs) and _median(self.recent_obs) < self.fast_s
-            heavy = (not fast and self.slow_budget > 0 and len(self.recent_hooks) >= 8
-                     and _median(self.recent_hooks) > self.HEAVY_HOOKS * self.slow_budget)
-            if (fast or heavy) and n >= self.quiet_until:
+            if self.recent_obs and _median(self.recent_obs) < self.fast_s and n >= self.quiet_until:
                 self.next_probe = n + self.REPROBE
                 self.probe_run = max(1, min(4, self.optimizers))
                 self.probe_left = self.probe_total = 2 * self.PROBE * self.probe_run
@@ -351,7 +363,7 @@ class _Sampler:
         every = self.every
         if every == 1:
             return True
-        if observed:
+        if observed and not self.slow_sampling:
             self.since_decision += 1
             if self.since_decision >= self.RECHECK:
                 self.since_decision = 0
@@ -380,8 +392,10 @@ class _Sampler:
         if self.budget <= 0:
             return
         self.every = 1
+        self.slow_sampling = False
         self.probe_left = 0
         self.next_probe = max(self.n + steps * max(1, self.optimizers), self.quiet_until)  # (n: optimizer steps)
+        self.slow_hold_until = self.next_probe
 
     def restart_probe(self) -> None:
         """After a gap (the instrumentation re-installed): a probe under way would compare steps
@@ -389,6 +403,29 @@ class _Sampler:
         if self.probe_left > 0 or self.n + 1 >= self.next_probe:
             self.probe_left = 0
             self.next_probe = max(self.n + 2, self.quiet_until)
+
+    def _hooks_decide(self) -> None:
+        """Slow CPU steps: checked every k-th step while their hooks take over ``slow_budget`` of them
+        (a checked step's share, the median of the last SLOW_WINDOW); every step again once they take
+        under half of it."""
+        share = _median(self.recent_hooks)
+        if share > self.slow_budget:
+            every = max(2, min(self.MAX_EVERY, math.ceil(self.CHECK_PER_HOOK * share / (self.slow_budget / 2))))
+            if every > 1 and self.optimizers > 1 and every % 2 == 0:
+                every += 1  # alternating optimizers (GANs): an odd stride checks each of them in turn
+        elif self.slow_sampling and share < self.slow_budget / 2:
+            every = 1
+        else:
+            return
+        if every == self.every and self.slow_sampling == (every > 1):
+            return
+        self.every = every
+        self.slow_sampling = every > 1
+        self.next_probe = max(self.next_probe, self.n + self.REPROBE)  # (no probe of slow steps)
+        self.decisions.append({"step": self.run_step(), "kind": "hooks", "hook_share": share,
+                               "budget": self.slow_budget, "checked_s": _median(self.recent_obs),
+                               "unchecked_s": _median(self.recent_skip) if self.recent_skip else 0.0,
+                               "every": every})
 
     def _decide(self, steady: bool = False) -> None:
         """A probe's decision compares the medians of its checked and unchecked steps and, on a GPU,
@@ -426,10 +463,8 @@ class _Sampler:
                 d_obs = max(d_obs, _median(gpu_obs))
                 d_skip = max(d_skip, _median(gpu_skip))
         every = 1
-        # steps too slow for the fast budget are checked every time unless that costs over slow_budget
-        slow = d_skip >= self.fast_s
-        budget = self.slow_budget if slow else self.budget
-        if d_skip > 0 and budget > 0:
+        budget = self.budget
+        if d_skip > 0:
             share = max(0.0, d_obs + spill - d_skip) / d_skip  # a check's cost, as a share of a step
             if steady:
                 self.steady_share = share
@@ -443,9 +478,7 @@ class _Sampler:
             if every > 1 and self.optimizers > 1 and every % 2 == 0:
                 every += 1  # alternating optimizers (GANs): an odd stride checks each of them in turn
         self.every = every
-        self.slow_sampling = slow and every > 1
-        if slow:
-            record["budget"] = budget
+        self.slow_sampling = False
         if every == 1:
             # checks look cheap: look again soon, in case this decision was misled (checking every
             # step, no steady decision comes to correct it)
