@@ -1127,3 +1127,36 @@ def test_the_script_is_the_main_thread_to_itself_so_libraries_register_their_han
     assert plain.returncode == 0 and "graceful stop: True" in plain.stdout, plain
     assert proc.returncode == 0, describe(proc)
     assert proc.stdout == plain.stdout, describe(proc)
+
+
+ASYNCIO_RUN = '''
+import asyncio
+
+async def main():
+    print("READY", flush=True)
+    try:
+        await asyncio.sleep(3600)  # (the loop blocks in select: an exception sent to the thread waits for it)
+    except asyncio.CancelledError:
+        print("cancelled", flush=True)
+        raise
+
+asyncio.run(main())
+'''
+
+
+def test_ctrl_c_under_asyncio_run_cancels_the_main_task_as_python_does(tmp_path: Path) -> None:
+    """asyncio.run installs its own SIGINT handler when it runs in the main thread, which the script's
+    thread now is to itself: Ctrl+C cancels the main task (its CancelledError handlers run), then
+    KeyboardInterrupt ends the run, killed by SIGINT, as under plain Python. Before, the interrupt
+    sent to the training thread waited for the event loop to wake up (an hour here)."""
+    (tmp_path / "aio.py").write_text(ASYNCIO_RUN)
+    proc = subprocess.Popen(td_cmd("--headless", "--out", tmp_path / "run", "aio.py"), cwd=tmp_path, env=td_env(),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            encoding="utf-8", errors="replace")
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "READY"
+    proc.send_signal(signal.SIGINT)
+    out, err = _finish(proc)
+    assert out.strip() == "cancelled", err
+    assert proc.returncode == -signal.SIGINT, err
+    assert script_stderr(err)[-1] == "KeyboardInterrupt" and "runners.py" in err, err
