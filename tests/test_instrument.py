@@ -856,6 +856,35 @@ def test_torch_compile_traces_the_instrumented_model_without_graph_breaks(
                                       "compiled.2.0.bias", "compiled.3.weight", "compiled.3.bias"]
 
 
+def test_nan_data_fed_to_a_compiled_model_and_a_nan_made_inside_it_are_told_apart(rec: Recorder) -> None:
+    """The compiled model's layers run compiled, unseen, but the call of torch.compile's wrapper is
+    measured: NaN data was reported only through the loss and gradients (the loss finding pointed to a
+    model_error that never came); now it is input_validation, and a NaN made inside is put on the
+    model, under its name."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), NaNMaker(), nn.Linear(16, 1))
+    compiled = torch.compile(model, backend="eager")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    try:
+        for step in range(1, 7):
+            x = torch.randn(4, 8)
+            if step == 3:
+                x[0, 0] = float("nan")
+            model[1].on = step == 5
+            optimizer.zero_grad()
+            compiled(x).pow(2).mean().backward()
+            optimizer.step()
+    finally:
+        torch._dynamo.reset()
+    first = {f.step: f for f in rec.findings() if f.category in ("input_validation", "model_error")}
+    assert sorted(first) == [3, 5], [(f.step, f.category, f.message) for f in rec.findings()]
+    assert first[3].category == "input_validation" and "compiled (Sequential)" in first[3].message, first[3].message
+    assert first[5].category == "model_error" and first[5].context["module"] == "compiled (Sequential)"
+
+
 def test_jit_trace_of_an_observed_model_passes_its_check_and_training_is_still_observed(rec: Recorder) -> None:
     """torch.jit.trace runs the model twice and compares the graphs, named after the variables in the
     frames it runs through: module calls under its tracer go straight to torch. Not steps either."""

@@ -1114,8 +1114,9 @@ class Instrumentation:
             # its parameters, stepped by an optimizer, were optimizer0.param3 and its NaN named "Linear"
             if self._guarded(self._owns_unnamed, module):
                 self._guarded(self._register_root, module)
-        if isinstance(module, self._OptimizedModule):
-            return None
+        # torch.compile's wrapper goes on as a module whose inside is not seen: its input and output are
+        # measured (NaN data fed to a compiled model went without input_validation), and a NaN it
+        # makes is put on the model, under its name, since its layers run compiled
         if is_root:
             if self._step_end is not None:
                 self._wait += time.perf_counter() - self._step_end  # data loading and anything between steps
@@ -1640,8 +1641,6 @@ class Instrumentation:
         """After a module's forward (``output`` None when it raised), in the training thread."""
         if self._light:
             self._absorb_light()
-        if isinstance(module, self._OptimizedModule):
-            return None
         if self._hot_pending is not None and (self._bn_fill is not module or output is None):
             self._resolve_hot()
         stack = self._stack
@@ -2049,6 +2048,8 @@ class Instrumentation:
         return st.index if st is not None and st.ref is not None and st.ref() is opt else -1
 
     def module_label(self, module: Any) -> str:
+        if isinstance(module, self._OptimizedModule):  # torch.compile's wrapper: the model it runs
+            module = getattr(module, "_orig_mod", module)
         name = self._module_names.get(id(module))
         cls = type(module).__name__
         return f"{name} ({cls})" if name else cls
