@@ -2319,7 +2319,7 @@ class Instrumentation:
         def closure_then_boundary() -> Any:
             result = closure()
             if me._closure_step is opt and me._get_ident() == me._tid and not me.broken:
-                me._closure_step = None  # (LBFGS calls it again in its line search: one boundary a step)
+                me._closure_step = None  # (an optimizer that calls it again, as SAM does: one boundary a step)
                 me._guarded(me._boundary, opt)
             return result
 
