@@ -883,6 +883,26 @@ def test_nan_data_fed_to_a_compiled_model_and_a_nan_made_inside_it_are_told_apar
     assert sorted(first) == [3, 5], [(f.step, f.category, f.message) for f in rec.findings()]
     assert first[3].category == "input_validation" and "compiled (Sequential)" in first[3].message, first[3].message
     assert first[5].category == "model_error" and first[5].context["module"] == "compiled (Sequential)"
+    assert "container.py" in first[5].context["forward"]  # Sequential's forward, not the wrapper's
+
+
+def test_a_tensors_backward_given_its_gradient_is_named_after_the_tensor() -> None:
+    """WGAN code's ``errD_real.backward(one)``: the argument is the gradient, not the loss (every loss
+    was named ``one``); a wrapper's ``acc.backward(d_loss)`` and ``self.manual_backward(g)`` name theirs."""
+    import ast
+
+    from tui_debug.instrument.naming import _backward_target
+
+    def target(src: str) -> str:
+        found = _backward_target(ast.parse(src, mode="eval"))
+        return ast.unparse(found) if found is not None else ""
+
+    assert target("errD_real.backward(one)") == "errD_real"
+    assert target("loss.backward(torch.ones_like(loss))") == "loss"
+    assert target("acc.backward(d_loss)") == "d_loss"
+    assert target("self.accelerator.backward(loss * 2)") == "loss * 2"
+    assert target("self.manual_backward(g_loss)") == "g_loss"
+    assert target("torch.autograd.backward(total)") == "total"
 
 
 def test_jit_trace_of_an_observed_model_passes_its_check_and_training_is_still_observed(rec: Recorder) -> None:

@@ -45,8 +45,11 @@ def _script_main_thread(training: threading.Thread) -> Callable[[], threading.Th
     graceful stop) only when ``current_thread() is main_thread()``: it never did here, and a SIGTERM
     killed the run. tui_debug's own threads (the real main thread, ``tui_debug-*``) see the real one."""
     real = threading.main_thread
+    pid = os.getpid()
 
     def main_thread() -> threading.Thread:
+        if os.getpid() != pid:  # a forked child: its main thread is the one that forked, as Python says
+            return real()
         me = threading.current_thread()
         if me is MAIN_THREAD or (me.name.startswith("tui_debug-") and me is not training):
             return MAIN_THREAD

@@ -131,6 +131,8 @@ class NonFiniteDetector:
 
 
 def _forward_source(module: Any) -> str | None:
-    """``file:line`` of the module's forward (the code to look at), when it is Python's."""
+    """``file:line`` of the module's forward (the code to look at), when it is Python's (torch.compile's
+    wrapper: the forward of the model it runs)."""
+    module = getattr(module, "_orig_mod", module)
     code = getattr(getattr(type(module), "forward", None), "__code__", None)
     return None if code is None else f"{code.co_filename}:{code.co_firstlineno}"

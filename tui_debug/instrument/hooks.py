@@ -1114,9 +1114,12 @@ class Instrumentation:
             # its parameters, stepped by an optimizer, were optimizer0.param3 and its NaN named "Linear"
             if self._guarded(self._owns_unnamed, module):
                 self._guarded(self._register_root, module)
-        # torch.compile's wrapper goes on as a module whose inside is not seen: its input and output are
-        # measured (NaN data fed to a compiled model went without input_validation), and a NaN it
-        # makes is put on the model, under its name, since its layers run compiled
+        # torch.compile's wrapper as the root goes on as a module whose inside is not seen: its input
+        # and output are measured (NaN data fed to a compiled model went without input_validation),
+        # and a NaN it makes is put on the model. Nested in a model, the model around it stays the
+        # one named (its own name and forward are the wrapper's, not the block's).
+        if not is_root and isinstance(module, self._OptimizedModule):
+            return None
         if is_root:
             if self._step_end is not None:
                 self._wait += time.perf_counter() - self._step_end  # data loading and anything between steps
@@ -1641,6 +1644,8 @@ class Instrumentation:
         """After a module's forward (``output`` None when it raised), in the training thread."""
         if self._light:
             self._absorb_light()
+        if isinstance(module, self._OptimizedModule) and not (self._stack and self._stack[0] is module):
+            return None  # (nested: see _pre_hook)
         if self._hot_pending is not None and (self._bn_fill is not module or output is None):
             self._resolve_hot()
         stack = self._stack
@@ -2316,11 +2321,22 @@ class Instrumentation:
     def _wrap_closure(self, opt: Any, closure: Callable[[], Any]) -> Callable[[], Any]:
         me = self
 
+        # torch's optimizers call it once and then skip parameters with no gradient; another's (SAM) may
+        # read p.grad after it and crash on a None: read there, but not skipped
+        own = type(opt).__module__.startswith("torch.optim")
+
         def closure_then_boundary() -> Any:
             result = closure()
             if me._closure_step is opt and me._get_ident() == me._tid and not me.broken:
                 me._closure_step = None  # (an optimizer that calls it again, as SAM does: one boundary a step)
-                me._guarded(me._boundary, opt)
+                if own:
+                    me._guarded(me._boundary, opt)
+                else:
+                    me._closure_read = True  # (no skipping: the optimizer is still using its gradients)
+                    try:
+                        me._guarded(me._boundary, opt)
+                    finally:
+                        me._closure_read = False
             return result
 
         return closure_then_boundary

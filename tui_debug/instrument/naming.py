@@ -71,8 +71,9 @@ def _instruction_source(code: CodeType, lasti: int) -> tuple[str, int] | None:
 
 
 _PARSED: dict[str, ast.AST | None] = {}
-# whose ``.backward(X)`` backpropagates X (not a tensor's, whose first argument is its gradient)
-_BACKWARD_OWNERS = frozenset(("autograd", "accelerator", "fabric", "engine", "model_engine", "deepspeed_engine"))
+# whose ``.backward(X)`` backpropagates X (not a tensor's, whose first argument is its gradient): names
+# starting so (``autograd``, ``accelerator``/``acc``/``accel``, ``fabric``, DeepSpeed's ``engine``/``model_engine``)
+_BACKWARD_OWNERS = ("autograd", "acc", "fabric", "engine", "model_engine", "deepspeed")
 
 
 def _line_source(filename: str, lineno: int) -> str | None:
@@ -103,8 +104,7 @@ def _line_source(filename: str, lineno: int) -> str | None:
 def _backward_target(node: ast.AST) -> ast.AST | None:
     """In ``X.backward(...)`` or ``torch.autograd.backward(X)`` the X; unwraps ``scaler.scale(X)``;
     the loss handed to a library's backward: ``accelerator.backward(X)``, ``fabric.backward(X)``,
-    DeepSpeed's ``model.backward(X)``, Lightning's ``self.manual_backward(X)``: any ``W.backward(X)``
-    whose X is a name or an expression rather than a gradient made in the call."""
+    DeepSpeed's ``engine.backward(X)``, Lightning's ``self.manual_backward(X)``."""
     target = None
     for sub in ast.walk(node):
         if isinstance(sub, ast.Call):
@@ -116,10 +116,9 @@ def _backward_target(node: ast.AST) -> ast.AST | None:
                 owner = func.value.id if isinstance(func.value, ast.Name) else (
                     func.value.attr if isinstance(func.value, ast.Attribute) else None)
                 first = sub.args[0] if sub.args else None
-                if owner is not None and owner.lower() in _BACKWARD_OWNERS or (
-                        first is not None and not isinstance(first, (ast.Call, ast.Constant, ast.Starred))):
+                if owner is not None and first is not None and owner.lower().startswith(_BACKWARD_OWNERS):
                     # a wrapper's backward(loss) (``acc.backward(d_loss)``), not a tensor's, whose
-                    # positional argument is its gradient, made on the spot: torch.ones_like(loss)
+                    # positional argument is its gradient (WGAN code's ``errD_real.backward(one)``)
                     target = first
                 else:
                     target = func.value
