@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import collections
+import math
+import subprocess
+import sys
 import time
 from pathlib import Path
 import dataclasses
@@ -16,6 +17,7 @@ import torch.nn as nn
 from torch.nn.modules import module as nn_module
 from torch.optim import optimizer as optim_module
 
+from helpers import RUN_TIMEOUT, SCRIPTS, describe, load_report, run_td
 from tui_debug.config import DebugConfig
 from tui_debug.events import FindingEvent, LossSiteEvent, ModelEvent, OptimizerEvent, StepRecord
 from tui_debug.instrument.hooks import Instrumentation
@@ -1705,9 +1707,8 @@ def test_sampled_out_steps_run_without_forward_hooks_and_still_name_a_failing_mo
     assert rec.inst.failing_modules(info.value)[:2] == ["model.1.1 (Exploder)", "model.1 (Sequential)"]
 
 
-def test_a_nan_first_seen_on_a_sampled_out_step_is_named_on_the_next_with_that_step(rec: Recorder) -> None:
-    """The NaN starts on a step that was not checked (its loss shows it, its forward was not
-    observed): the next checked step names the module and says where the loss first went bad."""
+def _nan_from_a_sampled_out_step(rec: Recorder) -> None:
+    """Three steps, the second unchecked; NaNMaker makes NaN from the second on."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), NaNMaker(), nn.Linear(8, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -1718,6 +1719,27 @@ def test_a_nan_first_seen_on_a_sampled_out_step_is_named_on_the_next_with_that_s
         optimizer.zero_grad()
         model(torch.randn(8, 4)).sum().backward()
         optimizer.step()
+
+
+def test_a_nan_first_seen_on_a_sampled_out_step_is_named_on_it_by_a_replay_of_its_forward(rec: Recorder) -> None:
+    """The NaN starts on a step that was not checked (its loss shows it, its forward was not
+    observed): its read replays the model's call on the same inputs and weights, observed, and names
+    the module on that step, saying how it was found."""
+    _nan_from_a_sampled_out_step(rec)
+    [named] = [f for f in rec.findings(step=2) if f.category == "model_error"]
+    assert named.context["module"] == "model.1 (NaNMaker)" and named.context["replayed"] is True
+    assert "replaying the step's forward" in named.message
+    [loss] = [f for f in rec.findings(step=2) if f.category == "loss_error"]
+    assert "sampled_out" not in loss.context and "the model_error finding names" in loss.recommendation
+    assert not rec.inst._replay_log  # (the inputs are not held past the step)
+
+
+def test_a_nan_first_seen_on_a_sampled_out_step_is_named_on_the_next_with_that_step(rec: Recorder) -> None:
+    """The NaN starts on a step that was not checked and no replay can name it (here: replays off;
+    in a run, a fast step's armed path keeps no inputs, or the NaN does not come back): the next
+    checked step names the module and says where the loss first went bad."""
+    rec.inst._replay_ok = False
+    _nan_from_a_sampled_out_step(rec)
     assert {f.category for f in rec.findings(step=2)} == {"loss_error", "gradient_error"}
     # and the loss finding says why no module is named on its step (its advice once pointed to a
     # model_error finding that a transient NaN, its step skipped, never gets)
@@ -2264,6 +2286,64 @@ def test_slow_steps_whose_hooks_cost_a_lot_are_sampled_to_the_slow_budget() -> N
     for _ in range(500):
         assert s.next(True, 0.026, 0.004)
     assert s.every == 1
+
+
+def test_a_slow_step_whose_forward_was_not_observed_has_it_replayed_and_its_module_named(tmp_path: Path) -> None:
+    """Slow CPU steps are all read (loss, gradient norms), but when the forward's hooks cost more than
+    max_overhead_forward, one forward in k is observed. A step that goes NaN in between has its forward
+    replayed at its read, before the optimizer updates anything: the layer that made the NaN is named on
+    that step, as an observed forward would have named it. The replay leaves no trace in the run: the
+    BatchNorm statistics and the random number generator (Dropout draws in the replay) are as a plain
+    ``python`` run leaves them."""
+    script = SCRIPTS / "nan_between_observed_forwards.py"
+    (tmp_path / "td.toml").write_text("max_overhead_forward = 1e-9\n")  # any forward cost: 1 in 16 observed
+    plain = subprocess.run([sys.executable, str(script), "41"], capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    proc = run_td("--headless", "--config", tmp_path / "td.toml", "--out", tmp_path / "run", script, "41",
+                  cwd=tmp_path)
+    assert proc.returncode == 0 and plain.returncode == 0, describe(proc)
+    report = load_report(tmp_path / "run")
+    (decision,) = [d for d in report["performance"]["sampler"]["decisions"] if d["kind"] == "forward"]
+    assert decision["every"] == 16 and decision["step"] < 41, decision
+    (made,) = [e for e in report["errors"] if e["category"] == "model_error" and e["severity"] == "error"]
+    assert made["step"] == 41 and made["message"].startswith("model.4 (LogBelow) produced a non-finite output"), made
+    assert made["context"]["replayed"] is True and "replaying" in made["message"], made
+    (loss,) = [e for e in report["errors"] if e["category"] == "loss_error"]
+    assert loss["step"] == 41 and "sampled_out" not in loss["context"], loss
+    after = [line for line in proc.stdout.splitlines() if line.startswith("AFTER ")]
+    assert after == [line for line in plain.stdout.splitlines() if line.startswith("AFTER ")], (after, plain.stdout)
+
+
+def test_slow_cpu_steps_observe_one_forward_in_k_by_the_forward_hooks_share() -> None:
+    """The forward rule: after 16 forward-observed slow CPU steps, forwards are observed one in
+    ceil(2 x share / max_overhead_forward) (at most 16); a share under half the budget keeps every
+    forward; a non-finite value (alarm) observes every forward again for a while; fast steps, GPU steps
+    and whole-step sampling (the hooks rule) leave forwards alone."""
+    from tui_debug.instrument.hooks import _Sampler
+
+    def run(s: _Sampler, steps: int, duration: float, fwd_s: float) -> list[bool]:
+        seen, fwd = [], True
+        for _ in range(steps):
+            s.n += 1  # (as next() counts the step first)
+            fwd = s.forward_next(fwd, duration, fwd_s if fwd else 0.0)
+            seen.append(fwd)
+        return seen
+
+    s = _Sampler(0.01, 0.10, 0.005)
+    seen = run(s, 16 + 160, 0.030, 0.0006)  # 2% of a 30 ms step: 2 x 2% / 0.5% = 8
+    assert all(seen[:16]) and s.fwd_every == 8 and seen[16:].count(True) == 20, seen
+    assert [d["kind"] for d in s.decisions] == ["forward"] and s.decisions[0]["every"] == 8
+    s.alarm()  # every forward observed for the next 1,000 steps, then the rule decides again
+    assert all(run(s, 999, 0.030, 0.0006)) and s.fwd_every == 1
+    assert run(s, 40, 0.030, 0.0006).count(True) == 5 and s.fwd_every == 8
+    cheap = _Sampler(0.01, 0.10, 0.005)
+    assert all(run(cheap, 200, 0.030, 0.00003)) and cheap.fwd_every == 1  # 0.1%: every forward
+    fast = _Sampler(0.01, 0.10, 0.005)
+    assert all(run(fast, 200, 0.003, 0.0006)) and fast.fwd_every == 1  # fast steps: the probe's business
+    gpu = _Sampler(0.01, 0.10, 0.005)
+    gpu.fast_s = _Sampler.FAST_S_GPU
+    assert all(run(gpu, 200, 0.030, 0.0006)) and gpu.fwd_every == 1
+    off = _Sampler(0.01, 0.10, 0.0)
+    assert all(run(off, 200, 0.030, 0.0006))
 
 
 def test_the_hooks_own_time_reaches_the_sampler_with_each_checked_step(rec: Recorder) -> None:

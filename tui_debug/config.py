@@ -70,6 +70,9 @@ class DebugConfig:
     # slower CPU steps are all checked unless the monitor's hooks take more than this share of them
     # (hundreds of module calls a step); then checks are sampled to cost about half of it
     max_overhead_slow: float = 0.10
+    # slower CPU steps are all read (loss, gradients); their forwards are observed one in k when that
+    # costs more than this share (hooks taken twice), and a step gone non-finite between is replayed
+    max_overhead_forward: float = 0.005
     # Detector thresholds (README: "Detectors" explains each number).
     loss_explosion_factor: float = 100.0
     loss_window: int = 5
@@ -135,7 +138,7 @@ class DebugConfig:
                  "a number above 1"),
                 (("dead_fraction", "saturation_fraction"), lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
                 (("max_overhead",), lambda v: 0 <= v < 1, "a fraction in [0, 1) (0: no sampling)"),
-                (("max_overhead_slow",), lambda v: 0 <= v < 1, "a fraction in [0, 1) (0: slow steps all checked)"),
+                (("max_overhead_slow", "max_overhead_forward"), lambda v: 0 <= v < 1, "a fraction in [0, 1) (0: slow steps all checked)"),
                 (("vanishing_ratio", "vanishing_abs", "update_ratio_high", "progress_interval_s"), lambda v: v > 0,
                  "a positive number"),
                 (("update_ratio_low",), lambda v: v >= 0, "a number >= 0")):

@@ -392,11 +392,16 @@ class Monitor:
                   + ", ".join(f"{n} {k}" for k, n in sorted(by_sev.items())) + ")") if findings else "no findings"
         steps, checked = self.session.steps, self.session.checked_steps
         sampled = ""
+        sampler = self.instr.sampler_summary()
         if 0 < checked < steps:
-            slow = any(d["kind"] == "hooks" for d in self.instr.sampler_summary()["decisions"])
+            slow = any(d["kind"] == "hooks" for d in sampler["decisions"])
             sampled = f"; {checked} checked: " + (
                 f"the monitor's hooks took over {self.config.max_overhead_slow * 100:g}% of a step, so checks "
                 "are sampled" if slow else "fast steps are sampled")
+        forward = [d["every"] for d in sampler["decisions"] if d["kind"] == "forward"]
+        if forward and max(forward) > 1:
+            sampled += (f"; forwards observed 1 step in {forward[-1] if forward[-1] > 1 else max(forward)}, "
+                        "a step gone non-finite between replayed")
         self.printer.line(f"{self.session.status} after {steps} steps "
                           f"(exit {self.session.exit_code}{sampled}); {counts}; {where}")
         self.tracker.stop()

@@ -101,6 +101,7 @@ CONTAINERS = ("Sequential", "TransformerEncoder", "TransformerDecoder", "Transfo
 # handed to one may wait for its proof (see _resolve_hot); any other module might change it in place.
 SAFE_READERS = ("MultiheadAttention", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
                 "ConvTranspose3d", "Bilinear", "Embedding", "EmbeddingBag", "LSTM", "GRU", "RNN")
+REPLAY_MAX = 16  # model calls kept per step for a replay (micro-batches x models); more: no replay
 DEFER_MAX = 64  # large activations held at once, waiting for a later sum to prove them finite
 LIGHT_MAX = 64  # finite-preserving module calls waiting for the next hook to record what they derive
 GRAPH_DEPTH = 6  # nodes followed back from a tensor to a measured one
@@ -238,6 +239,14 @@ class _Sampler:
     would leave steps unchecked in runs that check every step, and on this VM a 16-step probe put the
     same small model's checks anywhere from -7% to +20%. On a GPU the hooks' host time overlaps the
     GPU's work, so slow GPU steps are all checked.
+
+    Below that, a slow CPU step is always read (loss and gradient norms: what says a step went bad),
+    but its forward is observed one step in k while the forward's hooks, taken twice, would cost more
+    than ``fwd_budget`` (``max_overhead_forward``, 0.5%): the module hooks were ~2/3 of the bench
+    transformer's 3% per checked step. A step that goes non-finite in between has its forward replayed
+    at its read, before the optimizer updates anything (see ``Instrumentation._replay``), so the
+    module that made the NaN is still named on its step. k <= FWD_MAX_EVERY: a NaN that reaches
+    neither the loss nor a gradient is seen within that many steps when it persists.
     """
 
     WARMUP = 32  # checked steps before the first probe
@@ -252,10 +261,16 @@ class _Sampler:
     RECHECK = 64  # checked steps between steady decisions (the window of recent checked steps)
     SLOW_WINDOW = 16  # checked slow steps whose median hook share decides (see ``_hooks_decide``)
     CHECK_PER_HOOK = 2.0  # a check's cost, as a multiple of its hooks' in-place time
+    FWD_WINDOW = 16  # forward-observed slow steps whose median forward-hook share decides
+    FWD_MAX_EVERY = 16
 
-    def __init__(self, budget: float, slow_budget: float = 0.0) -> None:
+    def __init__(self, budget: float, slow_budget: float = 0.0, fwd_budget: float = 0.0) -> None:
         self.budget = budget
         self.slow_budget = slow_budget
+        self.fwd_budget = fwd_budget
+        self.fwd_every = 1  # slow CPU steps: one forward in fwd_every observed (see forward_next)
+        self.fwd_shares: collections.deque[float] = collections.deque(maxlen=self.FWD_WINDOW)
+        self.fwd_seen = 0  # forward-observed slow steps since the last decision
         self.recent_hooks: collections.deque[float] = collections.deque(maxlen=self.SLOW_WINDOW)  # (checked steps)
         self.slow_sampling = False  # slow steps checked every k-th for their hooks' cost (see _hooks_decide)
         self.slow_seen = 0  # checked slow steps since the last look at their hooks
@@ -294,6 +309,8 @@ class _Sampler:
         self.every = 1
         self.slow_sampling = False
         self.probe_left = 0
+        self.fwd_every = 1
+        self.fwd_seen = 0
         self.quiet_until = self.n + 1000
         self.next_probe = max(self.next_probe, self.quiet_until)
         self.slow_hold_until = self.quiet_until
@@ -396,6 +413,8 @@ class _Sampler:
         self.probe_left = 0
         self.next_probe = max(self.n + steps * max(1, self.optimizers), self.quiet_until)  # (n: optimizer steps)
         self.slow_hold_until = self.next_probe
+        self.fwd_every = 1
+        self.fwd_seen = 0
 
     def restart_probe(self) -> None:
         """After a gap (the instrumentation re-installed): a probe under way would compare steps
@@ -403,6 +422,42 @@ class _Sampler:
         if self.probe_left > 0 or self.n + 1 >= self.next_probe:
             self.probe_left = 0
             self.next_probe = max(self.n + 2, self.quiet_until)
+
+    def forward_next(self, fwd_seen: bool, duration: float, fwd_s: float) -> bool:
+        """The step that ended was read (``fwd_seen``: its forward observed too, its module hooks
+        taking ``fwd_s`` in place); whether the next one's forward is observed."""
+        if self.fwd_budget <= 0 or self.budget <= 0 or self.every > 1 or self.slow_sampling:
+            self.fwd_every = 1  # (whole checks sampled already: their forwards are observed)
+            return True
+        if fwd_seen and duration > 0:
+            if duration >= self.fast_s and self.fast_s == self.FAST_S:
+                self.fwd_shares.append(fwd_s / duration)
+                self.fwd_seen += 1
+                if self.fwd_seen >= self.FWD_WINDOW and self.n >= self.slow_hold_until:
+                    self.fwd_seen = 0
+                    self._forward_decide()
+            else:  # no longer a slow CPU step
+                self.fwd_seen = 0
+                self.fwd_every = 1
+        every = self.fwd_every
+        return every == 1 or self.n < self.slow_hold_until or self.n % every == 0
+
+    def _forward_decide(self) -> None:
+        share = _median(self.fwd_shares)
+        every = max(1, min(self.FWD_MAX_EVERY, math.ceil(self.CHECK_PER_HOOK * share / self.fwd_budget)))
+        if distributed.world_size() > 1:
+            # No replay across processes: a DDP forward (buffer broadcast) or a SyncBatchNorm makes
+            # collectives, which a replay on one rank alone would hang on. Every forward is observed.
+            every = 1
+        if every > 1 and self.optimizers > 1 and every % 2 == 0:
+            every += 1  # alternating optimizers (GANs): an odd stride observes each one's forward in turn
+        if every == self.fwd_every:
+            return
+        self.fwd_every = every
+        self.decisions.append({"step": self.run_step(), "kind": "forward", "hook_share": share,
+                               "budget": self.fwd_budget,
+                               "checked_s": _median(self.recent_obs) if self.recent_obs else 0.0,
+                               "unchecked_s": 0.0, "every": every})
 
     def _hooks_decide(self) -> None:
         """Slow CPU steps: checked every k-th step while their hooks take over ``slow_budget`` of them
@@ -494,10 +549,12 @@ class _Sampler:
         for _ in range(3):
             try:
                 return {"budget": self.budget, "slow_budget": self.slow_budget, "every": self.every,
+                        "forward_budget": self.fwd_budget, "forward_every": self.fwd_every,
                         "decisions": list(self.decisions)}
             except RuntimeError:  # deque mutated during iteration
                 continue
-        return {"budget": self.budget, "slow_budget": self.slow_budget, "every": self.every, "decisions": []}
+        return {"budget": self.budget, "slow_budget": self.slow_budget, "every": self.every,
+                "forward_budget": self.fwd_budget, "forward_every": self.fwd_every, "decisions": []}
 
 
 class Instrumentation:
@@ -696,6 +753,15 @@ class Instrumentation:
         self._last_site: int | None = None
         self._observed_steps = 0
         self._stats_now = False
+        self._stats_due = False
+        # Model calls of a step whose forward is not observed (CPU): (module, args, kwargs, the tensor
+        # arguments' versions), replayed when the step's read finds it non-finite (see _replay)
+        self._replay_log: list[tuple[Any, tuple[Any, ...], dict[str, Any], tuple[int, ...]]] = []
+        self._replay_full = False  # more calls than REPLAY_MAX this step: no replay
+        self._replay_rec = False  # record them (set per step by _sample)
+        self._replay_ok = config.max_overhead_forward > 0 and config.sample_fast_steps
+        self._replay_roots: dict[int, Any] = {}  # id -> weakref: models (roots with parameters) to replay
+        self._read_fwd = True  # the step being read had its forward observed
         self._flush_due = False  # a time slice waits for the next backward (see _slice_over)
         self._stat_meta: list[tuple[str, str, int]] = []
         self._stat_vals: list[Any] = []
@@ -704,7 +770,8 @@ class Instrumentation:
         self._upd_done: tuple[list[str], list[Any]] | None = None
         self._act_kinds: dict[type, str] = {}
         self._sampler = _Sampler(config.max_overhead if config.sample_fast_steps else 0.0,
-                                 config.max_overhead_slow if config.sample_fast_steps else 0.0)
+                                 config.max_overhead_slow if config.sample_fast_steps else 0.0,
+                                 config.max_overhead_forward if config.sample_fast_steps else 0.0)
         self._hook_s = 0.0  # time the checked step's hooks took in place (see _Sampler: slow steps)
         self._sampler.gpu_durations = self._gpu_durations
         self._sampler.run_step = lambda: self.step
@@ -916,6 +983,7 @@ class Instrumentation:
         functorch_level = getattr(getattr(self.torch._C, "_functorch", None), "peek_interpreter_stack", lambda: None)
         dispatch_modes = self._dispatch_modes
         clock = time.perf_counter
+        replay_roots = self._replay_roots
         # torch's _wrapped_call_impl is two lines: done here, it costs no frame of its own. Each module
         # call went 4 Python frames deep instead of plain torch's 3, and a model nested 200 deep (or a
         # module calling itself 240 times) hit the recursion limit where plain Python did not.
@@ -933,6 +1001,8 @@ class Instrumentation:
             if me._flush_due and get_ident() == me._tid:
                 me._guarded(me._late_slice)  # see _slice_over
             if not me._fwd_on or get_ident() != me._tid:
+                if me._replay_rec and id(self) in replay_roots:
+                    me._record_call(self, args, kwargs)
                 if direct and self._compiled_call_impl is None:
                     return self._call_impl(*args, **kwargs)
                 return orig_call(self, *args, **kwargs)
@@ -1038,6 +1108,8 @@ class Instrumentation:
         self._installed = False
         self._fast_off()
         self._fwd_on = False
+        self._replay_rec = False
+        self._replay_log = []
         self._stack.clear()
         for h in self._handles + ([self._post_handle] if self._post_handle else []):
             try:
@@ -1903,6 +1975,7 @@ class Instrumentation:
         for rid in replaced:
             del self._roots[rid]
             self._root_ids.pop(rid, None)
+            self._replay_roots.pop(rid, None)
         self._roots[id(module)] = (name, weakref.ref(module, self._dead_roots.append))
         self._root_ids[id(module)] = tuple(contained)
         if replaced or next(module.parameters(), None) is not None:
@@ -1913,6 +1986,8 @@ class Instrumentation:
             self._known_modules.update(contained)
         if isinstance(module, self._Loss):
             return  # loss functions are named, not listed as models
+        if held is module:  # (a compiled model is not replayed: its replay would compile again)
+            self._replay_roots[id(module)] = weakref.ref(module)
         self._mode_sensitive.pop(id(module), None)  # (a freed model's id, given to this one)
         self._eval_warned.discard(id(module))
         if self._not_stepped:
@@ -1999,6 +2074,7 @@ class Instrumentation:
         gone: set[int] = set()
         for rid in [rid for rid, (_, ref) in self._roots.items() if ref() is None]:
             del self._roots[rid]
+            self._replay_roots.pop(rid, None)
             gone.update(self._root_ids.pop(rid, (rid,)))
             self._mode_sensitive.pop(rid, None)
             self._eval_warned.discard(rid)
@@ -2399,6 +2475,9 @@ class Instrumentation:
             st.count += 1
         else:
             self._advance(st)
+        if self._replay_log:  # (a finite step: nothing to replay)
+            self._replay_log = []
+        self._replay_full = False
         if deferred is not None:
             self._defer_losses(st, deferred)
         now = time.perf_counter()
@@ -2689,12 +2768,13 @@ class Instrumentation:
         The sampler's clock runs from the end of one boundary to the end of the next, so that the
         cost of reading a checked step is charged to that step."""
         observed = self._observe
+        fwd_s = self._hook_s  # (the module hooks' alone)
         t0 = time.perf_counter()
         self._read_step(st)
         self._hook_s += time.perf_counter() - t0
-        self._sample(observed, st)
+        self._sample(observed, st, fwd_s=fwd_s)
 
-    def _sample(self, observed: bool, st: _OptState, end: float | None = None) -> None:
+    def _sample(self, observed: bool, st: _OptState, end: float | None = None, fwd_s: float = 0.0) -> None:
         """``end``: the boundary's clock, when the step's bookkeeping is too light to charge it."""
         self._noted, self._unchecked_sites = self._unchecked_sites, []  # (the closed step's: _arm_fast reads them)
         if end is None:
@@ -2712,8 +2792,18 @@ class Instrumentation:
             self._force_check = False
             observe = True
         self._observe = observe
-        if observe is not self._fwd_on:
-            self._set_forward_hooks(observe)
+        fwd = observe
+        if observe and st.on_cpu:
+            fwd = sampler.forward_next(observed and self._fwd_on, duration, fwd_s)
+        if fwd is not self._fwd_on:
+            self._set_forward_hooks(fwd)
+        # a forward not observed keeps its model calls for a replay, should the step go bad (see _replay)
+        self._replay_rec = not fwd and st.on_cpu and self._replay_ok
+        if self._stats_due and fwd:  # (activation statistics need an observed forward)
+            self._stats_due = False
+            self._stats_now = True
+        else:
+            self._stats_now = False
         # This step's post-step hook: for a checked step (update ratio), before a checked one (the
         # data-wait clock starts there), and for pending actions or a pause.
         post = observed or observe or self._wake or self._paused or self._upd_start is not None
@@ -2772,6 +2862,7 @@ class Instrumentation:
         duration = 0.0 if last is None else now - last
         self._last_step_time = now
         observed = self._observe
+        self._read_fwd = observed and self._fwd_on
         wait, self._wait = self._wait, 0.0
         if not observed:  # a sampled-out step: timing only, and the loss looked at on the CPU
             unchecked, self._unchecked_losses = self._unchecked_losses, []
@@ -2794,6 +2885,9 @@ class Instrumentation:
                 # (its CPU losses count, as a span's do: a new optimizer's first step comes here)
                 self._pending.append(StepRecord(self.step, now, duration, st.index, self._sited(st, values), None,
                                                 None, wait, checked=False))
+                if self._replay_log:
+                    self._replay_log = []
+                self._replay_full = False
                 if now - self._last_flush >= FLUSH_INTERVAL_S:
                     self._slice_over(now, duration)
                 return
@@ -2878,7 +2972,8 @@ class Instrumentation:
                 self._virtual, self._alias)
         self._observed_steps += 1
         every = self.config.activation_stats_every
-        self._stats_now = every > 0 and self._observed_steps % every == 0
+        if every > 0 and self._observed_steps % every == 0:
+            self._stats_due = True  # for the next step whose forward is observed (see _sample)
         every = self.config.update_ratio_every
         if every > 0 and self._observed_steps % every == 0 and groups and st.index >= 0:
             self._start_update_ratio(st)
@@ -2932,6 +3027,9 @@ class Instrumentation:
                     self._skip_step(st)
                 elif self.clip_norm is not None and groups:
                     self._clip(groups, merged)
+        if self._replay_log:  # (not replayed: the step was finite)
+            self._replay_log = []
+        self._replay_full = False
         if self.clip_norm is not None and self._reads and groups:  # CUDA: values are a step late
             params = [p for p in st.params if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
@@ -2977,6 +3075,7 @@ class Instrumentation:
         self.scaler_skips += 1
         self._skips_unsent += 1
         self._clear_step()
+        self._replay_log = []
         self._unchecked_losses = []
         self._unchecked_sites = []
         self._stack.clear()
@@ -3070,9 +3169,122 @@ class Instrumentation:
             self._sampler.alarm()
             self._observe = True  # the next step too, whatever the sampler had decided
             self._set_forward_hooks(True)
-            self._guarded(self._check_nonfinite, read, values)
+            replayed = None
+            if not self._read_fwd and self._immediate:
+                replayed = self._guarded(self._replay, read, values)
+                if replayed is not None:
+                    read, values = replayed
+                    if self._unobserved_bad == step:
+                        self._unobserved_bad = None
+                elif self._unobserved_bad is None:
+                    self._unobserved_bad = step  # (a read step whose forward was not observed)
+            self._guarded(self._check_nonfinite, read, values, replayed is not None)
         if self._unobserved_bad is not None and step > self._unobserved_bad:
             self._unobserved_bad = None  # only the first checked step after it is about it
+
+    def _record_call(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """A model's call in a training forward that is not observed: kept, with its inputs, until the
+        step's read (see _replay). Cleared at every boundary."""
+        if self._get_ident() != self._tid or not self._is_grad_enabled():
+            return  # (another thread's, or an evaluation pass: not the step's)
+        log = self._replay_log
+        if len(log) >= REPLAY_MAX:
+            self._replay_full = True
+            return
+        tensor = self._Tensor
+        try:
+            versions = tuple(a._version for a in (*args, *kwargs.values()) if isinstance(a, tensor))
+        except RuntimeError:  # an inference tensor (no version counter): its changes cannot be told
+            self._replay_full = True
+            return
+        log.append((module, args, kwargs, versions))
+
+    def _replay(self, read: tuple[Any, ...], values: list[float]) -> tuple[tuple[Any, ...], list[float]] | None:
+        """A step gone non-finite whose forward was not observed: its model calls run again, observed,
+        on the same inputs and the same weights (the read comes before the optimizer's update), so
+        that the first module to make a non-finite value is named on this step as if it had been
+        observed. Under no_grad (no second graph), with the random number generator's state and the
+        models' buffers (BatchNorm's statistics) put back after: the run goes on as it would have.
+        Dropout draws other masks than the step did; a NaN that depends on them may not come back,
+        and then nothing is claimed. Returns the read and values with the replay's sentinels, or None."""
+        log, self._replay_log = self._replay_log, []
+        full, self._replay_full = self._replay_full, False
+        if not log or full or self._closure_read or not self._immediate or read[8] or distributed.world_size() > 1:
+            return None  # (a replay on one rank alone: see _Sampler._forward_decide)
+        tensor = self._Tensor
+        calls = []
+        for module, args, kwargs, versions in log:
+            ref = self._replay_roots.get(id(module))
+            if ref is None or ref() is not module:
+                continue
+            if tuple(a._version for a in (*args, *kwargs.values()) if isinstance(a, tensor)) != versions:
+                return None  # an input changed in place since the call: not what the forward saw
+            calls.append((module, args, kwargs))
+        if not calls:
+            return None
+        torch = self.torch
+        models = list({id(m): m for m, _, _ in calls}.values())
+        buffers = [b for m in models for b in m.buffers()]
+        if any(not b.is_cpu for b in buffers) or any(not p.is_cpu for m in models for p in m.parameters()):
+            return None
+        saved_buffers = [(b, b.detach().clone()) for b in buffers]
+        rng = torch.get_rng_state()
+        saved = (self._observe, self._fwd_on, self._stats_now, self._wait, self._step_end, self._root_out,
+                 self._forwards_unread, self._last_in, self._replay_rec, self._hook_s)
+        stack = list(self._stack)
+        grad_enabled = self._is_grad_enabled
+        self._clear_step()
+        self._observe = self._fwd_on = True
+        self._stats_now = self._replay_rec = False
+        self._is_grad_enabled = _always  # the hooks observe training forwards only: this is one
+        self._stack.clear()
+        outputs = []  # held to the end, as the step held its own (see UNREAD_FORWARDS)
+        try:
+            with torch.no_grad():
+                for module, args, kwargs in calls:
+                    try:
+                        outputs.append(module(*args, **kwargs))
+                    except Exception:  # (state the forward changed the first time): what ran is kept
+                        break
+                    finally:
+                        self._stack.clear()
+            if self._hot_pending is not None:
+                self._resolve_hot()
+            if self._deferred:
+                self._flush_deferred()
+            tail = self._acts
+            if tail:
+                self._mark_stale(tail)
+            sent = list(self._sent)
+            n_chunked = len(sent)
+            if tail:
+                sent.extend(self._norms(tail))
+            recheck: list[Any] = self._refs[:n_chunked] + tail
+            for k in self._inf_kept:
+                recheck[k] = self._inf_marker
+            svals = [t.item() for t in sent]
+            part = (self._calls, self._root_inputs, n_chunked, len(sent), self._stale, recheck, self._virtual,
+                    self._alias)
+        finally:
+            outputs.clear()
+            self._is_grad_enabled = grad_enabled
+            (self._observe, self._fwd_on, self._stats_now, self._wait, self._step_end, self._root_out,
+             self._forwards_unread, self._last_in, self._replay_rec, self._hook_s) = saved
+            self._stack[:] = stack
+            self._clear_step()
+            with torch.no_grad():
+                for b, copy in saved_buffers:
+                    b.copy_(copy)
+            torch.set_rng_state(rng)
+        if all(math.isfinite(v) for v in svals):
+            return None  # not made again: nothing to name
+        (step, now, duration, opt_index, loss_sites, _c, _r, _nc, _ns, _st, grad_names, _re, wait, n_grads, extras,
+         upd_names, late_meta, _v, _a) = read
+        calls_, root_inputs, n_chunked, n_sent, stale, recheck, virtual, alias = part
+        nl = len(loss_sites)
+        return ((step, now, duration, opt_index, loss_sites, calls_, root_inputs, n_chunked, n_sent, stale,
+                 grad_names, recheck, wait, n_grads, extras, upd_names, late_meta, virtual, alias),
+                values[:nl] + svals + values[nl:])
 
     def _late_nonfinite(self, step: int, site: int, value: float, read_at: int, before_step: int = 0) -> None:
         name = self._loss_site_names[site] if site < len(self._loss_site_names) else "loss"
@@ -3106,7 +3318,7 @@ class Instrumentation:
                 grads = [sparse[id(g)]._values() if id(g) in sparse else g for g in grads]
             self.torch._foreach_mul_(grads, coef)  # type: ignore[union-attr]
 
-    def _check_nonfinite(self, read: tuple[Any, ...], values: list[float]) -> None:
+    def _check_nonfinite(self, read: tuple[Any, ...], values: list[float], replayed: bool = False) -> None:
         (step, now, duration, opt_index, loss_sites, calls, root_inputs, n_chunked, n_sent, stale,
          grad_names, recheck, _wait, n_grads, _extras, _upd, _late, virtual, alias) = read
         nl = len(loss_sites)
@@ -3152,6 +3364,11 @@ class Instrumentation:
                 if f.category in ("model_error", "input_validation"):
                     f.message += f" (the loss first went non-finite at step {bad}, which was not checked)"
                     f.context["loss_nonfinite_since_step"] = bad
+        if replayed:
+            for f in findings:
+                if f.category in ("model_error", "input_validation"):
+                    f.message += " (found by replaying the step's forward, which was not observed: checks are sampled)"
+                    f.context["replayed"] = True
         grads_bad = grad_names is not None and not all(math.isfinite(v) for v in obs.grad_norms)
         # Only an optimizer's step is skipped; a hand-written update (pseudo-step) needs its gradients.
         if grads_bad and self._immediate and self.skip_nonfinite and opt_index >= 0 and not self._closure_read:
@@ -3218,6 +3435,10 @@ class Instrumentation:
                 if not math.isfinite(v):
                     self._late_nonfinite(s, site, v, self.step)
             self._pending.append(LateLosses(losses))
+
+
+def _always() -> bool:
+    return True
 
 
 def _grad_scaler_type() -> type:

@@ -1,0 +1,34 @@
+"""A slow CPU step (over 5 ms) whose forward is not observed goes NaN in a named layer: its forward is
+replayed at the step's read. Prints what the replay must leave as it was: BatchNorm's running
+statistics and the random number generator's next draw, right after the bad step."""
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+BAD_STEP = int(sys.argv[1])
+
+
+class LogBelow(nn.Module):
+    """log(x - 100): NaN everywhere once switched on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.006)  # every step slow (over 5 ms), whatever the machine
+        return torch.log(x - 100) if self.on else x
+
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.2), LogBelow(), nn.Linear(32, 4))
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+for step in range(1, BAD_STEP + 1):
+    model[4].on = step == BAD_STEP
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+print(f"AFTER {model[1].running_mean.sum().item():.9g} {model[1].num_batches_tracked.item()} {torch.rand(1).item():.9g}")
