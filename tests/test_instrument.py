@@ -2294,7 +2294,7 @@ def test_a_slow_step_whose_forward_was_not_observed_has_it_replayed_and_its_modu
     replayed at its read, before the optimizer updates anything: the layer that made the NaN is named on
     that step, as an observed forward would have named it. The replay leaves no trace in the run: the
     BatchNorm statistics and the random number generator (Dropout draws in the replay) are as a plain
-    ``python`` run leaves them."""
+    ``python`` run leaves them, and a warning the forward gives again is not shown twice."""
     script = SCRIPTS / "nan_between_observed_forwards.py"
     (tmp_path / "td.toml").write_text("max_overhead_forward = 1e-9\n")  # any forward cost: 1 in 16 observed
     plain = subprocess.run([sys.executable, str(script), "41"], capture_output=True, text=True, timeout=RUN_TIMEOUT)
@@ -2304,6 +2304,8 @@ def test_a_slow_step_whose_forward_was_not_observed_has_it_replayed_and_its_modu
     report = load_report(tmp_path / "run")
     (decision,) = [d for d in report["performance"]["sampler"]["decisions"] if d["kind"] == "forward"]
     assert decision["every"] == 16 and decision["step"] < 41, decision
+    observed = report["performance"]["sampler"]["forward_observed_steps"]
+    assert decision["step"] <= observed < decision["step"] + 3, report["performance"]  # (41: the replay's)
     (made,) = [e for e in report["errors"] if e["category"] == "model_error" and e["severity"] == "error"]
     assert made["step"] == 41 and made["message"].startswith("model.4 (LogBelow) produced a non-finite output"), made
     assert made["context"]["replayed"] is True and "replaying" in made["message"], made
@@ -2311,6 +2313,8 @@ def test_a_slow_step_whose_forward_was_not_observed_has_it_replayed_and_its_modu
     assert loss["step"] == 41 and "sampled_out" not in loss["context"], loss
     after = [line for line in proc.stdout.splitlines() if line.startswith("AFTER ")]
     assert after == [line for line in plain.stdout.splitlines() if line.startswith("AFTER ")], (after, plain.stdout)
+    warned = [line for line in proc.stderr.splitlines() if "LogBelow switched on" in line]
+    assert warned == [line for line in plain.stderr.splitlines() if "LogBelow switched on" in line] and warned, warned
 
 
 def test_slow_cpu_steps_observe_one_forward_in_k_by_the_forward_hooks_share() -> None:

@@ -1,8 +1,10 @@
 """A slow CPU step (over 5 ms) whose forward is not observed goes NaN in a named layer: its forward is
 replayed at the step's read. Prints what the replay must leave as it was: BatchNorm's running
-statistics and the random number generator's next draw, right after the bad step."""
+statistics and the random number generator's next draw, right after the bad step; the forward warns
+on the bad step (a replay's warning is not the script's)."""
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn as nn
@@ -16,9 +18,13 @@ class LogBelow(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.on = False
+        self.calls = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         time.sleep(0.006)  # every step slow (over 5 ms), whatever the machine
+        self.calls += 1
+        if self.on:  # (a new message each call: Python shows each once)
+            warnings.warn(f"LogBelow switched on, call {self.calls}")
         return torch.log(x - 100) if self.on else x
 
 

@@ -24,6 +24,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 import weakref
 from types import ModuleType
 from typing import Any, Callable
@@ -762,6 +763,7 @@ class Instrumentation:
         self._replay_ok = config.max_overhead_forward > 0 and config.sample_fast_steps
         self._replay_roots: dict[int, Any] = {}  # id -> weakref: models (roots with parameters) to replay
         self._read_fwd = True  # the step being read had its forward observed
+        self._fwd_observed_steps = 0  # read steps whose forward was observed (the report's)
         self._flush_due = False  # a time slice waits for the next backward (see _slice_over)
         self._stat_meta: list[tuple[str, str, int]] = []
         self._stat_vals: list[Any] = []
@@ -2109,7 +2111,7 @@ class Instrumentation:
 
     def sampler_summary(self) -> dict[str, Any]:
         """The sampler's budget, stride and latest decisions (with the step times they compared)."""
-        return self._sampler.summary()
+        return {**self._sampler.summary(), "forward_observed_steps": self._fwd_observed_steps}
 
     def models(self) -> dict[str, Any]:
         """The script's root models by name (loss functions excluded)."""
@@ -2863,6 +2865,7 @@ class Instrumentation:
         self._last_step_time = now
         observed = self._observe
         self._read_fwd = observed and self._fwd_on
+        self._fwd_observed_steps += self._read_fwd
         wait, self._wait = self._wait, 0.0
         if not observed:  # a sampled-out step: timing only, and the loss looked at on the CPU
             unchecked, self._unchecked_losses = self._unchecked_losses, []
@@ -3240,7 +3243,10 @@ class Instrumentation:
         self._stack.clear()
         outputs = []  # held to the end, as the step held its own (see UNREAD_FORWARDS)
         try:
-            with torch.no_grad():
+            # (what the forward warns about the second time is not the script's: torch.utils.checkpoint
+            # under no_grad warns that no input requires grad)
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 for module, args, kwargs in calls:
                     try:
                         outputs.append(module(*args, **kwargs))
