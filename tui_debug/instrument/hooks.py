@@ -138,7 +138,7 @@ class _FastPath:
     the training thread's."""
 
     __slots__ = ("armed", "tid", "ref", "st", "span", "site", "losses", "n", "every", "next_probe", "flush_at",
-                 "high", "last", "durations", "values", "code", "lasti", "hops")
+                 "high", "last", "durations", "values", "code", "lasti", "hops", "call")
 
     def __init__(self) -> None:
         self.armed = False
@@ -161,6 +161,9 @@ class _FastPath:
         self.code: Any = None
         self.lasti = 0
         self.hops = 0
+        # the step's last model call with gradients on (module, args, kwargs): replayed should the step
+        # go bad (see Instrumentation._replay); cleared at each step the run adds
+        self.call: Any = None
 
 
 @dataclasses.dataclass
@@ -986,6 +989,7 @@ class Instrumentation:
         dispatch_modes = self._dispatch_modes
         clock = time.perf_counter
         replay_roots = self._replay_roots
+        grad_enabled = self.torch.is_grad_enabled  # type: ignore[union-attr]
         # torch's _wrapped_call_impl is two lines: done here, it costs no frame of its own. Each module
         # call went 4 Python frames deep instead of plain torch's 3, and a model nested 200 deep (or a
         # module calling itself 240 times) hit the recursion limit where plain Python did not.
@@ -997,6 +1001,8 @@ class Instrumentation:
             if is_compiling():
                 return orig_call(self, *args, **kwargs)
             if fast.armed:  # a run of sampled-out steps (see _FastPath)
+                if id(self) in replay_roots and grad_enabled():
+                    fast.call = (self, args, kwargs)
                 if direct and self._compiled_call_impl is None:
                     return self._call_impl(*args, **kwargs)
                 return orig_call(self, *args, **kwargs)
@@ -2268,6 +2274,7 @@ class Instrumentation:
                                 n = f.n + 1
                                 if duration <= SPAN_BREAK_S and n % f.every and n < f.next_probe and now < f.flush_at:
                                     losses.clear()
+                                    f.call = None
                                     decayed = high * LOSS_DECAY
                                     f.high = m if m > decayed else decayed
                                     f.n = n
@@ -2330,6 +2337,16 @@ class Instrumentation:
             # Nothing held past the run: a loss left for the long way (it stays in _unchecked_losses)
             # holds its graph, whose AccumulateGrad nodes hold the model's weights (a k-fold's folds)
             f.losses = []
+            call, f.call = f.call, None
+            if call is not None and self._replay_ok and self._get_ident() == self._tid:
+                # the step under way: its model call, for a replay if its read finds it bad (its
+                # inputs' versions taken now, as the armed path keeps none: what the read will see)
+                module, args, kwargs = call
+                try:
+                    versions = tuple(a._version for a in (*args, *kwargs.values()) if isinstance(a, self._Tensor))
+                    self._replay_log = [(module, args, kwargs, versions)]
+                except RuntimeError:  # (an inference tensor: no version counter)
+                    pass
             durations, values = f.durations, f.values
             if not durations:
                 return
