@@ -1712,8 +1712,7 @@ def _nan_from_a_sampled_out_step(rec: Recorder) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), NaNMaker(), nn.Linear(8, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    decisions = iter([False, True, True])  # after step 1: step 2 unchecked, then checked again
-    rec.inst._sampler.next = lambda observed, duration, hook_s=0.0: next(decisions)
+    _sampled_out_second_step(rec)
     for step in (1, 2, 3):
         model[1].on = step >= 2
         optimizer.zero_grad()
@@ -1732,6 +1731,88 @@ def test_a_nan_first_seen_on_a_sampled_out_step_is_named_on_it_by_a_replay_of_it
     [loss] = [f for f in rec.findings(step=2) if f.category == "loss_error"]
     assert "sampled_out" not in loss.context and "the model_error finding names" in loss.recommendation
     assert not rec.inst._replay_log  # (the inputs are not held past the step)
+
+
+def _sampled_out_second_step(rec: Recorder) -> None:
+    decisions = iter([False, True, True])  # after step 1: step 2 unchecked, then checked again
+    rec.inst._sampler.next = lambda observed, duration, hook_s=0.0: next(decisions)
+
+
+def test_a_replay_runs_what_the_script_called_parts_of_a_model_and_under_its_autocast(rec: Recorder) -> None:
+    """The calls kept for a replay are the step's outermost ones, whatever they are: a model's parts
+    called by the script itself (``model.head(model.body(x))``), and each under the CPU autocast it ran
+    in (an fp16 Linear overflowing to inf is not one in float32)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 8), NaNMaker()), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    _sampled_out_second_step(rec)
+    model(torch.randn(8, 4))  # (the model registered whole first)
+    for step in (1, 2, 3):
+        model[0][1].on = step >= 2
+        optimizer.zero_grad()
+        model[1](model[0](torch.randn(8, 4))).sum().backward()
+        optimizer.step()
+    [named] = [f for f in rec.findings(step=2) if f.category == "model_error"]
+    assert named.context["module"] == "model.0.1 (NaNMaker)" and named.context["replayed"] is True
+
+    amp = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    with torch.no_grad():
+        amp[0].weight.fill_(300.0)
+    optimizer = torch.optim.SGD(amp.parameters(), lr=0.0)
+    rec.inst._sampler.alarm()
+    _sampled_out_second_step(rec)
+    for step in (1, 2, 3):
+        x = torch.full((8, 4), 1.0 if step != 2 else 100.0)  # 4 x 300 x 100 = 120,000: over fp16's 65,504
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = amp(x)
+        optimizer.zero_grad()
+        out.float().sum().backward()
+        optimizer.step()
+    last = rec.inst.step
+    [named] = [f for f in rec.findings(step=last - 1) if f.category == "model_error"]
+    assert named.context["module"] == "amp.0 (Linear)" and named.context["replayed"] is True
+
+
+def test_a_replay_whose_modules_stay_finite_says_so_and_names_none(rec: Recorder) -> None:
+    """The NaN is made by the script's code between the model and the loss: the replayed forward stays
+    finite, so no module is named, and the loss finding says where to look instead of promising a
+    module later."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    _sampled_out_second_step(rec)
+    for step in (1, 2, 3):
+        optimizer.zero_grad()
+        out = model(torch.randn(8, 4))
+        (torch.log(out - 1e3) if step == 2 else out).sum().backward()
+        optimizer.step()
+    assert not [f for f in rec.findings(step=2) if f.category == "model_error"]
+    [loss] = [f for f in rec.findings(step=2) if f.category == "loss_error"]
+    assert loss.context["replayed_finite"] is True and loss.message.endswith("its forward, replayed, stayed finite)")
+    assert "code between the model's output and the loss" in loss.recommendation
+    assert rec.inst.replays == 0
+
+
+def test_a_step_whose_kept_inputs_grow_large_keeps_none(rec: Recorder) -> None:
+    """Gradient accumulation over large CPU batches: each micro-batch's input would be held until the
+    step's read. Past 64 MiB beyond the first call's, the step keeps nothing (no replay for it), and
+    what it held is let go at once."""
+    from tui_debug.instrument.hooks import REPLAY_BYTES
+
+    model = nn.Linear(1024, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    _sampled_out_second_step(rec)
+    optimizer.zero_grad()
+    model(torch.randn(8, 1024)).sum().backward()
+    optimizer.step()  # (step 1, checked: step 2 is not)
+    optimizer.zero_grad()
+    kept = []
+    for _ in range(REPLAY_BYTES // (2048 * 1024 * 4) + 2):  # 8 MiB micro-batches
+        model(torch.randn(2048, 1024)).sum().backward()
+        kept.append(len(rec.inst._replay_log))
+    assert kept[:2] == [1, 2] and kept[-1] == 0 and rec.inst._replay_full
+    optimizer.step()
+    assert not rec.inst._replay_full and not rec.inst._replay_log
 
 
 def test_a_nan_first_seen_on_a_sampled_out_step_is_named_on_the_next_with_that_step(rec: Recorder) -> None:

@@ -400,8 +400,11 @@ class Monitor:
                 "are sampled" if slow else "fast steps are sampled")
         forward = [d["every"] for d in sampler["decisions"] if d["kind"] == "forward"]
         if forward and max(forward) > 1:
-            sampled += (f"; forwards observed 1 step in {forward[-1] if forward[-1] > 1 else max(forward)}, "
-                        "a step gone non-finite between replayed")
+            sampled += f"; forwards observed 1 step in {forward[-1] if forward[-1] > 1 else max(forward)}"
+        replays = self.instr.replays
+        if replays:
+            sampled += (f"; {replays} sampled-out step{'s' if replays != 1 else ''} replayed to name "
+                        f"{'their' if replays != 1 else 'its'} module")
         self.printer.line(f"{self.session.status} after {steps} steps "
                           f"(exit {self.session.exit_code}{sampled}); {counts}; {where}")
         self.tracker.stop()

@@ -29,6 +29,7 @@ class StepObservation:
     module_label: Callable[[Any], str]
     root_inputs: list[tuple[Any, int, str]]  # (module, sentinel index, "input" | "target" of a loss)
     forward_checked: bool = True  # False: a sampled-out step, read for its non-finite loss
+    replay_finite: bool = False  # its forward was replayed and its modules made nothing non-finite
 
 
 _BAD_INPUT = ("Check the data pipeline: NaN/Inf in the dataset or produced by a transform (normalisation by "
@@ -62,14 +63,22 @@ class NonFiniteDetector:
         findings: list[FindingEvent] = []
         for name, value in obs.losses:
             if not math.isfinite(value):
-                where = ("the model_error finding names the module" if obs.forward_checked else
-                         "this step's forward was not checked, as checks are sampled: every step is from "
-                         "here on, and a model_error finding names a module that does it again")
+                if obs.forward_checked:
+                    where, note, extra = "the model_error finding names the module", "", {}
+                elif obs.replay_finite:
+                    where = ("the model's modules made nothing non-finite when this step's forward was "
+                             "replayed: look at the code between the model's output and the loss, and at "
+                             "what else the loss is given; dropout's other masks in the replay can also hide it")
+                    note = " (a sampled-out step: its forward, replayed, stayed finite)"
+                    extra = {"sampled_out": True, "replayed_finite": True}
+                else:
+                    where = ("this step's forward was not checked, as checks are sampled: every step is from "
+                             "here on, and a model_error finding names a module that does it again")
+                    note, extra = " (a sampled-out step: its forward was not checked)", {"sampled_out": True}
                 findings.append(FindingEvent(
                     severity="error", category="loss_error", step=obs.step, key=f"nonfinite-loss|{name}",
-                    message=f"loss '{name}' is {_kind(value)}" + (
-                        "" if obs.forward_checked else " (a sampled-out step: its forward was not checked)"),
-                    context={"loss": name, "value": _kind(value)} | ({} if obs.forward_checked else {"sampled_out": True}),
+                    message=f"loss '{name}' is {_kind(value)}" + note,
+                    context={"loss": name, "value": _kind(value)} | extra,
                     recommendation=f"Find where the loss first went non-finite ({where}); lower the learning "
                                    "rate, add gradient clipping, or guard log/div/sqrt against zero and "
                                    "negative inputs."))

@@ -21,6 +21,7 @@ import functools
 import inspect
 import math
 import os
+import random
 import sys
 import threading
 import time
@@ -103,6 +104,10 @@ CONTAINERS = ("Sequential", "TransformerEncoder", "TransformerDecoder", "Transfo
 SAFE_READERS = ("MultiheadAttention", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
                 "ConvTranspose3d", "Bilinear", "Embedding", "EmbeddingBag", "LSTM", "GRU", "RNN")
 REPLAY_MAX = 16  # model calls kept per step for a replay (micro-batches x models); more: no replay
+# their tensor arguments' bytes past the first call's (held longer than the script would: gradient
+# accumulation over large CPU batches): more, and the step is not replayed
+REPLAY_BYTES = 64 << 20
+REPLAY_FINITE = object()  # a replay that made nothing non-finite (see Instrumentation._replay)
 DEFER_MAX = 64  # large activations held at once, waiting for a later sum to prove them finite
 LIGHT_MAX = 64  # finite-preserving module calls waiting for the next hook to record what they derive
 GRAPH_DEPTH = 6  # nodes followed back from a tensor to a measured one
@@ -761,7 +766,10 @@ class Instrumentation:
         # Model calls of a step whose forward is not observed (CPU): (module, args, kwargs, the tensor
         # arguments' versions), replayed when the step's read finds it non-finite (see _replay)
         self._replay_log: list[tuple[Any, tuple[Any, ...], dict[str, Any], tuple[int, ...]]] = []
-        self._replay_full = False  # more calls than REPLAY_MAX this step: no replay
+        self._replay_full = False  # more calls than REPLAY_MAX, or inputs over REPLAY_BYTES, this step: no replay
+        self._replay_bytes = 0  # bytes of the kept calls' tensor arguments
+        self._replay_depth = 0  # module calls under way while recording (only the outermost are kept)
+        self.replays = 0  # steps whose replay named what went non-finite
         self._replay_rec = False  # record them (set per step by _sample)
         self._replay_ok = config.max_overhead_forward > 0 and config.sample_fast_steps
         self._replay_roots: dict[int, Any] = {}  # id -> weakref: models (roots with parameters) to replay
@@ -828,6 +836,7 @@ class Instrumentation:
         self._OptimizedModule: type | tuple[type, ...] = ()
         self._find_optimized_module()
         self._is_grad_enabled = torch.is_grad_enabled
+        self._amp_cpu = _autocast_cpu_dtype(torch)
         self._float32 = torch.float32
         self._zero = torch.zeros(())  # the read's placeholder for an aliased slot (see _alias)
         nn = torch.nn
@@ -990,6 +999,7 @@ class Instrumentation:
         clock = time.perf_counter
         replay_roots = self._replay_roots
         grad_enabled = self.torch.is_grad_enabled  # type: ignore[union-attr]
+        amp_cpu = self._amp_cpu
         # torch's _wrapped_call_impl is two lines: done here, it costs no frame of its own. Each module
         # call went 4 Python frames deep instead of plain torch's 3, and a model nested 200 deep (or a
         # module calling itself 240 times) hit the recursion limit where plain Python did not.
@@ -1001,16 +1011,26 @@ class Instrumentation:
             if is_compiling():
                 return orig_call(self, *args, **kwargs)
             if fast.armed:  # a run of sampled-out steps (see _FastPath)
-                if id(self) in replay_roots and grad_enabled():
-                    fast.call = (self, args, kwargs)
+                if id(self) in replay_roots and grad_enabled() and get_ident() == fast.tid:
+                    fast.call = (self, args, kwargs, amp_cpu())
                 if direct and self._compiled_call_impl is None:
                     return self._call_impl(*args, **kwargs)
                 return orig_call(self, *args, **kwargs)
             if me._flush_due and get_ident() == me._tid:
                 me._guarded(me._late_slice)  # see _slice_over
             if not me._fwd_on or get_ident() != me._tid:
-                if me._replay_rec and id(self) in replay_roots:
-                    me._record_call(self, args, kwargs)
+                if me._replay_rec and get_ident() == me._tid:
+                    # the step's outermost module calls (a model, or a part of one the script calls
+                    # itself), kept for a replay (see _replay)
+                    if not me._replay_depth:
+                        me._record_call(self, args, kwargs)
+                    me._replay_depth += 1
+                    try:
+                        if direct and self._compiled_call_impl is None:
+                            return self._call_impl(*args, **kwargs)
+                        return orig_call(self, *args, **kwargs)
+                    finally:
+                        me._replay_depth -= 1
                 if direct and self._compiled_call_impl is None:
                     return self._call_impl(*args, **kwargs)
                 return orig_call(self, *args, **kwargs)
@@ -2341,10 +2361,10 @@ class Instrumentation:
             if call is not None and self._replay_ok and self._get_ident() == self._tid:
                 # the step under way: its model call, for a replay if its read finds it bad (its
                 # inputs' versions taken now, as the armed path keeps none: what the read will see)
-                module, args, kwargs = call
+                module, args, kwargs, amp = call
                 try:
                     versions = tuple(a._version for a in (*args, *kwargs.values()) if isinstance(a, self._Tensor))
-                    self._replay_log = [(module, args, kwargs, versions)]
+                    self._replay_log = [(module, args, kwargs, versions, amp)]
                 except RuntimeError:  # (an inference tensor: no version counter)
                     pass
             durations, values = f.durations, f.values
@@ -2497,6 +2517,7 @@ class Instrumentation:
         if self._replay_log:  # (a finite step: nothing to replay)
             self._replay_log = []
         self._replay_full = False
+        self._replay_bytes = 0
         if deferred is not None:
             self._defer_losses(st, deferred)
         now = time.perf_counter()
@@ -2908,6 +2929,7 @@ class Instrumentation:
                 if self._replay_log:
                     self._replay_log = []
                 self._replay_full = False
+                self._replay_bytes = 0
                 if now - self._last_flush >= FLUSH_INTERVAL_S:
                     self._slice_over(now, duration)
                 return
@@ -3050,6 +3072,7 @@ class Instrumentation:
         if self._replay_log:  # (not replayed: the step was finite)
             self._replay_log = []
         self._replay_full = False
+        self._replay_bytes = 0
         if self.clip_norm is not None and self._reads and groups:  # CUDA: values are a step late
             params = [p for p in st.params if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
@@ -3096,6 +3119,7 @@ class Instrumentation:
         self._skips_unsent += 1
         self._clear_step()
         self._replay_log = []
+        self._replay_bytes = 0
         self._unchecked_losses = []
         self._unchecked_sites = []
         self._stack.clear()
@@ -3189,66 +3213,77 @@ class Instrumentation:
             self._sampler.alarm()
             self._observe = True  # the next step too, whatever the sampler had decided
             self._set_forward_hooks(True)
-            replayed = None
+            replayed = finite = False
             if not self._read_fwd and self._immediate:
-                replayed = self._guarded(self._replay, read, values)
-                if replayed is not None:
-                    read, values = replayed
+                result = self._guarded(self._replay, read, values)
+                finite = result is REPLAY_FINITE
+                if result is not None and not finite:
+                    read, values = result  # type: ignore[misc]
+                    replayed = True
                     if self._unobserved_bad == step:
                         self._unobserved_bad = None
                 elif self._unobserved_bad is None:
                     self._unobserved_bad = step  # (a read step whose forward was not observed)
-            self._guarded(self._check_nonfinite, read, values, replayed is not None)
+            self._guarded(self._check_nonfinite, read, values, replayed, finite)
         if self._unobserved_bad is not None and step > self._unobserved_bad:
             self._unobserved_bad = None  # only the first checked step after it is about it
 
     def _record_call(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """A model's call in a training forward that is not observed: kept, with its inputs, until the
         step's read (see _replay). Cleared at every boundary."""
-        if self._get_ident() != self._tid or not self._is_grad_enabled():
-            return  # (another thread's, or an evaluation pass: not the step's)
+        if not self._is_grad_enabled() or isinstance(module, self._Loss) or self._replay_full:
+            return  # (an evaluation pass: not the step's; a loss module's input is the model's output)
+        if self._OptimizedModule and isinstance(module, self._OptimizedModule):
+            return  # (compiled: its replay would compile again)
         log = self._replay_log
-        if len(log) >= REPLAY_MAX:
-            self._replay_full = True
-            return
-        tensor = self._Tensor
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, self._Tensor)]
         try:
-            versions = tuple(a._version for a in (*args, *kwargs.values()) if isinstance(a, tensor))
+            versions = tuple(a._version for a in tensors)
         except RuntimeError:  # an inference tensor (no version counter): its changes cannot be told
+            versions = None
+        if log:
+            self._replay_bytes += sum(a.numel() * a.element_size() for a in tensors)
+        if versions is None or len(log) >= REPLAY_MAX or self._replay_bytes > REPLAY_BYTES:
             self._replay_full = True
+            self._replay_log = []  # (what they held goes now)
             return
-        log.append((module, args, kwargs, versions))
+        log.append((module, args, kwargs, versions, self._amp_cpu()))
 
-    def _replay(self, read: tuple[Any, ...], values: list[float]) -> tuple[tuple[Any, ...], list[float]] | None:
+    def _replay(self, read: tuple[Any, ...], values: list[float]) -> tuple[tuple[Any, ...], list[float]] | object | None:
         """A step gone non-finite whose forward was not observed: its model calls run again, observed,
         on the same inputs and the same weights (the read comes before the optimizer's update), so
         that the first module to make a non-finite value is named on this step as if it had been
-        observed. Under no_grad (no second graph), with the random number generator's state and the
-        models' buffers (BatchNorm's statistics) put back after: the run goes on as it would have.
-        Dropout draws other masks than the step did; a NaN that depends on them may not come back,
-        and then nothing is claimed. Returns the read and values with the replay's sentinels, or None."""
+        observed. Under no_grad (no second graph) and the call's CPU autocast, with the random number
+        generators' states (torch's, Python's, numpy's) and the models' buffers (BatchNorm's statistics,
+        reassigned or changed in place) put back after: the run goes on as it would have. Dropout
+        draws other masks than the step did; a NaN that depends on them may not come back. Returns
+        the read and values with the replay's sentinels, REPLAY_FINITE when it made nothing
+        non-finite, or None when there was no replay."""
         log, self._replay_log = self._replay_log, []
         full, self._replay_full = self._replay_full, False
-        if not log or full or self._closure_read or not self._immediate or read[8] or distributed.world_size() > 1:
-            return None  # (a replay on one rank alone: see _Sampler._forward_decide)
+        self._replay_bytes = 0
+        if (not log or full or self._closure_read or not self._immediate or read[8] or read[3] < 0
+                or distributed.world_size() > 1):
+            # (LBFGS's boundary, and a script stepping by hand, read after the update; a replay on one
+            # rank alone: see _Sampler._forward_decide)
+            return None
         tensor = self._Tensor
         calls = []
-        for module, args, kwargs, versions in log:
-            ref = self._replay_roots.get(id(module))
-            if ref is None or ref() is not module:
-                continue
+        for module, args, kwargs, versions, amp in log:
             if tuple(a._version for a in (*args, *kwargs.values()) if isinstance(a, tensor)) != versions:
                 return None  # an input changed in place since the call: not what the forward saw
-            calls.append((module, args, kwargs))
-        if not calls:
-            return None
+            calls.append((module, args, kwargs, amp))
         torch = self.torch
-        models = list({id(m): m for m, _, _ in calls}.values())
-        buffers = [b for m in models for b in m.buffers()]
-        if any(not b.is_cpu for b in buffers) or any(not p.is_cpu for m in models for p in m.parameters()):
+        models = list({id(m): m for m, _, _, _ in calls}.values())
+        held = [(sub, name, b) for m in models for sub in m.modules() for name, b in sub._buffers.items()
+                if b is not None]
+        if any(not b.is_cpu for _, _, b in held) or any(not p.is_cpu for m in models for p in m.parameters()):
             return None
-        saved_buffers = [(b, b.detach().clone()) for b in buffers]
-        rng = torch.get_rng_state()
+        saved_buffers = [(sub, name, b, b.detach().clone()) for sub, name, b in held]
+        rngs = [(torch.set_rng_state, torch.get_rng_state()), (random.setstate, random.getstate())]
+        np_random = sys.modules.get("numpy.random")
+        if np_random is not None and hasattr(np_random, "get_state"):
+            rngs.append((np_random.set_state, np_random.get_state()))
         saved = (self._observe, self._fwd_on, self._stats_now, self._wait, self._step_end, self._root_out,
                  self._forwards_unread, self._last_in, self._replay_rec, self._hook_s)
         stack = list(self._stack)
@@ -3259,14 +3294,27 @@ class Instrumentation:
         self._is_grad_enabled = _always  # the hooks observe training forwards only: this is one
         self._stack.clear()
         outputs = []  # held to the end, as the step held its own (see UNREAD_FORWARDS)
+        # what the forward warns about the second time is not the script's (torch.utils.checkpoint under
+        # no_grad: no input requires grad); other threads' warnings still show
+        attr = "_showwarnmsg" if callable(getattr(warnings, "_showwarnmsg", None)) else "showwarning"
+        shown = getattr(warnings, attr)
+        tid = self._tid
+
+        def quiet(*args: Any, **kwargs: Any) -> Any:
+            if threading.get_ident() != tid:
+                return shown(*args, **kwargs)
+            return None
+
+        setattr(warnings, attr, quiet)
         try:
-            # (what the forward warns about the second time is not the script's: torch.utils.checkpoint
-            # under no_grad warns that no input requires grad)
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                for module, args, kwargs in calls:
+            with torch.no_grad():
+                for module, args, kwargs, amp in calls:
                     try:
-                        outputs.append(module(*args, **kwargs))
+                        if amp is None:
+                            outputs.append(module(*args, **kwargs))
+                        else:
+                            with torch.autocast("cpu", dtype=amp):
+                                outputs.append(module(*args, **kwargs))
                     except Exception:  # (state the forward changed the first time): what ran is kept
                         break
                     finally:
@@ -3289,6 +3337,8 @@ class Instrumentation:
             part = (self._calls, self._root_inputs, n_chunked, len(sent), self._stale, recheck, self._virtual,
                     self._alias)
         finally:
+            if getattr(warnings, attr) is quiet:
+                setattr(warnings, attr, shown)
             outputs.clear()
             self._is_grad_enabled = grad_enabled
             (self._observe, self._fwd_on, self._stats_now, self._wait, self._step_end, self._root_out,
@@ -3296,11 +3346,15 @@ class Instrumentation:
             self._stack[:] = stack
             self._clear_step()
             with torch.no_grad():
-                for b, copy in saved_buffers:
+                for sub, name, b, copy in saved_buffers:
                     b.copy_(copy)
-            torch.set_rng_state(rng)
+                    if sub._buffers.get(name) is not b:  # reassigned by the forward (self.count = self.count + 1)
+                        sub._buffers[name] = b
+            for set_state, state in rngs:
+                set_state(state)
         if all(math.isfinite(v) for v in svals):
-            return None  # not made again: nothing to name
+            return REPLAY_FINITE  # not made again by the model's modules
+        self.replays += 1
         (step, now, duration, opt_index, loss_sites, _c, _r, _nc, _ns, _st, grad_names, _re, wait, n_grads, extras,
          upd_names, late_meta, _v, _a) = read
         calls_, root_inputs, n_chunked, n_sent, stale, recheck, virtual, alias = part
@@ -3341,7 +3395,8 @@ class Instrumentation:
                 grads = [sparse[id(g)]._values() if id(g) in sparse else g for g in grads]
             self.torch._foreach_mul_(grads, coef)  # type: ignore[union-attr]
 
-    def _check_nonfinite(self, read: tuple[Any, ...], values: list[float], replayed: bool = False) -> None:
+    def _check_nonfinite(self, read: tuple[Any, ...], values: list[float], replayed: bool = False,
+                         replay_finite: bool = False) -> None:
         (step, now, duration, opt_index, loss_sites, calls, root_inputs, n_chunked, n_sent, stale,
          grad_names, recheck, _wait, n_grads, _extras, _upd, _late, virtual, alias) = read
         nl = len(loss_sites)
@@ -3379,7 +3434,7 @@ class Instrumentation:
             step=step, losses=[(self._loss_site_names[s], v) for s, v in zip(loss_sites, values)],
             grad_names=grad_names or [], grad_norms=values[nl + n_sent:nl + n_sent + n_grads],
             sentinels=sentinels, calls=calls, module_label=self.module_label, root_inputs=root_inputs,
-            forward_checked=self._unobserved_bad != step)
+            forward_checked=self._unobserved_bad != step, replay_finite=replay_finite)
         findings = self.detector.check(obs)
         bad = self._unobserved_bad
         if bad is not None and bad < step:
@@ -3462,6 +3517,22 @@ class Instrumentation:
 
 def _always() -> bool:
     return True
+
+
+def _autocast_cpu_dtype(torch: ModuleType) -> Callable[[], Any]:
+    """() -> the CPU autocast dtype when autocast is on, else None (a replay runs under it too)."""
+    try:
+        torch.is_autocast_enabled("cpu")
+        enabled: Callable[[], bool] = functools.partial(torch.is_autocast_enabled, "cpu")
+        dtype: Callable[[], Any] = functools.partial(torch.get_autocast_dtype, "cpu")
+    except (TypeError, AttributeError):  # torch before 2.4
+        enabled = getattr(torch, "is_autocast_cpu_enabled", lambda: False)
+        dtype = getattr(torch, "get_autocast_cpu_dtype", lambda: None)
+
+    def amp() -> Any:
+        return dtype() if enabled() else None
+
+    return amp
 
 
 def _grad_scaler_type() -> type:
