@@ -1815,6 +1815,20 @@ def test_a_step_whose_kept_inputs_grow_large_keeps_none(rec: Recorder) -> None:
     assert not rec.inst._replay_full and not rec.inst._replay_log
 
 
+def test_a_call_that_cannot_be_kept_for_a_replay_never_fails_the_forward(rec: Recorder) -> None:
+    """Keeping a call reads its arguments (versions, sizes): whatever that raises, the script's forward
+    goes on, the step is not replayed, and the monitor stays on."""
+
+    def broken(*args: Any) -> None:
+        raise ValueError("an argument we cannot read")
+
+    rec.inst._record_call = broken
+    _nan_from_a_sampled_out_step(rec)
+    assert not rec.inst.broken and not rec.inst._replay_log
+    assert not [f for f in rec.findings(step=2) if f.category == "model_error"]
+    assert [f.context["module"] for f in rec.findings(step=3) if f.category == "model_error"] == ["model.1 (NaNMaker)"]
+
+
 def test_a_nan_first_seen_on_a_sampled_out_step_is_named_on_the_next_with_that_step(rec: Recorder) -> None:
     """The NaN starts on a step that was not checked and no replay can name it (here: replays off;
     in a run, a fast step's armed path keeps no inputs, or the NaN does not come back): the next

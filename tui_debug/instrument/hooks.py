@@ -1023,7 +1023,11 @@ class Instrumentation:
                     # the step's outermost module calls (a model, or a part of one the script calls
                     # itself), kept for a replay (see _replay)
                     if not me._replay_depth:
-                        me._record_call(self, args, kwargs)
+                        try:
+                            me._record_call(self, args, kwargs)
+                        except Exception:  # (an argument we cannot read: this step is not replayed)
+                            me._replay_full = True
+                            me._replay_log = []
                     me._replay_depth += 1
                     try:
                         if direct and self._compiled_call_impl is None:
@@ -2365,7 +2369,7 @@ class Instrumentation:
                 try:
                     versions = tuple(a._version for a in (*args, *kwargs.values()) if isinstance(a, self._Tensor))
                     self._replay_log = [(module, args, kwargs, versions, amp)]
-                except RuntimeError:  # (an inference tensor: no version counter)
+                except Exception:  # (an inference tensor has no version counter: no replay then)
                     pass
             durations, values = f.durations, f.values
             if not durations:
