@@ -1829,6 +1829,56 @@ def test_a_call_that_cannot_be_kept_for_a_replay_never_fails_the_forward(rec: Re
     assert [f.context["module"] for f in rec.findings(step=3) if f.category == "model_error"] == ["model.1 (NaNMaker)"]
 
 
+class TooBig(nn.Module):
+    """Raises (KeyboardInterrupt: any exception) on batches over 4; the script catches it and splits."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 4:
+            raise KeyboardInterrupt("batch too big")
+        return x
+
+
+def test_a_call_that_raised_is_not_replayed(rec: Recorder) -> None:
+    """A model call that raised, and that the script caught (a batch too big, tried again in halves),
+    is not the step's forward: the replay leaves it out (replayed, it raised again, and a
+    KeyboardInterrupt came out of optimizer.step()), and the halves name the module."""
+    torch.manual_seed(0)
+    model = nn.Sequential(TooBig(), nn.Linear(4, 8), NaNMaker(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    _sampled_out_second_step(rec)
+    for step in (1, 2, 3):
+        model[2].on = step >= 2
+        optimizer.zero_grad()
+        x = torch.randn(8, 4)
+        try:
+            out = model(x)
+        except KeyboardInterrupt:
+            out = torch.cat([model(x[:4]), model(x[4:])])
+        out.sum().backward()
+        optimizer.step()
+    [named] = [f for f in rec.findings(step=2) if f.category == "model_error"]
+    assert named.context["module"] == "model.2 (NaNMaker)" and named.context["replayed"] is True
+
+
+def test_parameter_free_modules_called_per_sample_are_not_kept_for_a_replay(rec: Recorder) -> None:
+    """A transform module applied to each sample in the training thread (a DataLoader without
+    workers) is an outermost module call too: kept, 32 of them filled the step's 16 and no replay
+    named the model's module."""
+    torch.manual_seed(0)
+    scale = NaNMaker(fresh=True)  # (parameter-free: x * 1.0)
+    model = nn.Sequential(nn.Linear(4, 8), NaNMaker(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    _sampled_out_second_step(rec)
+    for step in (1, 2, 3):
+        model[1].on = step >= 2
+        batch = torch.stack([scale(torch.randn(4)) for _ in range(32)])
+        optimizer.zero_grad()
+        model(batch).sum().backward()
+        optimizer.step()
+    [named] = [f for f in rec.findings(step=2) if f.category == "model_error"]
+    assert named.context["module"] == "model.1 (NaNMaker)" and named.context["replayed"] is True
+
+
 def test_a_nan_first_seen_on_a_sampled_out_step_is_named_on_the_next_with_that_step(rec: Recorder) -> None:
     """The NaN starts on a step that was not checked and no replay can name it (here: replays off;
     in a run, a fast step's armed path keeps no inputs, or the NaN does not come back): the next

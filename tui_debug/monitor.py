@@ -398,13 +398,11 @@ class Monitor:
             sampled = f"; {checked} checked: " + (
                 f"the monitor's hooks took over {self.config.max_overhead_slow * 100:g}% of a step, so checks "
                 "are sampled" if slow else "fast steps are sampled")
-        forward = [d["every"] for d in sampler["decisions"] if d["kind"] == "forward"]
-        if forward and max(forward) > 1:
-            sampled += f"; forwards observed 1 step in {forward[-1] if forward[-1] > 1 else max(forward)}"
+        if any(d["kind"] == "forward" and d["every"] > 1 for d in sampler["decisions"]):
+            sampled += f"; forwards observed on {sampler['forward_observed_steps']} of {checked} checked steps"
         replays = self.instr.replays
         if replays:
-            sampled += (f"; {replays} sampled-out step{'s' if replays != 1 else ''} replayed to name "
-                        f"{'their' if replays != 1 else 'its'} module")
+            sampled += f"; {replays} non-finite step{'s' if replays != 1 else ''} found by a replay of {'their' if replays != 1 else 'its'} forward"
         self.printer.line(f"{self.session.status} after {steps} steps "
                           f"(exit {self.session.exit_code}{sampled}); {counts}; {where}")
         self.tracker.stop()

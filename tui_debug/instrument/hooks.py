@@ -1022,9 +1022,10 @@ class Instrumentation:
                 if me._replay_rec and get_ident() == me._tid:
                     # the step's outermost module calls (a model, or a part of one the script calls
                     # itself), kept for a replay (see _replay)
+                    kept = False
                     if not me._replay_depth:
                         try:
-                            me._record_call(self, args, kwargs)
+                            kept = me._record_call(self, args, kwargs)
                         except Exception:  # (an argument we cannot read: this step is not replayed)
                             me._replay_full = True
                             me._replay_log = []
@@ -1033,6 +1034,13 @@ class Instrumentation:
                         if direct and self._compiled_call_impl is None:
                             return self._call_impl(*args, **kwargs)
                         return orig_call(self, *args, **kwargs)
+                    except BaseException:
+                        # a call that raised (and the script caught) is not the step's forward: its
+                        # replay would raise again (a KeyboardInterrupt into the optimizer's step)
+                        log = me._replay_log
+                        if kept and log and log[-1][0] is self:
+                            log.pop()
+                        raise
                     finally:
                         me._replay_depth -= 1
                 if direct and self._compiled_call_impl is None:
@@ -2018,7 +2026,9 @@ class Instrumentation:
             self._known_modules.update(contained)
         if isinstance(module, self._Loss):
             return  # loss functions are named, not listed as models
-        if held is module:  # (a compiled model is not replayed: its replay would compile again)
+        if held is module and next(module.parameters(), None) is not None:
+            # (the fast path keeps a model's call: not a compiled one's, whose replay would compile
+            # again, nor a parameter-free module's, a transform applied after the model)
             self._replay_roots[id(module)] = weakref.ref(module)
         self._mode_sensitive.pop(id(module), None)  # (a freed model's id, given to this one)
         self._eval_warned.discard(id(module))
@@ -3232,13 +3242,15 @@ class Instrumentation:
         if self._unobserved_bad is not None and step > self._unobserved_bad:
             self._unobserved_bad = None  # only the first checked step after it is about it
 
-    def _record_call(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _record_call(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """A model's call in a training forward that is not observed: kept, with its inputs, until the
-        step's read (see _replay). Cleared at every boundary."""
+        step's read (see _replay). Cleared at every boundary. Whether it was kept."""
         if not self._is_grad_enabled() or isinstance(module, self._Loss) or self._replay_full:
-            return  # (an evaluation pass: not the step's; a loss module's input is the model's output)
+            return False  # (an evaluation pass: not the step's; a loss module's input is the model's output)
         if self._OptimizedModule and isinstance(module, self._OptimizedModule):
-            return  # (compiled: its replay would compile again)
+            return False  # (compiled: its replay would compile again)
+        if next(module.parameters(), None) is None:
+            return False  # (no parameters: a transform applied per sample, not a model)
         log = self._replay_log
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, self._Tensor)]
         try:
@@ -3250,8 +3262,9 @@ class Instrumentation:
         if versions is None or len(log) >= REPLAY_MAX or self._replay_bytes > REPLAY_BYTES:
             self._replay_full = True
             self._replay_log = []  # (what they held goes now)
-            return
+            return False
         log.append((module, args, kwargs, versions, self._amp_cpu()))
+        return True
 
     def _replay(self, read: tuple[Any, ...], values: list[float]) -> tuple[tuple[Any, ...], list[float]] | object | None:
         """A step gone non-finite whose forward was not observed: its model calls run again, observed,
@@ -3310,6 +3323,7 @@ class Instrumentation:
             return None
 
         setattr(warnings, attr, quiet)
+        raised = False
         try:
             with torch.no_grad():
                 for module, args, kwargs, amp in calls:
@@ -3320,6 +3334,7 @@ class Instrumentation:
                             with torch.autocast("cpu", dtype=amp):
                                 outputs.append(module(*args, **kwargs))
                     except Exception:  # (state the forward changed the first time): what ran is kept
+                        raised = True
                         break
                     finally:
                         self._stack.clear()
@@ -3357,7 +3372,8 @@ class Instrumentation:
             for set_state, state in rngs:
                 set_state(state)
         if all(math.isfinite(v) for v in svals):
-            return REPLAY_FINITE  # not made again by the model's modules
+            # not made again by the model's modules (unless a call raised: then nothing is claimed)
+            return None if raised else REPLAY_FINITE
         self.replays += 1
         (step, now, duration, opt_index, loss_sites, _c, _r, _nc, _ns, _st, grad_names, _re, wait, n_grads, extras,
          upd_names, late_meta, _v, _a) = read
