@@ -1838,6 +1838,34 @@ class TooBig(nn.Module):
         return x
 
 
+def test_a_call_that_raised_is_not_kept_by_the_fast_path(rec: Recorder) -> None:
+    """The same on fast steps, whose fast path keeps the step's last model call: the call that raised
+    is not it (its replay raised a KeyboardInterrupt out of optimizer.step() and ended the run); the
+    call before it is, and names the module."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), TooBig(), NaNMaker(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-9)
+    armed = []
+    for step in range(1, 61):
+        if step == 2:  # sampling: no step checked from here on, unless something calls for it
+            s = rec.inst._sampler
+            s.every, s.next_probe, s.probe_left, s.budget = 1 << 40, 1 << 62, 0, 0.01
+        model[2].on = step == 50
+        x = torch.randn(8, 4)
+        optimizer.zero_grad()
+        out = model(x[:4])
+        try:
+            model(x)
+        except KeyboardInterrupt:
+            pass
+        armed.append(rec.inst._fast.armed)
+        out.sum().backward()
+        optimizer.step()
+    assert armed[49], armed  # (step 50's forward ran on the fast path)
+    [named] = [f for f in rec.findings(step=50) if f.category == "model_error"]
+    assert named.context["module"] == "model.2 (NaNMaker)" and named.context["replayed"] is True
+
+
 def test_a_call_that_raised_is_not_replayed(rec: Recorder) -> None:
     """A model call that raised, and that the script caught (a batch too big, tried again in halves),
     is not the step's forward: the replay leaves it out (replayed, it raised again, and a

@@ -1012,7 +1012,16 @@ class Instrumentation:
                 return orig_call(self, *args, **kwargs)
             if fast.armed:  # a run of sampled-out steps (see _FastPath)
                 if id(self) in replay_roots and grad_enabled() and get_ident() == fast.tid:
-                    fast.call = (self, args, kwargs, amp_cpu())
+                    before, fast.call = fast.call, (self, args, kwargs, amp_cpu())
+                    call = fast.call
+                    try:
+                        if direct and self._compiled_call_impl is None:
+                            return self._call_impl(*args, **kwargs)
+                        return orig_call(self, *args, **kwargs)
+                    except BaseException:  # (caught by the script: not the step's forward, see below)
+                        if fast.call is call:
+                            fast.call = before
+                        raise
                 if direct and self._compiled_call_impl is None:
                     return self._call_impl(*args, **kwargs)
                 return orig_call(self, *args, **kwargs)
