@@ -836,7 +836,7 @@ class Instrumentation:
         self._OptimizedModule: type | tuple[type, ...] = ()
         self._find_optimized_module()
         self._is_grad_enabled = torch.is_grad_enabled
-        self._amp_cpu = _autocast_cpu_dtype(torch)
+        self._amp_on, self._amp_dtype = _autocast_cpu(torch)
         self._float32 = torch.float32
         self._zero = torch.zeros(())  # the read's placeholder for an aliased slot (see _alias)
         nn = torch.nn
@@ -999,7 +999,7 @@ class Instrumentation:
         clock = time.perf_counter
         replay_roots = self._replay_roots
         grad_enabled = self.torch.is_grad_enabled  # type: ignore[union-attr]
-        amp_cpu = self._amp_cpu
+        amp_on, amp_dtype = self._amp_on, self._amp_dtype
         # torch's _wrapped_call_impl is two lines: done here, it costs no frame of its own. Each module
         # call went 4 Python frames deep instead of plain torch's 3, and a model nested 200 deep (or a
         # module calling itself 240 times) hit the recursion limit where plain Python did not.
@@ -1012,7 +1012,7 @@ class Instrumentation:
                 return orig_call(self, *args, **kwargs)
             if fast.armed:  # a run of sampled-out steps (see _FastPath)
                 if id(self) in replay_roots and grad_enabled() and get_ident() == fast.tid:
-                    before, fast.call = fast.call, (self, args, kwargs, amp_cpu())
+                    before, fast.call = fast.call, (self, args, kwargs, amp_dtype() if amp_on() else None)
                     call = fast.call
                     try:
                         if direct and self._compiled_call_impl is None:
@@ -3272,7 +3272,7 @@ class Instrumentation:
             self._replay_full = True
             self._replay_log = []  # (what they held goes now)
             return False
-        log.append((module, args, kwargs, versions, self._amp_cpu()))
+        log.append((module, args, kwargs, versions, self._amp_dtype() if self._amp_on() else None))
         return True
 
     def _replay(self, read: tuple[Any, ...], values: list[float]) -> tuple[tuple[Any, ...], list[float]] | object | None:
@@ -3548,8 +3548,9 @@ def _always() -> bool:
     return True
 
 
-def _autocast_cpu_dtype(torch: ModuleType) -> Callable[[], Any]:
-    """() -> the CPU autocast dtype when autocast is on, else None (a replay runs under it too)."""
+def _autocast_cpu(torch: ModuleType) -> tuple[Callable[[], bool], Callable[[], Any]]:
+    """Whether CPU autocast is on, and its dtype (a replay runs under it too): C-level callables, no
+    Python frame (the fast path asks at every model call)."""
     try:
         torch.is_autocast_enabled("cpu")
         enabled: Callable[[], bool] = functools.partial(torch.is_autocast_enabled, "cpu")
@@ -3557,11 +3558,7 @@ def _autocast_cpu_dtype(torch: ModuleType) -> Callable[[], Any]:
     except (TypeError, AttributeError):  # torch before 2.4
         enabled = getattr(torch, "is_autocast_cpu_enabled", lambda: False)
         dtype = getattr(torch, "get_autocast_cpu_dtype", lambda: None)
-
-    def amp() -> Any:
-        return dtype() if enabled() else None
-
-    return amp
+    return enabled, dtype
 
 
 def _grad_scaler_type() -> type:
