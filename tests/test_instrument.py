@@ -1907,6 +1907,24 @@ def test_parameter_free_modules_called_per_sample_are_not_kept_for_a_replay(rec:
     assert named.context["module"] == "model.1 (NaNMaker)" and named.context["replayed"] is True
 
 
+def test_max_overhead_forward_0_observes_every_forward_and_keeps_no_call() -> None:
+    """The opt-out: every slow forward observed, nothing kept for a replay, not even by the fast path
+    (whose kept call costs the toy step ~1-2%)."""
+    inst = Instrumentation(DebugConfig(max_overhead_forward=0.0), lambda batch: None)
+    inst.install(torch)
+    try:
+        model = nn.Linear(4, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(8, 4)).sum().backward()
+            optimizer.step()
+        assert inst._roots and not inst._replay_roots and not inst._replay_ok
+        assert inst._sampler.forward_next(True, 0.03, 0.003)  # (a 10% share: observed all the same)
+    finally:
+        inst.uninstall()
+
+
 def test_a_nan_first_seen_on_a_sampled_out_step_is_named_on_the_next_with_that_step(rec: Recorder) -> None:
     """The NaN starts on a step that was not checked and no replay can name it (here: replays off;
     in a run, a fast step's armed path keeps no inputs, or the NaN does not come back): the next

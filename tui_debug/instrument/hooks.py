@@ -2035,7 +2035,7 @@ class Instrumentation:
             self._known_modules.update(contained)
         if isinstance(module, self._Loss):
             return  # loss functions are named, not listed as models
-        if held is module and next(module.parameters(), None) is not None:
+        if held is module and self._replay_ok and next(module.parameters(), None) is not None:
             # (the fast path keeps a model's call: not a compiled one's, whose replay would compile
             # again, nor a parameter-free module's, a transform applied after the model)
             self._replay_roots[id(module)] = weakref.ref(module)
